@@ -1,0 +1,458 @@
+//! The pipeline: capture -> conversion -> delivery -> acknowledgement. Reads the outbox on the leader's
+//! session, converts rows, hands events to the [`Publisher`], and deletes a row only once its event was
+//! acknowledged (or moves it to the dead letters when it cannot be converted or the broker refuses it).
+//!
+//! Why it cannot lose a committed change: a row leaves the outbox only after a PUBACK (or into dead_letter);
+//! a crash anywhere leaves it there for the next leader. Rows may commit out of id order (the id is taken a
+//! moment before commit), so besides the cursor the pipeline re-reads the ids it skipped ("gaps") and
+//! sweeps everything below the cursor now and then. It never blocks on a full publisher: converted events
+//! wait in `ready` while the session keeps serving acknowledgements and health checks.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::capture::outbox::{self, Statements, LEADER_LOCK, WAKE_CHANNEL, WAKE_LOCK};
+use crate::capture::pg::{self, timed, PgError};
+use crate::config::Config;
+use crate::convert::{self, Captured, Event};
+use crate::deliver::{Backoff, Outcome, Publisher};
+use crate::metrics::Metrics;
+
+/// Connection states for /readyz. Written by the tasks that own the connections.
+#[derive(Default)]
+pub struct Health {
+    pub postgres: AtomicBool,
+    pub mqtt: Arc<AtomicBool>,
+}
+
+impl Health {
+    pub fn ready(&self) -> bool {
+        self.postgres.load(Ordering::SeqCst) && self.mqtt.load(Ordering::SeqCst)
+    }
+}
+
+/// How long a skipped id is re-read quickly (a concurrent writer about to commit), then slowly.
+const GAP_FAST: Duration = Duration::from_secs(2);
+const GAP_FAST_EVERY: Duration = Duration::from_millis(5);
+const GAP_SLOW_EVERY: Duration = Duration::from_secs(1);
+const GAP_FORGET: Duration = Duration::from_secs(60);
+/// At most this many ids are tracked per jump of the cursor; the sweep covers the rest.
+const GAP_MAX_JUMP: i64 = 1000;
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+const BACKLOG_EVERY: Duration = Duration::from_secs(2);
+/// Acknowledged rows are deleted in batches: at this size, or after this delay.
+const DELETE_BATCH: usize = 500;
+const DELETE_DELAY: Duration = Duration::from_millis(20);
+
+/// Runs the data path until `cancel`, reconnecting to PostgreSQL with backoff. Every replica runs this; the
+/// one that holds the leader lock publishes, the others stand by (connected, so that they are ready).
+pub async fn run(
+    cfg: Arc<Config>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+) {
+    let (event_tx, event_rx) = mpsc::channel(cfg.bridge.batch_size as usize * 2);
+    let (outcome_tx, mut outcome_rx) = mpsc::unbounded_channel();
+    let publisher = Publisher {
+        cfg: cfg.mqtt.clone(),
+        metrics: metrics.clone(),
+        connected: health.mqtt.clone(),
+        drain: Duration::from_secs(5),
+    };
+    let publisher_task = tokio::spawn(publisher.run(event_rx, outcome_tx, cancel.clone()));
+
+    let mut pipeline = Pipeline::new(cfg.clone(), metrics.clone());
+    let mut backoff = Backoff::new();
+    loop {
+        let result = pipeline
+            .session(&event_tx, &mut outcome_rx, &health, &cancel, &mut backoff)
+            .await;
+        health.postgres.store(false, Ordering::SeqCst);
+        metrics.postgres_connected.set(0);
+        metrics.leader.set(0);
+        match result {
+            Ok(()) => break,
+            Err(e) => {
+                let wait = backoff.next();
+                tracing::warn!(error = %e, retry_in = ?wait, "postgres session ended");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = cancel.cancelled() => break,
+                }
+            }
+        }
+    }
+    drop(event_tx);
+    let _ = publisher_task.await;
+}
+
+struct Pipeline {
+    cfg: Arc<Config>,
+    metrics: Arc<Metrics>,
+    /// Highest id read by `fetch_after`.
+    cursor: i64,
+    /// Ids read and not yet deleted or dead-lettered: never dispatched twice by this process.
+    outstanding: HashSet<i64>,
+    /// Converted, waiting for room in the publisher's channel.
+    ready: VecDeque<Event>,
+    to_delete: Vec<i64>,
+    to_dead: Vec<(i64, &'static str, String)>,
+    /// Skipped ids, with when they were first skipped.
+    gaps: BTreeMap<i64, Instant>,
+    last_gap_check: Instant,
+    last_sweep: Option<Instant>,
+    last_backlog: Instant,
+    first_ack_pending: Option<Instant>,
+}
+
+impl Pipeline {
+    fn new(cfg: Arc<Config>, metrics: Arc<Metrics>) -> Pipeline {
+        let now = Instant::now();
+        Pipeline {
+            cfg,
+            metrics,
+            cursor: 0,
+            outstanding: HashSet::new(),
+            ready: VecDeque::new(),
+            to_delete: Vec::new(),
+            to_dead: Vec::new(),
+            gaps: BTreeMap::new(),
+            last_gap_check: now,
+            last_sweep: None,
+            last_backlog: now,
+            first_ack_pending: None,
+        }
+    }
+
+    /// One database session: stand by until leader, then publish until cancelled or the session fails.
+    async fn session(
+        &mut self,
+        events: &mpsc::Sender<Event>,
+        outcomes: &mut mpsc::UnboundedReceiver<Outcome>,
+        health: &Health,
+        cancel: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Result<(), PgError> {
+        let mut s = pg::connect(
+            &self.cfg.postgres_url(),
+            self.cfg.postgres.connect_timeout,
+            "delta-bridge",
+        )
+        .await?;
+        let stmts = Statements::prepare(&s.client).await?;
+        let install_id = outbox::install_id(&s.client).await?;
+        health.postgres.store(true, Ordering::SeqCst);
+        self.metrics.postgres_connected.set(1);
+        backoff.reset();
+
+        // Stand by until we hold the leader lock (released by PostgreSQL when a leader's session dies).
+        let mut announced = false;
+        while !stmts.try_lock(&s.client, LEADER_LOCK).await? {
+            if !announced {
+                tracing::info!("standing by: another replica is the leader");
+                announced = true;
+            }
+            self.metrics.leader.set(0);
+            self.metrics.outbox_backlog.set(0);
+            // Acknowledgements of what we sent while we led still arrive: keep them for our next lead.
+            while let Ok(o) = outcomes.try_recv() {
+                self.absorb(o);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = cancel.cancelled() => return Ok(()),
+                _ = &mut s.closed => return Err(PgError::Timeout(Duration::ZERO)),
+            }
+        }
+        self.metrics.leader.set(1);
+        tracing::info!("leader: publishing");
+        timed(s.client.batch_execute(&format!("LISTEN {WAKE_CHANNEL}"))).await?;
+        self.last_sweep = None; // sweep at once: a previous leader may have left rows below our cursor
+
+        loop {
+            while let Ok(o) = outcomes.try_recv() {
+                self.absorb(o);
+            }
+            self.flush(&s.client, &stmts, false).await?;
+            if cancel.is_cancelled() {
+                return self.shutdown(&s.client, &stmts, outcomes).await;
+            }
+            self.push_ready(events);
+
+            let mut drained = true;
+            if self.ready.is_empty() && self.outstanding.len() < self.cfg.bridge.max_pending {
+                let t = Instant::now();
+                let rows = stmts
+                    .fetch_after(
+                        &s.client,
+                        self.cursor,
+                        i64::from(self.cfg.bridge.batch_size),
+                    )
+                    .await?;
+                self.metrics
+                    .publish_batch_latency
+                    .observe(t.elapsed().as_secs_f64());
+                drained = rows.len() < self.cfg.bridge.batch_size as usize;
+                self.take(rows, true, &install_id);
+                self.push_ready(events);
+            }
+            if self.gap_check_due() {
+                let ids: Vec<i64> = self.gaps.keys().copied().collect();
+                let rows = stmts.fetch_ids(&s.client, &ids).await?;
+                self.last_gap_check = Instant::now();
+                self.take(rows, false, &install_id);
+                self.push_ready(events);
+            }
+            if self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
+                self.sweep(&s.client, &stmts, &install_id).await?;
+                self.push_ready(events);
+            }
+            if self.last_backlog.elapsed() >= BACKLOG_EVERY {
+                self.metrics
+                    .outbox_backlog
+                    .set(outbox::backlog(&s.client).await?);
+                self.last_backlog = Instant::now();
+            }
+            if !drained && self.ready.is_empty() {
+                continue;
+            }
+
+            // Idle (or waiting for the publisher): ask writers to wake us, then look once more, because a
+            // writer that committed just before we took the lock did not notify.
+            let armed =
+                if self.ready.is_empty() && self.outstanding.len() < self.cfg.bridge.max_pending {
+                    let gap_ids: Vec<i64> = self.gaps.keys().copied().collect();
+                    let (armed, rows, late) = tokio::try_join!(
+                        stmts.try_lock(&s.client, WAKE_LOCK),
+                        stmts.fetch_after(
+                            &s.client,
+                            self.cursor,
+                            i64::from(self.cfg.bridge.batch_size)
+                        ),
+                        stmts.fetch_ids(&s.client, &gap_ids),
+                    )?;
+                    let found = !rows.is_empty() || !late.is_empty();
+                    self.take(rows, true, &install_id);
+                    self.take(late, false, &install_id);
+                    if found {
+                        if armed {
+                            stmts.unlock(&s.client, WAKE_LOCK).await?;
+                        }
+                        continue;
+                    }
+                    armed
+                } else {
+                    false
+                };
+
+            let wait = if !self.ready.is_empty() {
+                Duration::from_millis(2)
+            } else if !armed {
+                // A writer holds the shared wake lock: it is committing right now.
+                Duration::from_millis(1)
+            } else if self.gaps.values().any(|t| t.elapsed() < GAP_FAST) {
+                GAP_FAST_EVERY
+            } else {
+                self.cfg.bridge.poll_interval
+            };
+            let wait = match self.first_ack_pending {
+                Some(t) => wait.min(DELETE_DELAY.saturating_sub(t.elapsed())),
+                None => wait,
+            };
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {}
+                _ = &mut s.closed => return Err(PgError::Timeout(Duration::ZERO)),
+                Some(()) = s.notifications.recv() => {
+                    while s.notifications.try_recv().is_ok() {}
+                }
+                o = outcomes.recv(), if self.first_ack_pending.is_none() => {
+                    if let Some(o) = o { self.absorb(o); }
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if armed {
+                stmts.unlock(&s.client, WAKE_LOCK).await?;
+            }
+        }
+    }
+
+    /// Converts fetched rows and queues their events. `advance`: rows came from the cursor read.
+    fn take(&mut self, rows: Vec<Captured>, advance: bool, install_id: &str) {
+        for row in rows {
+            let id = row.id;
+            if advance && id > self.cursor {
+                // Ids between the cursor and this row were skipped: a writer may still be committing them.
+                if self.cursor > 0 {
+                    let from = (self.cursor + 1).max(id - GAP_MAX_JUMP);
+                    let now = Instant::now();
+                    for gap in from..id {
+                        self.gaps.entry(gap).or_insert(now);
+                    }
+                }
+                self.cursor = id;
+            }
+            self.gaps.remove(&id);
+            if !self.outstanding.insert(id) {
+                continue;
+            }
+            match convert::convert(&row, &self.cfg.env, install_id) {
+                Ok(Some(event)) => self.ready.push_back(event),
+                Ok(None) => self.to_delete.push(id),
+                Err(e) => {
+                    tracing::warn!(id, error = %e, "cannot convert captured row; moved to delta_bridge.dead_letter");
+                    self.metrics.failure("unconvertible");
+                    self.to_dead.push((id, "unconvertible", e.0));
+                }
+            }
+        }
+        let now = Instant::now();
+        self.gaps.retain(|_, t| now.duration_since(*t) < GAP_FORGET);
+    }
+
+    fn gap_check_due(&self) -> bool {
+        if self.gaps.is_empty() {
+            return false;
+        }
+        let young = self.gaps.values().any(|t| t.elapsed() < GAP_FAST);
+        let every = if young {
+            GAP_FAST_EVERY
+        } else {
+            GAP_SLOW_EVERY
+        };
+        self.last_gap_check.elapsed() >= every
+    }
+
+    fn push_ready(&mut self, events: &mpsc::Sender<Event>) {
+        while let Some(ev) = self.ready.pop_front() {
+            match events.try_send(ev) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(ev))
+                | Err(mpsc::error::TrySendError::Closed(ev)) => {
+                    self.ready.push_front(ev);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn absorb(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Acked(ev) => {
+                let stream = ev.stream.as_str();
+                self.metrics
+                    .events_published
+                    .with_label_values(&[stream])
+                    .inc();
+                let latency = (chrono::Utc::now() - ev.captured_at)
+                    .to_std()
+                    .unwrap_or_default();
+                self.metrics
+                    .end_to_end_latency
+                    .with_label_values(&[stream])
+                    .observe(latency.as_secs_f64());
+                self.metrics
+                    .payload_bytes
+                    .with_label_values(&[stream])
+                    .observe(ev.payload.len() as f64);
+                self.to_delete.push(ev.seq);
+                self.first_ack_pending.get_or_insert_with(Instant::now);
+            }
+            Outcome::Rejected {
+                event,
+                reason,
+                detail,
+            } => {
+                tracing::warn!(seq = event.seq, topic = %event.topic, %detail, "event refused; moved to delta_bridge.dead_letter");
+                self.metrics.failure(reason);
+                self.to_dead.push((event.seq, reason, detail));
+            }
+        }
+    }
+
+    /// Deletes acknowledged rows (batched unless `now`) and moves refused ones to the dead letters.
+    async fn flush(
+        &mut self,
+        client: &tokio_postgres::Client,
+        stmts: &Statements,
+        now: bool,
+    ) -> Result<(), PgError> {
+        let due = now
+            || self.to_delete.len() >= DELETE_BATCH
+            || self
+                .first_ack_pending
+                .is_some_and(|t| t.elapsed() >= DELETE_DELAY)
+            || (!self.to_delete.is_empty() && self.first_ack_pending.is_none());
+        if due && !self.to_delete.is_empty() {
+            stmts.delete(client, &self.to_delete).await?;
+            for id in self.to_delete.drain(..) {
+                self.outstanding.remove(&id);
+            }
+            self.first_ack_pending = None;
+        }
+        while let Some((id, reason, detail)) = self.to_dead.first().cloned() {
+            outbox::dead_letter(client, id, reason, &detail).await?;
+            self.outstanding.remove(&id);
+            self.to_dead.remove(0);
+        }
+        Ok(())
+    }
+
+    /// Finds rows below the cursor that are neither in flight nor known gaps: late commits the gap tracking
+    /// gave up on, rows replayed from the dead letters, rows a previous leader left.
+    async fn sweep(
+        &mut self,
+        client: &tokio_postgres::Client,
+        stmts: &Statements,
+        install_id: &str,
+    ) -> Result<(), PgError> {
+        let mut after = 0;
+        let mut missing = Vec::new();
+        loop {
+            let ids = outbox::ids_between(client, after, self.cursor, 10_000).await?;
+            let done = ids.len() < 10_000;
+            if let Some(last) = ids.last() {
+                after = *last;
+            }
+            missing.extend(ids.into_iter().filter(|id| !self.outstanding.contains(id)));
+            if done || missing.len() >= self.cfg.bridge.batch_size as usize {
+                break;
+            }
+        }
+        if !missing.is_empty() {
+            tracing::info!(count = missing.len(), "sweep found rows below the cursor");
+            let rows = stmts.fetch_ids(client, &missing).await?;
+            self.take(rows, false, install_id);
+        }
+        self.last_sweep = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Stop reading; let the publisher drain what is in flight, record its acknowledgements, and return.
+    async fn shutdown(
+        &mut self,
+        client: &tokio_postgres::Client,
+        stmts: &Statements,
+        outcomes: &mut mpsc::UnboundedReceiver<Outcome>,
+    ) -> Result<(), PgError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+        loop {
+            tokio::select! {
+                o = outcomes.recv() => match o {
+                    Some(o) => self.absorb(o),
+                    None => break, // publisher finished
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        self.flush(client, stmts, true).await?;
+        tracing::info!(unacknowledged = self.outstanding.len(), "bridge stopped");
+        Ok(())
+    }
+}

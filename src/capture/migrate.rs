@@ -1,0 +1,116 @@
+//! Installs and upgrades the bridge's database objects: versioned SQL files under `sql/`, each applied once,
+//! in one transaction, under an advisory lock so that replicas starting together do not race. Never drops or
+//! rewrites business data; the only change to a business table is the capture triggers (and an index on
+//! `transaction_items(transaction_id)` if none exists).
+
+use tokio_postgres::Client;
+
+use super::pg::PgError;
+
+/// Advisory lock key serialising migrations (per database).
+const MIGRATE_LOCK: i64 = 7_234_298_723_003;
+
+/// The migrations, in order. Append only: an applied migration is never edited.
+const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "capture", include_str!("../../sql/001_capture.sql"))];
+
+/// The business tables the capture triggers attach to.
+pub const BUSINESS_TABLES: [&str; 6] = [
+    "merchants",
+    "branches",
+    "products",
+    "inventory",
+    "transactions",
+    "transaction_items",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error("table {schema}.{table} does not exist: delta-bridge attaches to the reference schema (README, \"Reference schema\")")]
+    MissingTable { schema: String, table: String },
+    #[error("migration {version} ({name}) failed: {source}")]
+    Failed {
+        version: i32,
+        name: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl From<tokio_postgres::Error> for MigrateError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        MigrateError::Pg(PgError::Query(e))
+    }
+}
+
+/// Quotes an identifier for SQL text.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Applies every migration not yet applied. Returns the versions applied now (empty when up to date).
+pub async fn migrate(client: &mut Client, schema: &str) -> Result<Vec<i32>, MigrateError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
+        .await?;
+    for table in BUSINESS_TABLES {
+        let found: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = $1 AND tablename = $2)",
+                &[&schema, &table],
+            )
+            .await?
+            .get(0);
+        if !found {
+            return Err(MigrateError::MissingTable {
+                schema: schema.to_string(),
+                table: table.to_string(),
+            });
+        }
+    }
+    tx.batch_execute(
+        "CREATE SCHEMA IF NOT EXISTS delta_bridge;
+         CREATE TABLE IF NOT EXISTS delta_bridge.schema_migrations (
+             version int PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());",
+    )
+    .await?;
+    let applied: Vec<i32> = tx
+        .query("SELECT version FROM delta_bridge.schema_migrations", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut now = Vec::new();
+    for (version, name, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        let sql = sql.replace("@schema@", &quote_ident(schema));
+        tx.batch_execute(&sql)
+            .await
+            .map_err(|source| MigrateError::Failed {
+                version: *version,
+                name,
+                source,
+            })?;
+        tx.execute(
+            "INSERT INTO delta_bridge.schema_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await?;
+        now.push(*version);
+    }
+    tx.commit().await?;
+    Ok(now)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn quotes_identifiers() {
+        assert_eq!(super::quote_ident("public"), "\"public\"");
+        assert_eq!(super::quote_ident("we\"ird"), "\"we\"\"ird\"");
+    }
+}

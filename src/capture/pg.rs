@@ -1,0 +1,133 @@
+//! PostgreSQL sessions: connecting (plain or TLS), and delivering NOTIFY wake-ups from the connection task.
+//! Owns nothing but the socket; what runs on a session is decided by the caller.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::poll_fn;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+/// Every query of the bridge is bounded by this: a database that stops answering is a lost database.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("invalid postgres.url: {0}")]
+    Url(String),
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("PostgreSQL connection attempt timed out")]
+    ConnectTimeout,
+    #[error("PostgreSQL query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("PostgreSQL did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("TLS set-up failed: {0}")]
+    Tls(String),
+}
+
+/// One database session with its notification feed.
+pub struct Session {
+    pub client: Client,
+    /// One message per NOTIFY received (payloads are not needed: a notification only means "look").
+    pub notifications: mpsc::UnboundedReceiver<()>,
+    /// Resolves when the connection task ends (socket closed, server restarted).
+    pub closed: oneshot::Receiver<()>,
+}
+
+pub async fn connect(url: &str, connect_timeout: Duration, app: &str) -> Result<Session, PgError> {
+    let mut cfg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| PgError::Url(e.to_string()))?;
+    cfg.application_name(app);
+    cfg.connect_timeout(connect_timeout);
+    // Notice a dead peer (no RST) in seconds, not the kernel's default two hours.
+    cfg.keepalives(true);
+    cfg.keepalives_idle(Duration::from_secs(5));
+    cfg.keepalives_interval(Duration::from_secs(2));
+    cfg.keepalives_retries(3);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (closed_tx, closed_rx) = oneshot::channel();
+    let client = match cfg.get_ssl_mode() {
+        SslMode::Require => {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config()?);
+            let (client, conn) = timed_connect(cfg.connect(tls), connect_timeout).await?;
+            spawn_driver(conn, tx, closed_tx);
+            client
+        }
+        // disable and prefer: plain TCP (prefer without verification would give a false sense of security).
+        _ => {
+            let (client, conn) = timed_connect(cfg.connect(NoTls), connect_timeout).await?;
+            spawn_driver(conn, tx, closed_tx);
+            client
+        }
+    };
+    Ok(Session {
+        client,
+        notifications: rx,
+        closed: closed_rx,
+    })
+}
+
+async fn timed_connect<F, T>(fut: F, limit: Duration) -> Result<T, PgError>
+where
+    F: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r.map_err(PgError::Connect),
+        Err(_) => Err(PgError::ConnectTimeout),
+    }
+}
+
+fn spawn_driver<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+    tx: mpsc::UnboundedSender<()>,
+    closed: oneshot::Sender<()>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio_postgres::tls::TlsStream + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut messages = poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(msg) = messages.next().await {
+            match msg {
+                Ok(AsyncMessage::Notification(_)) => {
+                    let _ = tx.send(());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "postgres connection ended");
+                    break;
+                }
+            }
+        }
+        let _ = closed.send(());
+    });
+}
+
+fn tls_config() -> Result<rustls::ClientConfig, PgError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| PgError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// Runs a query future under [`QUERY_TIMEOUT`].
+pub async fn timed<T, F>(fut: F) -> Result<T, PgError>
+where
+    F: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    match tokio::time::timeout(QUERY_TIMEOUT, fut).await {
+        Ok(r) => r.map_err(PgError::Query),
+        Err(_) => Err(PgError::Timeout(QUERY_TIMEOUT)),
+    }
+}

@@ -1,0 +1,450 @@
+//! Delivery: publishes events to the MQTT broker at QoS 1 (MQTT 5) and reports, for each one, whether the
+//! broker acknowledged it (PUBACK < 0x80) or refused it. Owns the only record of what is unacknowledged.
+//!
+//! rumqttc's `publish()` returns when a request is queued, and on a connection error it silently drops what
+//! was in flight (clean start). So this module keeps every event until its PUBACK, pairs PUBACKs with events
+//! itself (outgoing publishes are paired FIFO with our requests, then by packet id), and after any fault
+//! throws the client away, reconnects with backoff and republishes everything unacknowledged, in seq order.
+//! It never decides that an event is done without a PUBACK; it never touches the database.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions};
+use rumqttc::Outgoing;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::MqttConfig;
+use crate::convert::Event;
+use crate::metrics::Metrics;
+
+/// Where the broker is, from `mqtt://host:port` or `mqtts://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddress {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl BrokerAddress {
+    pub fn parse(raw: &str) -> Result<BrokerAddress, String> {
+        let url = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL ({e})"))?;
+        let (tls, default_port) = match url.scheme() {
+            "mqtt" | "tcp" => (false, 1883),
+            "mqtts" | "ssl" => (true, 8883),
+            other => return Err(format!("scheme {other:?} is not mqtt:// or mqtts://")),
+        };
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| format!("{raw:?} has no host"))?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        Ok(BrokerAddress {
+            host,
+            port: url.port().unwrap_or(default_port),
+            tls,
+        })
+    }
+}
+
+/// What became of one event.
+#[derive(Debug)]
+pub enum Outcome {
+    /// PUBACK with a success code (0x00, or 0x10 "no matching subscribers").
+    Acked(Event),
+    /// Refused for good: PUBACK >= 0x80, an invalid topic, or larger than the broker accepts.
+    Rejected {
+        event: Event,
+        reason: &'static str,
+        detail: String,
+    },
+}
+
+/// Builds MQTT options for any client of ours (the bridge's publisher, the load harness, tests).
+pub fn mqtt_options(
+    cfg: &MqttConfig,
+    client_id: &str,
+    username: Option<&str>,
+    password: Option<&str>,
+) -> Result<MqttOptions, String> {
+    let addr = BrokerAddress::parse(&cfg.url)?;
+    let mut opts = MqttOptions::new(client_id, addr.host.clone(), addr.port);
+    opts.set_keep_alive(cfg.keep_alive);
+    opts.set_clean_start(true);
+    opts.set_connection_timeout(10);
+    opts.set_max_packet_size(Some(256 * 1024 * 1024));
+    if let Some(u) = username {
+        opts.set_credentials(u, password.unwrap_or(""));
+    }
+    if addr.tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(tls_config(cfg)?.into()));
+    }
+    Ok(opts)
+}
+
+fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &cfg.ca_file {
+        Some(path) => {
+            let pem =
+                std::fs::read(path).map_err(|e| format!("mqtt.ca_file {}: {e}", path.display()))?;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|e| format!("mqtt.ca_file {}: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("mqtt.ca_file {}: {e}", path.display()))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// The publishing side of the bridge: runs until cancelled, then drains (waits up to `drain` for PUBACKs of
+/// what is in flight; the rest stays unacknowledged in the outbox and is sent again by the next leader).
+pub struct Publisher {
+    pub cfg: MqttConfig,
+    pub metrics: Arc<Metrics>,
+    pub connected: Arc<AtomicBool>,
+    pub drain: Duration,
+}
+
+impl Publisher {
+    pub async fn run(
+        self,
+        mut events: mpsc::Receiver<Event>,
+        outcomes: mpsc::UnboundedSender<Outcome>,
+        cancel: CancellationToken,
+    ) {
+        // BTreeMap: republished in seq order after a reconnect, so one row's events keep their order.
+        let mut unacked: BTreeMap<i64, Event> = BTreeMap::new();
+        let mut backoff = Backoff::new();
+        let mut draining = false;
+        loop {
+            if cancel.is_cancelled() && (unacked.is_empty() || draining) {
+                break;
+            }
+            match self
+                .session(
+                    &mut unacked,
+                    &mut events,
+                    &outcomes,
+                    &cancel,
+                    &mut draining,
+                    &mut backoff,
+                )
+                .await
+            {
+                SessionEnd::Done => break,
+                SessionEnd::Failed(why) => {
+                    self.set_connected(false);
+                    if !unacked.is_empty() {
+                        self.metrics.failure("connection");
+                    }
+                    if draining {
+                        break;
+                    }
+                    let wait = backoff.next();
+                    tracing::warn!(error = %why, retry_in = ?wait, unacked = unacked.len(), "mqtt connection lost");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = cancel.cancelled() => { if unacked.is_empty() { break; } draining = true; }
+                    }
+                }
+            }
+        }
+        self.set_connected(false);
+        if !unacked.is_empty() {
+            tracing::info!(
+                unacked = unacked.len(),
+                "stopping with events unacknowledged; they stay in the outbox"
+            );
+        }
+    }
+
+    fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::SeqCst);
+        self.metrics.mqtt_connected.set(i64::from(up));
+    }
+
+    async fn session(
+        &self,
+        unacked: &mut BTreeMap<i64, Event>,
+        events: &mut mpsc::Receiver<Event>,
+        outcomes: &mpsc::UnboundedSender<Outcome>,
+        cancel: &CancellationToken,
+        draining: &mut bool,
+        backoff: &mut Backoff,
+    ) -> SessionEnd {
+        let username = self.cfg.username.as_deref();
+        let password = self.cfg.password.as_ref().map(|s| s.expose());
+        let mut opts = match mqtt_options(&self.cfg, &self.cfg.client_id, username, password) {
+            Ok(o) => o,
+            Err(e) => return SessionEnd::Failed(e),
+        };
+        opts.set_outgoing_inflight_upper_limit(self.cfg.max_inflight);
+        // Our own bound (the bridge's max_pending) keeps the request channel from filling; a margin for
+        // the republish after reconnect, which sends every unacknowledged event at once.
+        let cap = unacked.len() + 4096;
+        let (client, eventloop) = AsyncClient::new(opts, cap);
+        let (loop_tx, mut loop_rx) = mpsc::unbounded_channel();
+        let driver = tokio::spawn(drive(eventloop, loop_tx));
+        let _abort = AbortOnDrop(driver);
+
+        // Wait for CONNACK before sending anything.
+        let max_packet = loop {
+            tokio::select! {
+                ev = loop_rx.recv() => match ev {
+                    Some(Ok(MqttEvent::Incoming(Packet::ConnAck(ack)))) => {
+                        break ack.properties.and_then(|p| p.max_packet_size);
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return SessionEnd::Failed(e),
+                    None => return SessionEnd::Failed("event loop ended".into()),
+                },
+                _ = cancel.cancelled(), if !*draining => {
+                    if unacked.is_empty() { return SessionEnd::Done; }
+                    *draining = true;
+                }
+            }
+        };
+        self.set_connected(true);
+        backoff.reset();
+        tracing::info!(url = %self.cfg.url, unacked = unacked.len(), "mqtt connected");
+
+        let mut pending_out: VecDeque<i64> = VecDeque::new();
+        let mut inflight: HashMap<u16, VecDeque<i64>> = HashMap::new();
+        let seqs: Vec<i64> = unacked.keys().copied().collect();
+        for seq in seqs {
+            if let Some(ev) = unacked.get(&seq) {
+                if let Err(e) = send(&client, ev) {
+                    return SessionEnd::Failed(e);
+                }
+                pending_out.push_back(seq);
+            }
+        }
+        let drain_deadline = tokio::time::sleep(self.drain);
+        tokio::pin!(drain_deadline);
+        let mut drain_armed = *draining;
+        if drain_armed {
+            drain_deadline
+                .as_mut()
+                .reset(tokio::time::Instant::now() + self.drain);
+        }
+        loop {
+            if *draining && unacked.is_empty() {
+                let _ = client.try_disconnect();
+                return SessionEnd::Done;
+            }
+            tokio::select! {
+                biased;
+                ev = loop_rx.recv() => match ev {
+                    Some(Ok(MqttEvent::Outgoing(Outgoing::Publish(pkid)))) => {
+                        if let Some(seq) = pending_out.pop_front() {
+                            inflight.entry(pkid).or_default().push_back(seq);
+                        }
+                    }
+                    Some(Ok(MqttEvent::Incoming(Packet::PubAck(ack)))) => {
+                        let seq = inflight.get_mut(&ack.pkid).and_then(VecDeque::pop_front);
+                        if let Some(event) = seq.and_then(|s| unacked.remove(&s)) {
+                            let outcome = match ack.reason {
+                                PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Outcome::Acked(event),
+                                other => {
+                                    let detail = match ack.properties.and_then(|p| p.reason_string) {
+                                        Some(s) => format!("broker refused the publish: {other:?} ({s})"),
+                                        None => format!("broker refused the publish: {other:?}"),
+                                    };
+                                    Outcome::Rejected { event, reason: "rejected", detail }
+                                }
+                            };
+                            if outcomes.send(outcome).is_err() {
+                                return SessionEnd::Done;
+                            }
+                        }
+                    }
+                    Some(Ok(MqttEvent::Incoming(Packet::Disconnect(d)))) => {
+                        return SessionEnd::Failed(format!("broker disconnected us: {:?}", d.reason_code));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return SessionEnd::Failed(e),
+                    None => return SessionEnd::Failed("event loop ended".into()),
+                },
+                _ = cancel.cancelled(), if !*draining => {
+                    *draining = true;
+                    drain_armed = true;
+                    drain_deadline.as_mut().reset(tokio::time::Instant::now() + self.drain);
+                }
+                _ = &mut drain_deadline, if drain_armed => {
+                    let _ = client.try_disconnect();
+                    return SessionEnd::Done;
+                }
+                ev = events.recv(), if !*draining => match ev {
+                    Some(event) => {
+                        if unacked.contains_key(&event.seq) {
+                            continue; // re-read by a new leader session while still in flight here
+                        }
+                        if let Some(max) = max_packet {
+                            // topic + payload + properties + fixed header: refuse what the broker would
+                            // refuse, instead of looping on a connection it would drop.
+                            let size = event.payload.len() + event.topic.len() + event.event_id.len() + 64;
+                            if size > max as usize {
+                                let detail = format!("payload of {size} bytes exceeds the broker's maximum packet size {max}");
+                                if outcomes.send(Outcome::Rejected { event, reason: "too_large", detail }).is_err() {
+                                    return SessionEnd::Done;
+                                }
+                                continue;
+                            }
+                        }
+                        if let Err(e) = send(&client, &event) {
+                            let detail = e.clone();
+                            if e.starts_with("invalid topic") {
+                                if outcomes.send(Outcome::Rejected { event, reason: "rejected", detail }).is_err() {
+                                    return SessionEnd::Done;
+                                }
+                                continue;
+                            }
+                            unacked.insert(event.seq, event);
+                            return SessionEnd::Failed(detail);
+                        }
+                        pending_out.push_back(event.seq);
+                        unacked.insert(event.seq, event);
+                    }
+                    None => { *draining = true; drain_armed = true; drain_deadline.as_mut().reset(tokio::time::Instant::now() + self.drain); }
+                },
+            }
+        }
+    }
+}
+
+enum SessionEnd {
+    Done,
+    Failed(String),
+}
+
+fn send(client: &AsyncClient, ev: &Event) -> Result<(), String> {
+    let props = PublishProperties {
+        payload_format_indicator: Some(1),
+        content_type: Some("application/json".to_string()),
+        user_properties: vec![("event_id".to_string(), ev.event_id.clone())],
+        ..Default::default()
+    };
+    client
+        .try_publish_with_properties(
+            ev.topic.clone(),
+            QoS::AtLeastOnce,
+            false,
+            ev.payload.clone(),
+            props,
+        )
+        .map_err(|e| match e {
+            rumqttc::v5::ClientError::TryRequest(_) if !valid_topic(&ev.topic) => {
+                format!("invalid topic {:?}", ev.topic)
+            }
+            other => format!("cannot queue publish: {other}"),
+        })
+}
+
+fn valid_topic(t: &str) -> bool {
+    !t.is_empty() && !t.contains(['+', '#'])
+}
+
+/// Drives the rumqttc event loop in its own task: `EventLoop::poll` must not be dropped mid-way, so it is
+/// never raced in a `select!`; events reach the publisher through a channel instead.
+async fn drive(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Result<MqttEvent, String>>) {
+    loop {
+        match eventloop.poll().await {
+            Ok(ev) => {
+                if tx.send(Ok(ev)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string()));
+                return;
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Exponential backoff with jitter, 100 ms to 5 s: a restarted broker or database sees a spread of retries.
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Backoff {
+    pub fn new() -> Self {
+        Backoff {
+            next: Duration::from_millis(100),
+        }
+    }
+    pub fn reset(&mut self) {
+        self.next = Duration::from_millis(100);
+    }
+    pub fn next(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(5));
+        let jitter = rand::random::<f64>() * 0.3 + 0.85;
+        base.mul_f64(jitter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_broker_urls() {
+        assert_eq!(
+            BrokerAddress::parse("mqtt://127.0.0.1:1883"),
+            Ok(BrokerAddress {
+                host: "127.0.0.1".into(),
+                port: 1883,
+                tls: false
+            })
+        );
+        assert_eq!(
+            BrokerAddress::parse("mqtts://emqx").map(|a| (a.port, a.tls)),
+            Ok((8883, true))
+        );
+        assert!(BrokerAddress::parse("http://x").is_err());
+        assert!(BrokerAddress::parse("nonsense").is_err());
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let mut b = Backoff::new();
+        let waits: Vec<Duration> = (0..10).map(|_| b.next()).collect();
+        assert!(waits[0] < Duration::from_millis(150));
+        assert!(waits[9] <= Duration::from_millis(5750) && waits[9] >= Duration::from_millis(4250));
+    }
+}

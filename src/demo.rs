@@ -1,0 +1,6 @@
+//! placeholder, replaced below
+#[derive(Clone, Debug, clap::Args)]
+pub struct DemoArgs {}
+pub async fn run(_a: DemoArgs) -> anyhow::Result<()> {
+    Ok(())
+}

@@ -1,0 +1,25 @@
+//! delta-bridge: committed PostgreSQL row changes to per-branch MQTT delta topics, at least once.
+//!
+//! The data path, one module each:
+//! - [`capture`]: triggers write each committed change to an outbox table in the writer's own transaction;
+//!   the leader replica reads it (woken by NOTIFY only when idle).
+//! - [`convert`]: an outbox row becomes a device event (topic + JSON payload) — pure functions.
+//! - [`deliver`]: QoS 1 publishing over MQTT 5 with our own record of what the broker acknowledged.
+//! - [`bridge`]: the pipeline tying them together: deletes a row only after its PUBACK, dead-letters what
+//!   cannot be converted or is refused.
+//!
+//! Beside it: [`config`] (file + environment, validated), [`http`] (health, readiness, metrics),
+//! [`metrics`], [`localenv`] (private PostgreSQL and Mosquitto for the demo and tests), [`loadgen`]
+//! (the load harness behind `delta-load` and `demo`), [`demo`].
+
+pub mod bridge;
+pub mod capture;
+pub mod config;
+pub mod convert;
+pub mod deliver;
+pub mod demo;
+pub mod http;
+pub mod loadgen;
+pub mod localenv;
+pub mod metrics;
+pub mod service;

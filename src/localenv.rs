@@ -1,0 +1,454 @@
+//! Private PostgreSQL and Mosquitto servers on free loopback ports, in a directory of their own, started from
+//! the system's binaries (Debian's `postgresql` and `mosquitto` packages). Used by `delta-bridge demo`, the
+//! integration tests and the benchmark; never touches servers already running on the standard ports.
+//!
+//! When run as root (CI, containers) the servers run as the `postgres` / `mosquitto` users, since `initdb`
+//! refuses root. Dropping a server kills it.
+
+use std::fs;
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalEnvError {
+    #[error("{what} not found: {hint}")]
+    Missing { what: String, hint: String },
+    #[error("{what} failed: {detail}")]
+    Failed { what: String, detail: String },
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LocalEnvError + '_ {
+    move |source| LocalEnvError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the servers bind it right after).
+pub fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// uid/gid to run a server as, when we are root; None otherwise.
+fn service_user(name: &str) -> Option<(u32, u32)> {
+    // SAFETY-free check of the effective uid through the environment of `id`: keeps this module free of unsafe.
+    let euid = Command::new("id").arg("-u").output().ok()?;
+    if String::from_utf8_lossy(&euid.stdout).trim() != "0" {
+        return None;
+    }
+    let uid = Command::new("id").args(["-u", name]).output().ok()?;
+    let gid = Command::new("id").args(["-g", name]).output().ok()?;
+    let uid = String::from_utf8_lossy(&uid.stdout).trim().parse().ok()?;
+    let gid = String::from_utf8_lossy(&gid.stdout).trim().parse().ok()?;
+    Some((uid, gid))
+}
+
+fn chown_tree(path: &Path, user: Option<(u32, u32)>) -> Result<(), LocalEnvError> {
+    if let Some((uid, gid)) = user {
+        let status = Command::new("chown")
+            .args(["-R", &format!("{uid}:{gid}")])
+            .arg(path)
+            .status()
+            .map_err(io_err(path))?;
+        if !status.success() {
+            return Err(LocalEnvError::Failed {
+                what: "chown".into(),
+                detail: path.display().to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn as_user(cmd: &mut Command, user: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = user {
+        cmd.uid(uid).gid(gid);
+    }
+}
+
+fn wait_for_port(
+    port: u16,
+    limit: Duration,
+    child: &mut Child,
+    what: &str,
+    log: &Path,
+) -> Result<(), LocalEnvError> {
+    let start = Instant::now();
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let tail = fs::read_to_string(log).unwrap_or_default();
+            let tail: String = tail
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            return Err(LocalEnvError::Failed {
+                what: what.into(),
+                detail: format!("exited with {status}:\n{tail}"),
+            });
+        }
+        if start.elapsed() > limit {
+            return Err(LocalEnvError::Failed {
+                what: what.into(),
+                detail: format!("not listening on {port} after {limit:?}"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The directory of PostgreSQL's server binaries: $PG_BIN, else the newest /usr/lib/postgresql/*/bin.
+pub fn postgres_bin_dir() -> Result<PathBuf, LocalEnvError> {
+    if let Ok(dir) = std::env::var("PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut found: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter_map(|e| {
+                    let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+                    let bin = e.path().join("bin");
+                    bin.join("postgres").exists().then_some((v, bin))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+        .pop()
+        .map(|(_, p)| p)
+        .ok_or_else(|| LocalEnvError::Missing {
+            what: "PostgreSQL server binaries".into(),
+            hint: "install Debian's postgresql package (scripts/setup does), or set PG_BIN".into(),
+        })
+}
+
+/// A private PostgreSQL cluster. Superuser `postgres`, trust authentication, loopback only.
+pub struct Postgres {
+    pub port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+    user: Option<(u32, u32)>,
+    durable: bool,
+    child: Option<Child>,
+}
+
+impl Postgres {
+    /// initdb + start under `dir` (created). `durable = false` turns fsync off: right for tests (a killed
+    /// server still recovers; only an OS crash would lose data), wrong for measuring commit cost.
+    pub fn start(dir: &Path, durable: bool) -> Result<Postgres, LocalEnvError> {
+        let bin = postgres_bin_dir()?;
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let user = service_user("postgres");
+        chown_tree(dir, user)?;
+        let data = dir.join("data");
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .args(["-D"])
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        as_user(&mut initdb, user);
+        let out = initdb.output().map_err(io_err(&data))?;
+        if !out.status.success() {
+            return Err(LocalEnvError::Failed {
+                what: "initdb".into(),
+                detail: String::from_utf8_lossy(&out.stderr).into(),
+            });
+        }
+        let mut pg = Postgres {
+            port: free_port().map_err(io_err(dir))?,
+            dir: dir.to_path_buf(),
+            bin,
+            user,
+            durable,
+            child: None,
+        };
+        pg.spawn()?;
+        Ok(pg)
+    }
+
+    fn spawn(&mut self) -> Result<(), LocalEnvError> {
+        let log = self.dir.join("postgres.log");
+        let logf = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(io_err(&log))?;
+        let errf = logf.try_clone().map_err(io_err(&log))?;
+        let mut cmd = Command::new(self.bin.join("postgres"));
+        cmd.arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-p", &self.port.to_string(), "-k"])
+            .arg(&self.dir)
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "shared_buffers=128MB",
+            ])
+            .args(["-c", "log_min_messages=warning"])
+            .stdin(Stdio::null())
+            .stdout(logf)
+            .stderr(errf);
+        if !self.durable {
+            cmd.args(["-c", "fsync=off", "-c", "full_page_writes=off"]);
+        }
+        as_user(&mut cmd, self.user);
+        let mut child = cmd.spawn().map_err(io_err(&self.bin))?;
+        wait_for_port(
+            self.port,
+            Duration::from_secs(60),
+            &mut child,
+            "postgres",
+            &log,
+        )?;
+        self.child = Some(child);
+        // Listening is not accepting: wait until a connection is served.
+        let start = Instant::now();
+        loop {
+            let ok = Command::new(self.bin.join("pg_isready"))
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-q",
+                ])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                return Err(LocalEnvError::Failed {
+                    what: "postgres".into(),
+                    detail: "not ready after 60s".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/db`
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Stops the server: `immediate` is a crash (SIGQUIT, recovery at next start), else a fast shutdown.
+    pub fn stop(&mut self, immediate: bool) {
+        if let Some(mut child) = self.child.take() {
+            let sig = if immediate { "QUIT" } else { "INT" };
+            let _ = Command::new("kill")
+                .args([&format!("-{sig}"), &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops and starts again on the same port.
+    pub fn restart(&mut self, immediate: bool) -> Result<(), LocalEnvError> {
+        self.stop(immediate);
+        self.spawn()
+    }
+
+    /// Runs SQL through psql (for set-up; the bridge itself never shells out).
+    pub fn psql(&self, db: &str, sql: &str) -> Result<String, LocalEnvError> {
+        let out = Command::new(
+            self.bin
+                .join("psql")
+                .exists()
+                .then(|| self.bin.join("psql"))
+                .unwrap_or_else(|| "psql".into()),
+        )
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-At",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            db,
+            "-c",
+            sql,
+        ])
+        .output()
+        .map_err(io_err(&self.bin))?;
+        if !out.status.success() {
+            return Err(LocalEnvError::Failed {
+                what: "psql".into(),
+                detail: String::from_utf8_lossy(&out.stderr).into(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop(true);
+    }
+}
+
+/// A private Mosquitto broker (MQTT 5 capable), with persistence so that a restart keeps queued messages and
+/// `max_queued_messages 0` so that it never drops QoS 1 messages for a slow subscriber (FIELD-NOTES).
+pub struct Mosquitto {
+    pub port: u16,
+    dir: PathBuf,
+    user: Option<(u32, u32)>,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    /// Starts with anonymous access allowed.
+    pub fn start(dir: &Path) -> Result<Mosquitto, LocalEnvError> {
+        Self::start_with(dir, "allow_anonymous true\n")
+    }
+
+    /// Starts with extra configuration lines (e.g. the dynamic-security plugin).
+    pub fn start_with(dir: &Path, extra: &str) -> Result<Mosquitto, LocalEnvError> {
+        which("mosquitto").ok_or_else(|| LocalEnvError::Missing {
+            what: "mosquitto".into(),
+            hint: "install Debian's mosquitto package (scripts/setup does)".into(),
+        })?;
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let port = free_port().map_err(io_err(dir))?;
+        let conf = format!(
+            "listener {port} 127.0.0.1\npersistence true\npersistence_location {}/\nautosave_interval 1\n\
+             max_queued_messages 0\nmax_inflight_messages 0\nlog_dest file {}/mosquitto.log\n\
+             log_type error\nlog_type warning\nlog_type notice\nper_listener_settings false\n{extra}",
+            dir.display(),
+            dir.display()
+        );
+        let conf_path = dir.join("mosquitto.conf");
+        fs::write(&conf_path, conf).map_err(io_err(&conf_path))?;
+        let user = service_user("mosquitto");
+        chown_tree(dir, user)?;
+        let mut m = Mosquitto {
+            port,
+            dir: dir.to_path_buf(),
+            user,
+            child: None,
+        };
+        m.spawn()?;
+        Ok(m)
+    }
+
+    fn spawn(&mut self) -> Result<(), LocalEnvError> {
+        let mut cmd = Command::new("mosquitto");
+        cmd.arg("-c")
+            .arg(self.dir.join("mosquitto.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        as_user(&mut cmd, self.user);
+        let mut child = cmd.spawn().map_err(io_err(&self.dir))?;
+        wait_for_port(
+            self.port,
+            Duration::from_secs(30),
+            &mut child,
+            "mosquitto",
+            &self.dir.join("mosquitto.log"),
+        )?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Stops the broker: gracefully (SIGTERM: it saves its persistence file), or by SIGKILL.
+    pub fn stop(&mut self, kill: bool) {
+        if let Some(mut child) = self.child.take() {
+            if kill {
+                let _ = child.kill();
+            } else {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+            }
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) -> Result<(), LocalEnvError> {
+        self.stop(false);
+        self.spawn()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop(true);
+    }
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join(bin))
+        .find(|p| p.exists())
+}
+
+/// The reference schema of PRODUCT.md §3.
+pub const REFERENCE_SCHEMA: &str = include_str!("../sql/reference_schema.sql");

@@ -1,0 +1,132 @@
+//! The `delta-bridge` binary: parses the command line, sets up logging, and calls into the library.
+//! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use delta_bridge::config::{Config, LogFormat};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "delta-bridge",
+    version,
+    about = "PostgreSQL changes to per-branch MQTT topics, at least once"
+)]
+struct Cli {
+    /// Configuration file (TOML). Every key can be overridden by DELTA_BRIDGE__SECTION__KEY.
+    #[arg(long, global = true, env = "DELTA_BRIDGE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install/upgrade database objects, then run the bridge, the HTTP API and /metrics until SIGTERM.
+    Run {
+        /// Do not install or upgrade database objects.
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// Install/upgrade database objects and capture triggers (idempotent), then exit.
+    Migrate,
+    /// Validate the configuration and print it with secrets redacted.
+    CheckConfig,
+    /// The one-command tour: private PostgreSQL and Mosquitto, sample data, bridge, load, report.
+    Demo(delta_bridge::demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Demo(args) = &cli.command {
+        init_logging(LogFormat::Text, "warn");
+        return run_async(delta_bridge::demo::run(args.clone()));
+    }
+    let cfg = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("delta-bridge: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::CheckConfig => {
+            println!(
+                "# configuration is valid; secrets redacted\n{}",
+                cfg.redacted_toml()
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Migrate => {
+            init_logging(cfg.log.format, &cfg.log.level);
+            run_async(async move {
+                let v = delta_bridge::service::migrate_once(&cfg).await?;
+                if v.is_empty() {
+                    println!("database objects are up to date");
+                } else {
+                    println!("applied migrations {v:?}");
+                }
+                Ok(())
+            })
+        }
+        Command::Run { no_migrate } => {
+            init_logging(cfg.log.format, &cfg.log.level);
+            run_async(async move {
+                let listener = tokio::net::TcpListener::bind(cfg.http.listen).await?;
+                let cancel = CancellationToken::new();
+                let running =
+                    delta_bridge::service::start(cfg, !no_migrate, listener, cancel.clone())
+                        .await?;
+                tracing::info!(http = %running.http_addr, "delta-bridge running");
+                tokio::select! {
+                    _ = delta_bridge::service::shutdown_signal() => { tracing::info!("shutting down"); cancel.cancel(); }
+                    _ = cancel.cancelled() => {}
+                }
+                running.wait().await;
+                Ok(())
+            })
+        }
+        Command::Demo(_) => ExitCode::SUCCESS,
+    }
+}
+
+fn run_async<F: std::future::Future<Output = anyhow::Result<()>>>(fut: F) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("delta-bridge: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("delta-bridge: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
