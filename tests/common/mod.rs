@@ -1,0 +1,374 @@
+//! Test harness: a private PostgreSQL and Mosquitto per test (free loopback ports, own directory), the
+//! reference schema with sample data, a bridge in-process or as a real process, and an MQTT 5 subscriber
+//! that records what a device would receive. Waits for SUBACK and readiness instead of sleeping.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use delta_bridge::config::Config;
+use delta_bridge::localenv::{Mosquitto, Postgres, REFERENCE_SCHEMA};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde_json::Value;
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!(
+        "delta-bridge-test-{}-{tag}-{n}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+pub const SAMPLE_DATA: &str = "
+INSERT INTO merchants (code, name) VALUES ('MCH-MST-001', 'Toko Maju'), ('MCH-OTHER-002', 'Other Mart');
+INSERT INTO branches (merchant_id, code, name) VALUES
+  (1, 'BRN-MST-OSK00001', 'Osaka 1'), (1, 'BRN-MST-OSK00002', 'Osaka 2'), (2, 'BRN-MST-OSK00001', 'Same code, other merchant');
+INSERT INTO products (branch_id, name, price, stock)
+  SELECT b, 'Product ' || b || '-' || i, 10 + i, 100 FROM generate_series(1, 3) b, generate_series(1, 20) i;
+INSERT INTO inventory (branch_id, product_id, quantity) SELECT branch_id, id, 50 FROM products;
+";
+
+pub struct Env {
+    pub dir: PathBuf,
+    pub pg: Postgres,
+    pub mqtt: Mosquitto,
+    pub db: String,
+}
+
+impl Env {
+    /// PostgreSQL with the reference schema and sample data (migrated or not), and Mosquitto.
+    pub fn start(tag: &str) -> Env {
+        let dir = temp_dir(tag);
+        let pg = Postgres::start(&dir.join("pg"), false).expect("postgres");
+        let mqtt = Mosquitto::start(&dir.join("mqtt")).expect("mosquitto");
+        let db = "mstore".to_string();
+        pg.psql("postgres", &format!("CREATE DATABASE {db}"))
+            .expect("create db");
+        pg.psql(&db, REFERENCE_SCHEMA).expect("schema");
+        pg.psql(&db, SAMPLE_DATA).expect("data");
+        Env { dir, pg, mqtt, db }
+    }
+
+    pub fn pg_url(&self) -> String {
+        self.pg.url(&self.db)
+    }
+
+    /// Config pointing at this environment; `extra` is TOML appended (sections after the defaults).
+    pub fn config_toml(&self, extra: &str) -> String {
+        format!(
+            "env = \"dev\"\n[postgres]\nurl = \"{}\"\n[mqtt]\nurl = \"{}\"\nclient_id = \"bridge-{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n[bridge]\npoll_interval = \"200ms\"\n{extra}",
+            self.pg_url(),
+            self.mqtt.url(),
+            self.dir.file_name().and_then(|s| s.to_str()).unwrap_or("x"),
+        )
+    }
+
+    pub fn config(&self) -> Config {
+        Config::parse(
+            &self.config_toml(""),
+            std::path::Path::new("test.toml"),
+            &[],
+        )
+        .expect("config")
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.pg_url()).await
+    }
+
+    /// Starts the bridge in this process, on a free port; waits until /readyz says ready.
+    pub async fn bridge(&self) -> InProcessBridge {
+        let cfg = self.config();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let cancel = CancellationToken::new();
+        let running = delta_bridge::service::start(cfg, true, listener, cancel.clone())
+            .await
+            .expect("bridge starts");
+        let b = InProcessBridge {
+            http: format!("http://{}", running.http_addr),
+            cancel,
+            running: Some(running),
+        };
+        b.wait_ready().await;
+        b
+    }
+
+    /// Starts the bridge binary as a child process with this environment's config file.
+    pub fn bridge_process(&self, tag: &str) -> BridgeProcess {
+        let cfg_path = self.dir.join(format!("bridge-{tag}.toml"));
+        let port = delta_bridge::localenv::free_port().expect("port");
+        let toml = self
+            .config_toml("")
+            .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+        std::fs::write(&cfg_path, toml).expect("write config");
+        let log = std::fs::File::create(self.dir.join(format!("bridge-{tag}.log"))).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_delta-bridge"))
+            .args(["--config"])
+            .arg(&cfg_path)
+            .arg("run")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn bridge");
+        BridgeProcess {
+            child,
+            http: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+pub async fn wait_ready_at(http: &str, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = reqwest::get(format!("{http}/readyz")).await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(
+            start.elapsed() < limit,
+            "bridge at {http} not ready after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub struct InProcessBridge {
+    pub http: String,
+    cancel: CancellationToken,
+    running: Option<delta_bridge::service::Running>,
+}
+
+impl InProcessBridge {
+    pub async fn wait_ready(&self) {
+        wait_ready_at(&self.http, Duration::from_secs(30)).await;
+    }
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        if let Some(r) = self.running.take() {
+            r.wait().await;
+        }
+    }
+}
+
+impl Drop for InProcessBridge {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+pub struct BridgeProcess {
+    pub child: Child,
+    pub http: String,
+}
+
+impl BridgeProcess {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    /// SIGTERM and wait for exit; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+}
+
+impl Drop for BridgeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A message as a device receives it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub payload: Value,
+    pub raw: Vec<u8>,
+    pub content_type: Option<String>,
+    pub user_properties: Vec<(String, String)>,
+    pub at: Instant,
+}
+
+/// An MQTT 5 subscriber that records every message; clean_start = false with a session expiry so a broker
+/// restart (persistence on) does not lose what was queued for it.
+pub struct Subscriber {
+    pub messages: Arc<Mutex<Vec<Received>>>,
+    client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Subscriber {
+    pub async fn start(broker_url: &str, client_id: &str, filter: &str) -> Subscriber {
+        let port: u16 = broker_url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port");
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_clean_start(false);
+        opts.set_session_expiry_interval(Some(3600));
+        opts.set_max_packet_size(Some(64 * 1024 * 1024));
+        let (client, mut eventloop) = AsyncClient::new(opts, 100);
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let (subacked_tx, subacked_rx) = tokio::sync::oneshot::channel();
+        let mut subacked_tx = Some(subacked_tx);
+        let sink = messages.clone();
+        let c2 = client.clone();
+        let filter_s = filter.to_string();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        if !ack.session_present {
+                            let _ = c2
+                                .subscribe_many(vec![Filter::new(
+                                    filter_s.clone(),
+                                    QoS::AtLeastOnce,
+                                )])
+                                .await;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(tx) = subacked_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let props = p.properties.clone().unwrap_or_default();
+                        let raw = p.payload.to_vec();
+                        let payload = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+                        sink.lock().expect("lock").push(Received {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            payload,
+                            raw,
+                            content_type: props.content_type,
+                            user_properties: props.user_properties,
+                            at: Instant::now(),
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(15), subacked_rx)
+            .await
+            .expect("SUBACK in time")
+            .expect("suback");
+        Subscriber {
+            messages,
+            client,
+            task,
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<Received> {
+        self.messages.lock().expect("lock").clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.messages.lock().expect("lock").len()
+    }
+
+    /// Waits until `pred` holds over the messages received so far.
+    pub async fn wait_for(
+        &self,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&[Received]) -> bool,
+    ) -> Vec<Received> {
+        let start = Instant::now();
+        loop {
+            let snap = self.snapshot();
+            if pred(&snap) {
+                return snap;
+            }
+            if start.elapsed() > limit {
+                let shown: Vec<String> = snap
+                    .iter()
+                    .map(|m| format!("{} {}", m.topic, m.payload))
+                    .collect();
+                panic!(
+                    "timed out after {limit:?} waiting for {what}; received {}:\n{}",
+                    snap.len(),
+                    shown.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn stop(self) {
+        let _ = self.client.disconnect().await;
+        self.task.abort();
+    }
+}
+
+/// Messages of one event type.
+pub fn of_type<'a>(msgs: &'a [Received], t: &str) -> Vec<&'a Received> {
+    msgs.iter()
+        .filter(|m| m.payload["event_type"] == t)
+        .collect()
+}
+
+/// Object keys in document order.
+pub fn keys(v: &Value) -> Vec<String> {
+    v.as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+pub fn by_event_id(msgs: &[Received]) -> HashMap<String, Vec<&Received>> {
+    let mut m: HashMap<String, Vec<&Received>> = HashMap::new();
+    for r in msgs {
+        m.entry(r.payload["event_id"].as_str().unwrap_or("").to_string())
+            .or_default()
+            .push(r);
+    }
+    m
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.pg.stop(true);
+        self.mqtt.stop(true);
+        if std::thread::panicking() {
+            eprintln!(
+                "test environment kept for inspection: {}",
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
