@@ -81,7 +81,7 @@ BEGIN
                                      old_row, new_row, items, ctx)
     SELECT * FROM moved;
     GET DIAGNOSTICS n = ROW_COUNT;
-    PERFORM pg_notify('delta_bridge_wake', '');
+    PERFORM pg_notify('delta_bridge_wake', 'replay');   -- the leader sweeps below its cursor at once
     RETURN n;
 END $$;
 REVOKE ALL ON FUNCTION delta_bridge.replay(bigint[]) FROM PUBLIC;

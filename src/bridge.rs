@@ -269,8 +269,14 @@ impl Pipeline {
                 biased;
                 _ = cancel.cancelled() => {}
                 _ = &mut s.closed => return Err(PgError::Timeout(Duration::ZERO)),
-                Some(()) = s.notifications.recv() => {
-                    while s.notifications.try_recv().is_ok() {}
+                Some(payload) = s.notifications.recv() => {
+                    let mut replay = payload == "replay";
+                    while let Ok(p) = s.notifications.try_recv() {
+                        replay |= p == "replay";
+                    }
+                    if replay {
+                        self.last_sweep = None; // replayed dead letters sit below the cursor
+                    }
                 }
                 o = outcomes.recv(), if self.first_ack_pending.is_none() => {
                     if let Some(o) = o { self.absorb(o); }

@@ -32,8 +32,8 @@ pub enum PgError {
 /// One database session with its notification feed.
 pub struct Session {
     pub client: Client,
-    /// One message per NOTIFY received (payloads are not needed: a notification only means "look").
-    pub notifications: mpsc::UnboundedReceiver<()>,
+    /// The payload of each NOTIFY received (empty: "look"; `replay`: rows were put back below the cursor).
+    pub notifications: mpsc::UnboundedReceiver<String>,
     /// Resolves when the connection task ends (socket closed, server restarted).
     pub closed: oneshot::Receiver<()>,
 }
@@ -84,7 +84,7 @@ where
 
 fn spawn_driver<S, T>(
     mut conn: tokio_postgres::Connection<S, T>,
-    tx: mpsc::UnboundedSender<()>,
+    tx: mpsc::UnboundedSender<String>,
     closed: oneshot::Sender<()>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -94,8 +94,8 @@ fn spawn_driver<S, T>(
         let mut messages = poll_fn(move |cx| conn.poll_message(cx));
         while let Some(msg) = messages.next().await {
             match msg {
-                Ok(AsyncMessage::Notification(_)) => {
-                    let _ = tx.send(());
+                Ok(AsyncMessage::Notification(n)) => {
+                    let _ = tx.send(n.payload().to_string());
                 }
                 Ok(_) => {}
                 Err(e) => {

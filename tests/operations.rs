@@ -1,0 +1,361 @@
+//! What operators rely on: dead letters that do not block and can be replayed, readiness that follows the
+//! connections, the §8 metrics, config errors that exit 2 naming the key, idempotent migrations, SIGTERM.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Env, Subscriber};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_delta-bridge"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unconvertible_rows_are_dead_lettered_without_blocking_and_can_be_replayed() {
+    let env = Env::start("dead");
+    let bridge = env.bridge().await;
+    let sub = Subscriber::start(&env.mqtt.url(), "device-dead", "dev/#").await;
+    let db = env.client().await;
+
+    // A writer sets a transaction id that is not an id: the bridge cannot build a valid payload.
+    db.batch_execute(
+        "BEGIN; SELECT set_config('delta_bridge.transaction_id', 'not-a-number', true);
+         UPDATE products SET stock = 7 WHERE id = 1; COMMIT;
+         UPDATE products SET stock = 8 WHERE id = 2;",
+    )
+    .await
+    .expect("writes commit: the bridge never fails a business write");
+    let msgs = sub
+        .wait_for(WAIT, "the change behind the bad one", |m| {
+            m.iter().any(|x| x.payload["data"]["product_id"] == 2)
+        })
+        .await;
+    assert!(
+        !msgs.iter().any(|x| x.payload["data"]["product_id"] == 1),
+        "the bad row is not published"
+    );
+
+    let row = db
+        .query_one(
+            "SELECT id, reason, detail FROM delta_bridge.dead_letter",
+            &[],
+        )
+        .await
+        .expect("one dead letter");
+    let (id, reason, detail): (i64, String, String) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(reason, "unconvertible");
+    assert!(
+        detail.contains("delta_bridge.transaction_id"),
+        "the detail says why: {detail}"
+    );
+    let left: i64 = db
+        .query_one("SELECT count(*) FROM delta_bridge.outbox", &[])
+        .await
+        .expect("q")
+        .get(0);
+    assert_eq!(left, 0, "moved out of the outbox, not stuck in it");
+
+    // The operator fixes the captured context and replays: it arrives with its original seq.
+    db.batch_execute(
+        "UPDATE delta_bridge.dead_letter SET ctx = (ctx::jsonb - 'transaction_id')::json;
+         SELECT delta_bridge.replay();",
+    )
+    .await
+    .expect("replay");
+    let msgs = sub
+        .wait_for(WAIT, "the replayed event", |m| {
+            m.iter().any(|x| x.payload["data"]["product_id"] == 1)
+        })
+        .await;
+    let m = msgs
+        .iter()
+        .find(|x| x.payload["data"]["product_id"] == 1)
+        .expect("replayed");
+    assert_eq!(m.payload["seq"], json!(id));
+    assert_eq!(m.payload["data"]["new_stock"], 7);
+    let dead: i64 = db
+        .query_one("SELECT count(*) FROM delta_bridge.dead_letter", &[])
+        .await
+        .expect("q")
+        .get(0);
+    assert_eq!(dead, 0);
+
+    let metrics = reqwest::get(format!("{}/metrics", bridge.http))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        metrics.contains("delta_bridge_publish_failures_total{reason=\"unconvertible\"} 1"),
+        "{metrics}"
+    );
+    sub.stop().await;
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_the_broker_refuses_is_dead_lettered_and_does_not_block() {
+    let dir = common::temp_dir("acl");
+    let mqtt_dir = dir.join("mqtt");
+    std::fs::create_dir_all(&mqtt_dir).expect("dir");
+    // Anonymous clients may publish only under the first merchant: the bridge's publish for merchant 2 gets
+    // PUBACK 0x87 (MQTT 5).
+    std::fs::write(
+        mqtt_dir.join("acl"),
+        "topic readwrite dev/MCH-MST-001/#\ntopic read dev/#\n",
+    )
+    .expect("acl");
+    let mut env = Env::start("refused");
+    env.mqtt.stop(true);
+    env.mqtt = delta_bridge::localenv::Mosquitto::start_with(
+        &mqtt_dir,
+        &format!(
+            "allow_anonymous true\nacl_file {}/acl\n",
+            mqtt_dir.display()
+        ),
+    )
+    .expect("broker with acl");
+    let bridge = env.bridge().await;
+    let sub = Subscriber::start(&env.mqtt.url(), "device-acl", "dev/#").await;
+    let db = env.client().await;
+    // Product 41 belongs to branch 3, merchant MCH-OTHER-002; product 5 to merchant 1.
+    db.batch_execute(
+        "UPDATE products SET stock = 1 WHERE id = 41; UPDATE products SET stock = 2 WHERE id = 5;",
+    )
+    .await
+    .expect("writes");
+    sub.wait_for(WAIT, "the allowed change", |m| {
+        m.iter().any(|x| x.payload["data"]["product_id"] == 5)
+    })
+    .await;
+    let start = Instant::now();
+    let (reason, detail): (String, String) = loop {
+        if let Some(r) = db
+            .query_opt("SELECT reason, detail FROM delta_bridge.dead_letter", &[])
+            .await
+            .expect("q")
+        {
+            break (r.get(0), r.get(1));
+        }
+        assert!(start.elapsed() < WAIT, "refused event never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(reason, "rejected");
+    assert!(detail.contains("NotAuthorized"), "{detail}");
+    assert!(!sub
+        .snapshot()
+        .iter()
+        .any(|x| x.payload["data"]["product_id"] == 41));
+    bridge.stop().await;
+    drop(env);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_connections_and_metrics_exist_from_start() {
+    let mut env = Env::start("ready");
+    let bridge = env.bridge().await;
+    let get = |path: &'static str| {
+        let url = format!("{}{path}", bridge.http);
+        async move { reqwest::get(url).await.expect("http") }
+    };
+    assert_eq!(get("/healthz").await.status(), 200);
+    assert_eq!(get("/readyz").await.status(), 200);
+    let text = get("/metrics").await.text().await.expect("body");
+    for name in [
+        "delta_bridge_events_published_total{stream=\"product\"} 0",
+        "delta_bridge_publish_failures_total{reason=\"rejected\"} 0",
+        "delta_bridge_end_to_end_latency_seconds_count{stream=\"transaction\"} 0",
+        "delta_bridge_outbox_backlog 0",
+        "delta_bridge_postgres_connected 1",
+        "delta_bridge_mqtt_connected 1",
+        "delta_bridge_leader 1",
+        "delta_bridge_payload_bytes_count{stream=\"inventory\"} 0",
+    ] {
+        assert!(text.contains(name), "missing {name} in\n{text}");
+    }
+
+    // One event: counted, its latency and size observed.
+    let sub = Subscriber::start(&env.mqtt.url(), "device-m", "dev/#").await;
+    env.client()
+        .await
+        .batch_execute("UPDATE inventory SET quantity = 3 WHERE id = 2")
+        .await
+        .expect("write");
+    sub.wait_for(WAIT, "event", |m| !m.is_empty()).await;
+    let start = Instant::now();
+    loop {
+        let text = get("/metrics").await.text().await.expect("body");
+        if text.contains("delta_bridge_events_published_total{stream=\"inventory\"} 1")
+            && text
+                .contains("delta_bridge_end_to_end_latency_seconds_count{stream=\"inventory\"} 1")
+        {
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "metrics not updated:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sub.stop().await;
+
+    // Broker gone: 503 within 10 s; back: 200 again.
+    env.mqtt.stop(true);
+    wait_status(&bridge.http, 503, Duration::from_secs(10)).await;
+    tokio::task::block_in_place(|| env.mqtt.restart()).expect("broker back");
+    wait_status(&bridge.http, 200, Duration::from_secs(15)).await;
+    // Database gone: 503 within 10 s; back: 200 again.
+    env.pg.stop(true);
+    wait_status(&bridge.http, 503, Duration::from_secs(10)).await;
+    tokio::task::block_in_place(|| env.pg.restart(false)).expect("postgres back");
+    wait_status(&bridge.http, 200, Duration::from_secs(15)).await;
+    bridge.stop().await;
+}
+
+async fn wait_status(http: &str, want: u16, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let got = reqwest::get(format!("{http}/readyz"))
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        if got == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "/readyz still {got}, wanted {want} within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn a_malformed_config_exits_2_naming_the_key() {
+    let dir = common::temp_dir("cfg");
+    let cases = [
+        ("[mqtt]\nurl = \"http://broker\"\n", "mqtt.url"),
+        ("[credentials]\nttl = \"a while\"\n", "credentials.ttl"),
+        ("[postgress]\nurl = \"postgres://x\"\n", "postgress.url"),
+        ("env = \"dev/x\"\n", "env"),
+        ("[http\n", "not valid TOML"),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let path = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).expect("write");
+        let out = bin()
+            .arg("--config")
+            .arg(&path)
+            .arg("check-config")
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text:?}: {err}");
+        assert!(
+            err.contains(key),
+            "{text:?}: message should name {key}: {err}"
+        );
+        // `run` refuses the same config the same way, before touching anything.
+        let out = bin()
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(2));
+    }
+    // An environment override is validated like the file.
+    let out = bin()
+        .arg("check-config")
+        .env("DELTA_BRIDGE__MQTT__MAX_INFLIGHT", "lots")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mqtt.max_inflight"));
+    // A valid one prints the effective config with secrets redacted.
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "[postgres]\nurl = \"postgres://bridge:hunter2@db:5432/mstore\"\n[mqtt]\npassword = \"mqtt-secret\"\n")
+        .expect("write");
+    let out = bin()
+        .arg("--config")
+        .arg(&good)
+        .arg("check-config")
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        text.contains("postgres://bridge:redacted@db:5432/mstore"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("hunter2") && !text.contains("mqtt-secret"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_is_idempotent_on_a_database_with_data_and_sigterm_exits_0() {
+    let env = Env::start("migrate");
+    let cfg = env.dir.join("c.toml");
+    std::fs::write(&cfg, env.config_toml("")).expect("cfg");
+    let out = bin()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("migrate")
+        .output()
+        .expect("migrate");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("applied migrations [1]"));
+    let out = bin()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("migrate")
+        .output()
+        .expect("migrate again");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("up to date"));
+    let db = env.client().await;
+    let triggers: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'delta_bridge_%'",
+            &[],
+        )
+        .await
+        .expect("q")
+        .get(0);
+    assert_eq!(triggers, 10, "capture triggers installed once");
+    let products: i64 = db
+        .query_one("SELECT count(*) FROM products", &[])
+        .await
+        .expect("q")
+        .get(0);
+    assert_eq!(products, 60, "business data untouched");
+
+    // A database without the reference schema: a clear error, exit 1.
+    env.pg
+        .psql("postgres", "CREATE DATABASE empty")
+        .expect("db");
+    let out = bin()
+        .arg("migrate")
+        .env("DELTA_BRIDGE__POSTGRES__URL", env.pg.url("empty"))
+        .output()
+        .expect("migrate");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("public.merchants does not exist"));
+
+    // SIGTERM: graceful shutdown, exit 0.
+    let mut p = env.bridge_process("term");
+    common::wait_ready_at(&p.http, Duration::from_secs(30)).await;
+    assert_eq!(p.terminate(), Some(0));
+}
