@@ -79,7 +79,7 @@ pub async fn run(
         match result {
             Ok(()) => break,
             Err(e) => {
-                let wait = backoff.next();
+                let wait = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in = ?wait, "postgres session ended");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}

@@ -1,6 +1,287 @@
-//! placeholder, replaced below
+//! `delta-bridge demo`: the whole path on one machine. Starts a private PostgreSQL and Mosquitto on free
+//! loopback ports (from the system's binaries), loads the reference schema with sample data, runs the bridge,
+//! connects a demo device to its branch, drives the load harness, then prints the latency and loss report.
+//! Touches nothing outside its own directory; stops everything it started on exit (also on Ctrl-C).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event as MqttEvent};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::deliver::mqtt_options;
+use crate::loadgen::{self, LoadOptions, LOAD_MERCHANT};
+use crate::localenv::{Mosquitto, Postgres, REFERENCE_SCHEMA};
+
 #[derive(Clone, Debug, clap::Args)]
-pub struct DemoArgs {}
-pub async fn run(_a: DemoArgs) -> anyhow::Result<()> {
+pub struct DemoArgs {
+    /// Database transactions per second during the load phase.
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Length of the load phase.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Working directory for the private servers (default: a new one under the system's temp dir).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Keep the working directory (logs, data) after the demo.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+const SAMPLE: &str = "
+INSERT INTO merchants (code, name) VALUES ('MCH-MST-001', 'Toko Maju Sejahtera');
+INSERT INTO branches (merchant_id, code, name) VALUES (1, 'BRN-MST-OSK00001', 'Osaka Namba'), (1, 'BRN-MST-OSK00002', 'Osaka Umeda');
+INSERT INTO products (branch_id, name, price, stock) VALUES
+  (1, 'Kopi Susu 250ml', 18000, 120), (1, 'Roti Tawar', 15500, 40), (2, 'Teh Botol', 6000, 300);
+INSERT INTO inventory (branch_id, product_id, quantity) SELECT branch_id, id, stock FROM products;
+";
+
+fn step(n: u32, text: &str) {
+    println!("\n[{n}/6] {text}");
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("delta-bridge-demo-{}", std::process::id())),
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let cancel = CancellationToken::new();
+    {
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            c.cancel();
+        });
+    }
+    let result = tour(&args, &dir, cancel).await;
+    if args.keep || result.is_err() {
+        println!("\nworking directory kept: {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+async fn tour(
+    args: &DemoArgs,
+    dir: &std::path::Path,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    step(
+        1,
+        "starting a private PostgreSQL and Mosquitto on free loopback ports",
+    );
+    let (pg, mqtt) = {
+        let (d1, d2) = (dir.join("postgres"), dir.join("mosquitto"));
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(Postgres, Mosquitto)> {
+            Ok((Postgres::start(&d1, false)?, Mosquitto::start(&d2)?))
+        })
+        .await??
+    };
+    println!(
+        "      PostgreSQL on 127.0.0.1:{} (fsync off: a demo, not a durability test)",
+        pg.port
+    );
+    println!("      Mosquitto  on 127.0.0.1:{}", mqtt.port);
+
+    step(2, "creating the reference schema with sample data");
+    pg.psql("postgres", "CREATE DATABASE mstore")?;
+    pg.psql("mstore", REFERENCE_SCHEMA)?;
+    pg.psql("mstore", SAMPLE)?;
+
+    step(
+        3,
+        "starting the bridge (installs its outbox and capture triggers)",
+    );
+    let toml = format!(
+        "env = \"dev\"\n[postgres]\nurl = \"{}\"\n[mqtt]\nurl = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+        pg.url("mstore"),
+        mqtt.url()
+    );
+    std::fs::write(dir.join("delta-bridge.toml"), &toml)?;
+    let cfg = Config::parse(&toml, std::path::Path::new("demo.toml"), &[])?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let bridge_cancel = cancel.child_token();
+    let running = crate::service::start(cfg.clone(), true, listener, bridge_cancel.clone()).await?;
+    let http = format!("http://{}", running.http_addr);
+    wait_ready(&http).await?;
+    println!("      bridge ready: {http}/readyz, {http}/metrics");
+
+    step(
+        4,
+        "connecting a demo device to branch BRN-LOAD-0000 and making one sale by hand",
+    );
+    let branch = format!("dev/{LOAD_MERCHANT}/BRN-LOAD-0000/#");
+    let (device, mut device_rx) = demo_device(&cfg, &branch).await?;
+    let manual = "dev/MCH-MST-001/BRN-MST-OSK00001/#";
+    let (cashier, mut cashier_rx) = demo_device(&cfg, manual).await?;
+    pg.psql(
+        "mstore",
+        "BEGIN;
+         INSERT INTO transactions (branch_id, transaction_code, offline_id, status, grand_total, created_by, device_id)
+           VALUES (1, 'TX-DEMO-0001', gen_random_uuid(), 'paid', 36000, 'kasir-demo', 'tablet-01');
+         INSERT INTO transaction_items (transaction_id, product_id, quantity, price)
+           VALUES (currval('transactions_id_seq'), 1, 2, 18000);
+         UPDATE products SET stock = stock - 2, updated_by = 'kasir-demo' WHERE id = 1;
+         UPDATE inventory SET quantity = quantity - 2, updated_by = 'kasir-demo' WHERE product_id = 1;
+         COMMIT;",
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut shown = 0;
+    while shown < 3 && Instant::now() < deadline {
+        if let Ok(Some((topic, payload))) =
+            tokio::time::timeout(Duration::from_millis(200), cashier_rx.recv()).await
+        {
+            println!("      {topic}\n        {payload}");
+            shown += 1;
+        }
+    }
+    if shown < 3 {
+        anyhow::bail!("the demo device did not receive the sale's three events");
+    }
+    cashier.abort();
+
+    step(
+        5,
+        &format!(
+            "load: {} writes/s for {:?} (sales, restocks, price changes, voids, aborted sales)",
+            args.rate, args.duration
+        ),
+    );
+    let opts = LoadOptions {
+        rate: args.rate,
+        duration: args.duration,
+        writers: 8,
+        branches: 4,
+        products_per_branch: 50,
+        grace: Duration::from_secs(30),
+        progress: true,
+    };
+    let report = loadgen::run(&cfg, &opts, cancel.clone()).await?;
+    let mut device_msgs = 0usize;
+    while device_rx.try_recv().is_ok() {
+        device_msgs += 1;
+    }
+    device.abort();
+
+    step(
+        6,
+        "report (latency from COMMIT sent to the subscriber's receipt)",
+    );
+    print!("{}", report.render());
+    println!("the demo device of BRN-LOAD-0000 received {device_msgs} events of its own branch");
+    let metrics = reqwest_metrics(&http).await.unwrap_or_default();
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("delta_bridge_events_published_total")
+            || l.starts_with("delta_bridge_outbox_backlog")
+    }) {
+        println!("      {line}");
+    }
+    bridge_cancel.cancel();
+    running.wait().await;
+    drop(mqtt);
+    drop(pg);
+    if report.lost() > 0 || report.phantom > 0 {
+        anyhow::bail!("{} events lost, {} phantom", report.lost(), report.phantom);
+    }
+    println!("\nno event lost, none phantom. Done.");
     Ok(())
+}
+
+type DeviceRx = tokio::sync::mpsc::UnboundedReceiver<(String, String)>;
+
+async fn demo_device(
+    cfg: &Config,
+    filter: &str,
+) -> anyhow::Result<(tokio::task::JoinHandle<()>, DeviceRx)> {
+    let id = format!("demo-device-{}", rand::random::<u32>());
+    let mut opts = mqtt_options(&cfg.mqtt, &id, None, None).map_err(anyhow::Error::msg)?;
+    opts.set_max_packet_size(Some(16 * 1024 * 1024));
+    let (client, mut eventloop) = AsyncClient::new(opts, 10);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (sub_tx, sub_rx) = tokio::sync::oneshot::channel();
+    let filter = filter.to_string();
+    let task = tokio::spawn(async move {
+        let mut sub_tx = Some(sub_tx);
+        loop {
+            match eventloop.poll().await {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client
+                        .subscribe_many(vec![Filter::new(filter.clone(), QoS::AtLeastOnce)])
+                        .await;
+                }
+                Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                    if let Some(t) = sub_tx.take() {
+                        let _ = t.send(());
+                    }
+                }
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    let _ = tx.send((
+                        String::from_utf8_lossy(&p.topic).into_owned(),
+                        String::from_utf8_lossy(&p.payload).into_owned(),
+                    ));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), sub_rx)
+        .await
+        .map_err(|_| anyhow::anyhow!("demo device: no SUBACK"))??;
+    Ok((task, rx))
+}
+
+async fn wait_ready(http: &str) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if http_get(&format!("{http}/readyz"))
+            .await
+            .is_ok_and(|(code, _)| code == 200)
+        {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            anyhow::bail!("bridge not ready after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn reqwest_metrics(http: &str) -> anyhow::Result<String> {
+    Ok(http_get(&format!("{http}/metrics")).await?.1)
+}
+
+/// A minimal HTTP/1.0 GET (the demo needs no HTTP client dependency for two local requests).
+async fn http_get(url: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow::anyhow!("not http"))?;
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    let mut s = tokio::net::TcpStream::connect(host).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
 }

@@ -721,12 +721,16 @@ fn progress(start: Instant, ledger: &Mutex<Ledger>, got: &Mutex<Vec<Got>>, last:
         .unwrap_or_default();
     let received = got.lock().map(|g| g.len()).unwrap_or_default();
     let mut err = std::io::stderr();
+    // On a terminal one line rewritten in place; in a log, one line per report.
+    let tty = err.is_terminal();
     let _ = write!(
         err,
-        "\r  t={:>5.1}s  writes={ops:>7}  events expected={expected:>8}  received={received:>8}   ",
-        start.elapsed().as_secs_f64()
+        "{}  t={:>5.1}s  writes={ops:>7}  events expected={expected:>8}  received={received:>8}   {}",
+        if tty { "\r" } else { "" },
+        start.elapsed().as_secs_f64(),
+        if tty { "" } else { "\n" }
     );
-    if last {
+    if last && tty {
         let _ = writeln!(err);
     }
     let _ = err.flush();

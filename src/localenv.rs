@@ -294,32 +294,31 @@ impl Postgres {
 
     /// Runs SQL through psql (for set-up; the bridge itself never shells out).
     pub fn psql(&self, db: &str, sql: &str) -> Result<String, LocalEnvError> {
-        let out = Command::new(
-            self.bin
-                .join("psql")
-                .exists()
-                .then(|| self.bin.join("psql"))
-                .unwrap_or_else(|| "psql".into()),
-        )
-        .args([
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-At",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            db,
-            "-c",
-            sql,
-        ])
-        .output()
-        .map_err(io_err(&self.bin))?;
+        let psql = if self.bin.join("psql").exists() {
+            self.bin.join("psql")
+        } else {
+            PathBuf::from("psql")
+        };
+        let out = Command::new(psql)
+            .args([
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-At",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-c",
+                sql,
+            ])
+            .output()
+            .map_err(io_err(&self.bin))?;
         if !out.status.success() {
             return Err(LocalEnvError::Failed {
                 what: "psql".into(),

@@ -82,7 +82,7 @@ pub async fn start(
                     return Err(e);
                 }
                 Err(e) => {
-                    let wait = backoff.next();
+                    let wait = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?wait, "cannot migrate yet");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}

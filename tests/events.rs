@@ -435,7 +435,8 @@ async fn a_sale_with_1000_items_publishes_one_event_with_every_item() {
     assert_eq!(items.len(), 1000);
     assert_eq!(
         items[999],
-        json!({"product_id": 1 + (1000 % 20), "quantity": 1000, "price": 10.0})
+        json!({"product_id": 1, "quantity": 1000, "price": 10.0}),
+        "1000 % 20 = 0: product 1"
     );
     assert!(
         m.raw.len() > 40_000,

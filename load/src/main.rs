@@ -44,7 +44,12 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !(cli.rate > 0.0) || cli.writers == 0 || cli.branches == 0 || cli.products == 0 {
+    if !cli.rate.is_finite()
+        || cli.rate <= 0.0
+        || cli.writers == 0
+        || cli.branches == 0
+        || cli.products == 0
+    {
         eprintln!("delta-load: --rate, --writers, --branches and --products must be positive");
         return ExitCode::from(2);
     }

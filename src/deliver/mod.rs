@@ -161,7 +161,7 @@ impl Publisher {
                     if draining {
                         break;
                     }
-                    let wait = backoff.next();
+                    let wait = backoff.next_delay();
                     tracing::warn!(error = %why, retry_in = ?wait, unacked = unacked.len(), "mqtt connection lost");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
@@ -410,7 +410,7 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.next = Duration::from_millis(100);
     }
-    pub fn next(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let base = self.next;
         self.next = (self.next * 2).min(Duration::from_secs(5));
         let jitter = rand::random::<f64>() * 0.3 + 0.85;
@@ -443,7 +443,7 @@ mod tests {
     #[test]
     fn backoff_grows_and_caps() {
         let mut b = Backoff::new();
-        let waits: Vec<Duration> = (0..10).map(|_| b.next()).collect();
+        let waits: Vec<Duration> = (0..10).map(|_| b.next_delay()).collect();
         assert!(waits[0] < Duration::from_millis(150));
         assert!(waits[9] <= Duration::from_millis(5750) && waits[9] >= Duration::from_millis(4250));
     }

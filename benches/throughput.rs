@@ -1,0 +1,173 @@
+//! Benchmark (not a test): the release bridge as its own process against private PostgreSQL and Mosquitto,
+//! driven by the load harness at fixed rates, side by side in one run (these machines are noisy: compare
+//! within a run, not across runs). Prints per rate: events/s, loss, p50/p99 commit-to-receive latency, and
+//! the bridge's CPU time and peak RSS.
+//!
+//!     cargo bench --bench throughput                       # 60 s at ~250 and ~1,000 events/s
+//!     BENCH_DURATION=20s BENCH_RATES=250,500 cargo bench --bench throughput
+//!
+//! Rates are database transactions per second; the mix averages ~4 events per transaction.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use delta_bridge::config::Config;
+use delta_bridge::loadgen::{self, LoadOptions};
+use delta_bridge::localenv::{free_port, Mosquitto, Postgres, REFERENCE_SCHEMA};
+use tokio_util::sync::CancellationToken;
+
+fn proc_stats(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (ticks / 100.0, hwm_kb)
+}
+
+fn main() -> anyhow::Result<()> {
+    // `cargo bench` passes --bench; `cargo test --benches` would pass nothing: run only when benchmarking.
+    if !std::env::args().any(|a| a == "--bench") {
+        return Ok(());
+    }
+    let duration = std::env::var("BENCH_DURATION")
+        .ok()
+        .and_then(|d| humantime::parse_duration(&d).ok())
+        .unwrap_or(Duration::from_secs(60));
+    let rates: Vec<f64> = std::env::var("BENCH_RATES")
+        .unwrap_or_else(|_| "60,250".into())
+        .split(',')
+        .filter_map(|r| r.trim().parse().ok())
+        .collect();
+    let dir = std::env::temp_dir().join(format!("delta-bridge-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let pg = Postgres::start(&dir.join("pg"), true)?;
+    let mqtt = Mosquitto::start(&dir.join("mqtt"))?;
+    pg.psql("postgres", "CREATE DATABASE mstore")?;
+    pg.psql("mstore", REFERENCE_SCHEMA)?;
+    let port = free_port()?;
+    let toml = format!(
+        "env = \"bench\"\n[postgres]\nurl = \"{}\"\n[mqtt]\nurl = \"{}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n[log]\nlevel = \"warn\"\n",
+        pg.url("mstore"),
+        mqtt.url()
+    );
+    let cfg_path = dir.join("bench.toml");
+    std::fs::write(&cfg_path, &toml)?;
+    let cfg = Config::parse(&toml, &cfg_path, &[])?;
+    let log = std::fs::File::create(dir.join("bridge.log"))?;
+    let mut bridge = Command::new(env!("CARGO_BIN_EXE_delta-bridge"))
+        .arg("--config")
+        .arg(&cfg_path)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let pid = bridge.id();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let cpus = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        .unwrap_or_default();
+    println!("machine: {} cores, {cpus}; PostgreSQL durable (fsync on), Mosquitto 127.0.0.1, bridge release build", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    println!("duration per rate: {duration:?}\n");
+    println!(
+        "{:>8} {:>9} {:>9} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>9}",
+        "tx/s",
+        "events/s",
+        "received",
+        "lost",
+        "dup",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "cpu %",
+        "rss MiB"
+    );
+    let mut failed = false;
+    rt.block_on(async {
+        // Wait for the bridge to be ready (it migrates first).
+        for _ in 0..300 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for rate in &rates {
+            let opts = LoadOptions {
+                rate: *rate,
+                duration,
+                writers: 16,
+                branches: 8,
+                products_per_branch: 100,
+                grace: Duration::from_secs(30),
+                progress: false,
+            };
+            let (cpu0, _) = proc_stats(pid);
+            let report = loadgen::run(&cfg, &opts, CancellationToken::new()).await;
+            let (cpu1, rss) = proc_stats(pid);
+            match report {
+                Ok(r) => {
+                    let p = |f: fn(&loadgen::Latency) -> f64| {
+                        r.streams
+                            .values()
+                            .map(|s| f(&s.latency_ms))
+                            .fold(0.0, f64::max)
+                    };
+                    let dup: u64 = r.streams.values().map(|s| s.duplicated).sum();
+                    println!(
+                        "{:>8.0} {:>9.0} {:>9} {:>6} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>9.1}",
+                        rate,
+                        r.events_per_second,
+                        r.received(),
+                        r.lost(),
+                        dup,
+                        p(|l| l.p50),
+                        p(|l| l.p99),
+                        p(|l| l.max),
+                        (cpu1 - cpu0) / r.duration_s * 100.0,
+                        rss as f64 / 1024.0
+                    );
+                    failed |= r.lost() > 0 || r.phantom > 0;
+                }
+                Err(e) => {
+                    println!("{rate:>8.0} failed: {e:#}");
+                    failed = true;
+                }
+            }
+        }
+    });
+    println!("\n(p50/p99/max: the worst stream's figure; latency from COMMIT sent to the subscriber's receipt)");
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = bridge.wait();
+    drop(mqtt);
+    drop(pg);
+    let _ = std::fs::remove_dir_all(&dir);
+    if failed {
+        anyhow::bail!("events were lost");
+    }
+    Ok(())
+}
