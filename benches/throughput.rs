@@ -18,20 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 fn proc_stats(pid: u32) -> (f64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields
-        .get(11)
-        .and_then(|u| u.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        + fields
-            .get(12)
-            .and_then(|s| s.parse::<f64>().ok())
-            .unwrap_or(0.0);
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let hwm_kb = status
         .lines()
@@ -80,29 +69,21 @@ fn main() -> anyhow::Result<()> {
         .stderr(log)
         .spawn()?;
     let pid = bridge.id();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let cpus = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
         .find(|l| l.starts_with("model name"))
         .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         .unwrap_or_default();
-    println!("machine: {} cores, {cpus}; PostgreSQL durable (fsync on), Mosquitto 127.0.0.1, bridge release build", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    println!(
+        "machine: {} cores, {cpus}; PostgreSQL durable (fsync on), Mosquitto 127.0.0.1, bridge release build",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
     println!("duration per rate: {duration:?}\n");
     println!(
         "{:>8} {:>9} {:>9} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>9}",
-        "tx/s",
-        "events/s",
-        "received",
-        "lost",
-        "dup",
-        "p50 ms",
-        "p99 ms",
-        "max ms",
-        "cpu %",
-        "rss MiB"
+        "tx/s", "events/s", "received", "lost", "dup", "p50 ms", "p99 ms", "max ms", "cpu %", "rss MiB"
     );
     let mut failed = false;
     rt.block_on(async {
@@ -130,10 +111,7 @@ fn main() -> anyhow::Result<()> {
             match report {
                 Ok(r) => {
                     let p = |f: fn(&loadgen::Latency) -> f64| {
-                        r.streams
-                            .values()
-                            .map(|s| f(&s.latency_ms))
-                            .fold(0.0, f64::max)
+                        r.streams.values().map(|s| f(&s.latency_ms)).fold(0.0, f64::max)
                     };
                     let dup: u64 = r.streams.values().map(|s| s.duplicated).sum();
                     println!(
@@ -159,9 +137,7 @@ fn main() -> anyhow::Result<()> {
         }
     });
     println!("\n(p50/p99/max: the worst stream's figure; latency from COMMIT sent to the subscriber's receipt)");
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
     let _ = bridge.wait();
     drop(mqtt);
     drop(pg);

@@ -51,12 +51,7 @@ const DELETE_DELAY: Duration = Duration::from_millis(20);
 
 /// Runs the data path until `cancel`, reconnecting to PostgreSQL with backoff. Every replica runs this; the
 /// one that holds the leader lock publishes, the others stand by (connected, so that they are ready).
-pub async fn run(
-    cfg: Arc<Config>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    cancel: CancellationToken,
-) {
+pub async fn run(cfg: Arc<Config>, metrics: Arc<Metrics>, health: Arc<Health>, cancel: CancellationToken) {
     let (event_tx, event_rx) = mpsc::channel(cfg.bridge.batch_size as usize * 2);
     let (outcome_tx, mut outcome_rx) = mpsc::unbounded_channel();
     let publisher = Publisher {
@@ -189,15 +184,9 @@ impl Pipeline {
             if self.ready.is_empty() && self.outstanding.len() < self.cfg.bridge.max_pending {
                 let t = Instant::now();
                 let rows = stmts
-                    .fetch_after(
-                        &s.client,
-                        self.cursor,
-                        i64::from(self.cfg.bridge.batch_size),
-                    )
+                    .fetch_after(&s.client, self.cursor, i64::from(self.cfg.bridge.batch_size))
                     .await?;
-                self.metrics
-                    .publish_batch_latency
-                    .observe(t.elapsed().as_secs_f64());
+                self.metrics.publish_batch_latency.observe(t.elapsed().as_secs_f64());
                 drained = rows.len() < self.cfg.bridge.batch_size as usize;
                 self.take(rows, true, &install_id);
                 self.push_ready(events);
@@ -214,9 +203,7 @@ impl Pipeline {
                 self.push_ready(events);
             }
             if self.last_backlog.elapsed() >= BACKLOG_EVERY {
-                self.metrics
-                    .outbox_backlog
-                    .set(outbox::backlog(&s.client).await?);
+                self.metrics.outbox_backlog.set(outbox::backlog(&s.client).await?);
                 self.last_backlog = Instant::now();
             }
             if !drained && self.ready.is_empty() {
@@ -225,31 +212,26 @@ impl Pipeline {
 
             // Idle (or waiting for the publisher): ask writers to wake us, then look once more, because a
             // writer that committed just before we took the lock did not notify.
-            let armed =
-                if self.ready.is_empty() && self.outstanding.len() < self.cfg.bridge.max_pending {
-                    let gap_ids: Vec<i64> = self.gaps.keys().copied().collect();
-                    let (armed, rows, late) = tokio::try_join!(
-                        stmts.try_lock(&s.client, WAKE_LOCK),
-                        stmts.fetch_after(
-                            &s.client,
-                            self.cursor,
-                            i64::from(self.cfg.bridge.batch_size)
-                        ),
-                        stmts.fetch_ids(&s.client, &gap_ids),
-                    )?;
-                    let found = !rows.is_empty() || !late.is_empty();
-                    self.take(rows, true, &install_id);
-                    self.take(late, false, &install_id);
-                    if found {
-                        if armed {
-                            stmts.unlock(&s.client, WAKE_LOCK).await?;
-                        }
-                        continue;
+            let armed = if self.ready.is_empty() && self.outstanding.len() < self.cfg.bridge.max_pending {
+                let gap_ids: Vec<i64> = self.gaps.keys().copied().collect();
+                let (armed, rows, late) = tokio::try_join!(
+                    stmts.try_lock(&s.client, WAKE_LOCK),
+                    stmts.fetch_after(&s.client, self.cursor, i64::from(self.cfg.bridge.batch_size)),
+                    stmts.fetch_ids(&s.client, &gap_ids),
+                )?;
+                let found = !rows.is_empty() || !late.is_empty();
+                self.take(rows, true, &install_id);
+                self.take(late, false, &install_id);
+                if found {
+                    if armed {
+                        stmts.unlock(&s.client, WAKE_LOCK).await?;
                     }
-                    armed
-                } else {
-                    false
-                };
+                    continue;
+                }
+                armed
+            } else {
+                false
+            };
 
             let wait = if !self.ready.is_empty() {
                 Duration::from_millis(2)
@@ -327,11 +309,7 @@ impl Pipeline {
             return false;
         }
         let young = self.gaps.values().any(|t| t.elapsed() < GAP_FAST);
-        let every = if young {
-            GAP_FAST_EVERY
-        } else {
-            GAP_SLOW_EVERY
-        };
+        let every = if young { GAP_FAST_EVERY } else { GAP_SLOW_EVERY };
         self.last_gap_check.elapsed() >= every
     }
 
@@ -339,8 +317,7 @@ impl Pipeline {
         while let Some(ev) = self.ready.pop_front() {
             match events.try_send(ev) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(ev))
-                | Err(mpsc::error::TrySendError::Closed(ev)) => {
+                Err(mpsc::error::TrySendError::Full(ev)) | Err(mpsc::error::TrySendError::Closed(ev)) => {
                     self.ready.push_front(ev);
                     break;
                 }
@@ -352,13 +329,8 @@ impl Pipeline {
         match outcome {
             Outcome::Acked(ev) => {
                 let stream = ev.stream.as_str();
-                self.metrics
-                    .events_published
-                    .with_label_values(&[stream])
-                    .inc();
-                let latency = (chrono::Utc::now() - ev.captured_at)
-                    .to_std()
-                    .unwrap_or_default();
+                self.metrics.events_published.with_label_values(&[stream]).inc();
+                let latency = (chrono::Utc::now() - ev.captured_at).to_std().unwrap_or_default();
                 self.metrics
                     .end_to_end_latency
                     .with_label_values(&[stream])
@@ -370,11 +342,7 @@ impl Pipeline {
                 self.to_delete.push(ev.seq);
                 self.first_ack_pending.get_or_insert_with(Instant::now);
             }
-            Outcome::Rejected {
-                event,
-                reason,
-                detail,
-            } => {
+            Outcome::Rejected { event, reason, detail } => {
                 tracing::warn!(seq = event.seq, topic = %event.topic, %detail, "event refused; moved to delta_bridge.dead_letter");
                 self.metrics.failure(reason);
                 self.to_dead.push((event.seq, reason, detail));
@@ -383,17 +351,10 @@ impl Pipeline {
     }
 
     /// Deletes acknowledged rows (batched unless `now`) and moves refused ones to the dead letters.
-    async fn flush(
-        &mut self,
-        client: &tokio_postgres::Client,
-        stmts: &Statements,
-        now: bool,
-    ) -> Result<(), PgError> {
+    async fn flush(&mut self, client: &tokio_postgres::Client, stmts: &Statements, now: bool) -> Result<(), PgError> {
         let due = now
             || self.to_delete.len() >= DELETE_BATCH
-            || self
-                .first_ack_pending
-                .is_some_and(|t| t.elapsed() >= DELETE_DELAY)
+            || self.first_ack_pending.is_some_and(|t| t.elapsed() >= DELETE_DELAY)
             || (!self.to_delete.is_empty() && self.first_ack_pending.is_none());
         if due && !self.to_delete.is_empty() {
             stmts.delete(client, &self.to_delete).await?;

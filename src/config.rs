@@ -185,13 +185,7 @@ const KNOWN: &[(&str, &[&str])] = &[
     ("", &["env"]),
     (
         "postgres",
-        &[
-            "url",
-            "password",
-            "password_file",
-            "schema",
-            "connect_timeout",
-        ],
+        &["url", "password", "password_file", "schema", "connect_timeout"],
     ),
     (
         "mqtt",
@@ -209,14 +203,7 @@ const KNOWN: &[(&str, &[&str])] = &[
     ("http", &["listen", "admin_token", "admin_token_file"]),
     (
         "credentials",
-        &[
-            "signing_key_file",
-            "ttl",
-            "min_ttl",
-            "max_ttl",
-            "audience",
-            "issuer",
-        ],
+        &["signing_key_file", "ttl", "min_ttl", "max_ttl", "audience", "issuer"],
     ),
     (
         "broker",
@@ -252,23 +239,15 @@ impl Config {
             })?,
             None => String::new(),
         };
-        let origin = path
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("<none>"));
+        let origin = path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("<none>"));
         Self::parse(&text, &origin, env)
     }
 
-    pub fn parse(
-        text: &str,
-        origin: &Path,
-        env: &[(String, String)],
-    ) -> Result<Config, ConfigError> {
-        let table: toml::Table =
-            text.parse()
-                .map_err(|e: toml::de::Error| ConfigError::Syntax {
-                    path: origin.to_path_buf(),
-                    message: e.to_string(),
-                })?;
+    pub fn parse(text: &str, origin: &Path, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })?;
         let mut flat = flatten(&table)?;
         for (k, v) in env {
             if let Some(rest) = k.strip_prefix(ENV_PREFIX) {
@@ -282,9 +261,7 @@ impl Config {
         }
         for key in flat.keys() {
             let (section, name) = key.rsplit_once('.').unwrap_or(("", key));
-            let known = KNOWN
-                .iter()
-                .any(|(s, names)| *s == section && names.contains(&name));
+            let known = KNOWN.iter().any(|(s, names)| *s == section && names.contains(&name));
             if !known {
                 return Err(ConfigError::invalid(
                     key,
@@ -322,10 +299,7 @@ fn flatten(table: &toml::Table) -> Result<BTreeMap<String, Value>, ConfigError> 
             Value::Table(inner) => {
                 for (k2, v2) in inner {
                     if matches!(v2, Value::Table(_)) {
-                        return Err(ConfigError::invalid(
-                            &format!("{k}.{k2}"),
-                            "unknown section",
-                        ));
+                        return Err(ConfigError::invalid(&format!("{k}.{k2}"), "unknown section"));
                     }
                     out.insert(format!("{k}.{k2}"), v2.clone());
                 }
@@ -353,6 +327,21 @@ pub fn redact_url(raw: &str) -> String {
         Err(_) if raw.contains('@') => "<redacted>".to_string(),
         Err(_) => raw.to_string(),
     }
+}
+
+fn expand_client_id(template: &str) -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| "local".to_string());
+    template
+        .replace("{hostname}", &host)
+        .replace("{pid}", &std::process::id().to_string())
 }
 
 /// Flat view over the merged file and environment, with typed accessors that name the key on error.
@@ -388,9 +377,10 @@ impl Raw {
         let v = match self.flat.get(key) {
             None => default,
             Some(Value::Integer(i)) => *i,
-            Some(Value::String(s)) => s.trim().parse().map_err(|_| {
-                ConfigError::invalid(key, format!("expected a whole number, found {s:?}"))
-            })?,
+            Some(Value::String(s)) => s
+                .trim()
+                .parse()
+                .map_err(|_| ConfigError::invalid(key, format!("expected a whole number, found {s:?}")))?,
             Some(other) => {
                 return Err(ConfigError::invalid(
                     key,
@@ -399,10 +389,7 @@ impl Raw {
             }
         };
         if v < min || v > max {
-            return Err(ConfigError::invalid(
-                key,
-                format!("{v} is out of range [{min}, {max}]"),
-            ));
+            return Err(ConfigError::invalid(key, format!("{v} is out of range [{min}, {max}]")));
         }
         Ok(v)
     }
@@ -442,12 +429,9 @@ impl Raw {
             )),
             (Some(v), None) => Ok(Some(Secret(v))),
             (None, Some(path)) => {
-                let text = std::fs::read_to_string(&path).map_err(|e| {
-                    ConfigError::invalid(&file_key, format!("cannot read {path}: {e}"))
-                })?;
-                Ok(Some(Secret(
-                    text.trim_end_matches(['\n', '\r']).to_string(),
-                )))
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| ConfigError::invalid(&file_key, format!("cannot read {path}: {e}")))?;
+                Ok(Some(Secret(text.trim_end_matches(['\n', '\r']).to_string())))
             }
             (None, None) => Ok(None),
         }
@@ -462,17 +446,11 @@ impl Raw {
             ));
         }
 
-        let pg_url = self.non_empty(
-            "postgres.url",
-            "postgres://postgres@127.0.0.1:5432/postgres",
-        )?;
+        let pg_url = self.non_empty("postgres.url", "postgres://postgres@127.0.0.1:5432/postgres")?;
         if pg_url.parse::<tokio_postgres::Config>().is_err() {
             return Err(ConfigError::invalid(
                 "postgres.url",
-                format!(
-                    "{:?} is not a PostgreSQL connection URL",
-                    redact_url(&pg_url)
-                ),
+                format!("{:?} is not a PostgreSQL connection URL", redact_url(&pg_url)),
             ));
         }
         let schema = self.non_empty("postgres.schema", "public")?;
@@ -484,15 +462,19 @@ impl Raw {
         };
 
         let mqtt_url = self.non_empty("mqtt.url", "mqtt://127.0.0.1:1883")?;
-        crate::deliver::BrokerAddress::parse(&mqtt_url)
-            .map_err(|reason| ConfigError::invalid("mqtt.url", reason))?;
-        let client_id = self.non_empty("mqtt.client_id", "delta-bridge")?;
+        crate::deliver::BrokerAddress::parse(&mqtt_url).map_err(|reason| ConfigError::invalid("mqtt.url", reason))?;
+        // Replicas sharing one configuration need distinct client ids (the broker disconnects the older of two
+        // sessions with the same id): `{hostname}` and `{pid}` are expanded.
+        let client_id = expand_client_id(&self.non_empty("mqtt.client_id", "delta-bridge-{hostname}-{pid}")?);
+        if client_id.contains(['+', '#', '/']) || client_id.len() > 128 {
+            return Err(ConfigError::invalid(
+                "mqtt.client_id",
+                "must be at most 128 characters without '/', '+' or '#'",
+            ));
+        }
         let keep_alive = self.duration("mqtt.keep_alive", "5s")?;
         if keep_alive < Duration::from_secs(1) {
-            return Err(ConfigError::invalid(
-                "mqtt.keep_alive",
-                "must be at least 1s",
-            ));
+            return Err(ConfigError::invalid("mqtt.keep_alive", "must be at least 1s"));
         }
         let mqtt = MqttConfig {
             url: mqtt_url,
@@ -520,15 +502,10 @@ impl Raw {
                 ));
             }
         }
-        let http = HttpConfig {
-            listen,
-            admin_token,
-        };
+        let http = HttpConfig { listen, admin_token };
 
         let credentials = CredentialsConfig {
-            signing_key_file: self
-                .string("credentials.signing_key_file")?
-                .map(PathBuf::from),
+            signing_key_file: self.string("credentials.signing_key_file")?.map(PathBuf::from),
             ttl: self.duration("credentials.ttl", "24h")?,
             min_ttl: self.duration("credentials.min_ttl", "60s")?,
             max_ttl: self.duration("credentials.max_ttl", "30d")?,
@@ -589,10 +566,7 @@ impl Raw {
             poll_interval: self.duration("bridge.poll_interval", "500ms")?,
         };
         if bridge.poll_interval.is_zero() {
-            return Err(ConfigError::invalid(
-                "bridge.poll_interval",
-                "must be greater than 0",
-            ));
+            return Err(ConfigError::invalid("bridge.poll_interval", "must be greater than 0"));
         }
 
         let load = LoadConfig {
@@ -635,10 +609,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Config::parse(text, Path::new("test.toml"), &env)
     }
 
@@ -653,7 +624,8 @@ mod tests {
     fn defaults_are_valid() {
         let c = parse("", &[]).expect("defaults");
         assert_eq!(c.env, "dev");
-        assert_eq!(c.mqtt.client_id, "delta-bridge");
+        assert!(c.mqtt.client_id.starts_with("delta-bridge-"), "{}", c.mqtt.client_id);
+        assert!(c.mqtt.client_id.ends_with(&format!("-{}", std::process::id())));
         assert_eq!(c.credentials.ttl, Duration::from_secs(86400));
         assert_eq!(c.broker.kind, BrokerKind::None);
     }
@@ -699,10 +671,7 @@ mod tests {
             key_of(parse("[broker]\nkind = \"rabbit\"\n", &[]).unwrap_err()),
             "broker.kind"
         );
-        assert_eq!(
-            key_of(parse("[postgres]\nurl = 5\n", &[]).unwrap_err()),
-            "postgres.url"
-        );
+        assert_eq!(key_of(parse("[postgres]\nurl = 5\n", &[]).unwrap_err()), "postgres.url");
     }
 
     #[test]
@@ -717,10 +686,7 @@ mod tests {
         for secret in ["hunter2", "s3cret-mqtt", "0123456789abcdef-token"] {
             assert!(!shown.contains(secret), "{secret} leaked in {shown}");
         }
-        assert_eq!(
-            c.mqtt.password.as_ref().map(Secret::expose),
-            Some("s3cret-mqtt")
-        );
+        assert_eq!(c.mqtt.password.as_ref().map(Secret::expose), Some("s3cret-mqtt"));
     }
 
     #[test]
@@ -729,23 +695,9 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("tmp");
         let f = dir.join("pw");
         std::fs::write(&f, "from-file\n").expect("write");
-        let c = parse(
-            "",
-            &[(
-                "DELTA_BRIDGE__MQTT__PASSWORD_FILE",
-                f.to_str().expect("utf8"),
-            )],
-        )
-        .expect("valid");
-        assert_eq!(
-            c.mqtt.password.as_ref().map(Secret::expose),
-            Some("from-file")
-        );
-        let e = parse(
-            "",
-            &[("DELTA_BRIDGE__MQTT__PASSWORD_FILE", "/nonexistent/pw")],
-        )
-        .unwrap_err();
+        let c = parse("", &[("DELTA_BRIDGE__MQTT__PASSWORD_FILE", f.to_str().expect("utf8"))]).expect("valid");
+        assert_eq!(c.mqtt.password.as_ref().map(Secret::expose), Some("from-file"));
+        let e = parse("", &[("DELTA_BRIDGE__MQTT__PASSWORD_FILE", "/nonexistent/pw")]).unwrap_err();
         assert_eq!(key_of(e), "mqtt.password_file");
     }
 
@@ -757,8 +709,7 @@ mod tests {
         )
         .expect("valid");
         assert!(
-            c.postgres_url()
-                .starts_with("postgres://u:p%40ss@h:5432/db"),
+            c.postgres_url().starts_with("postgres://u:p%40ss@h:5432/db"),
             "{}",
             c.postgres_url()
         );

@@ -68,15 +68,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     result
 }
 
-async fn tour(
-    args: &DemoArgs,
-    dir: &std::path::Path,
-    cancel: CancellationToken,
-) -> anyhow::Result<()> {
-    step(
-        1,
-        "starting a private PostgreSQL and Mosquitto on free loopback ports",
-    );
+async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken) -> anyhow::Result<()> {
+    step(1, "starting a private PostgreSQL and Mosquitto on free loopback ports");
     let (pg, mqtt) = {
         let (d1, d2) = (dir.join("postgres"), dir.join("mosquitto"));
         tokio::task::spawn_blocking(move || -> anyhow::Result<(Postgres, Mosquitto)> {
@@ -95,10 +88,7 @@ async fn tour(
     pg.psql("mstore", REFERENCE_SCHEMA)?;
     pg.psql("mstore", SAMPLE)?;
 
-    step(
-        3,
-        "starting the bridge (installs its outbox and capture triggers)",
-    );
+    step(3, "starting the bridge (installs its outbox and capture triggers)");
     let toml = format!(
         "env = \"dev\"\n[postgres]\nurl = \"{}\"\n[mqtt]\nurl = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
         pg.url("mstore"),
@@ -135,9 +125,7 @@ async fn tour(
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut shown = 0;
     while shown < 3 && Instant::now() < deadline {
-        if let Ok(Some((topic, payload))) =
-            tokio::time::timeout(Duration::from_millis(200), cashier_rx.recv()).await
-        {
+        if let Ok(Some((topic, payload))) = tokio::time::timeout(Duration::from_millis(200), cashier_rx.recv()).await {
             println!("      {topic}\n        {payload}");
             shown += 1;
         }
@@ -170,16 +158,12 @@ async fn tour(
     }
     device.abort();
 
-    step(
-        6,
-        "report (latency from COMMIT sent to the subscriber's receipt)",
-    );
+    step(6, "report (latency from COMMIT sent to the subscriber's receipt)");
     print!("{}", report.render());
     println!("the demo device of BRN-LOAD-0000 received {device_msgs} events of its own branch");
     let metrics = reqwest_metrics(&http).await.unwrap_or_default();
     for line in metrics.lines().filter(|l| {
-        l.starts_with("delta_bridge_events_published_total")
-            || l.starts_with("delta_bridge_outbox_backlog")
+        l.starts_with("delta_bridge_events_published_total") || l.starts_with("delta_bridge_outbox_backlog")
     }) {
         println!("      {line}");
     }
@@ -196,10 +180,7 @@ async fn tour(
 
 type DeviceRx = tokio::sync::mpsc::UnboundedReceiver<(String, String)>;
 
-async fn demo_device(
-    cfg: &Config,
-    filter: &str,
-) -> anyhow::Result<(tokio::task::JoinHandle<()>, DeviceRx)> {
+async fn demo_device(cfg: &Config, filter: &str) -> anyhow::Result<(tokio::task::JoinHandle<()>, DeviceRx)> {
     let id = format!("demo-device-{}", rand::random::<u32>());
     let mut opts = mqtt_options(&cfg.mqtt, &id, None, None).map_err(anyhow::Error::msg)?;
     opts.set_max_packet_size(Some(16 * 1024 * 1024));
@@ -261,9 +242,7 @@ async fn reqwest_metrics(http: &str) -> anyhow::Result<String> {
 /// A minimal HTTP/1.0 GET (the demo needs no HTTP client dependency for two local requests).
 async fn http_get(url: &str) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| anyhow::anyhow!("not http"))?;
+    let rest = url.strip_prefix("http://").ok_or_else(|| anyhow::anyhow!("not http"))?;
     let (host, path) = rest
         .split_once('/')
         .map(|(h, p)| (h, format!("/{p}")))
@@ -274,11 +253,7 @@ async fn http_get(url: &str) -> anyhow::Result<(u16, String)> {
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await?;
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = text
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())

@@ -31,11 +31,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    state: AppState,
-    cancel: CancellationToken,
-) -> std::io::Result<()> {
+pub async fn serve(listener: TcpListener, state: AppState, cancel: CancellationToken) -> std::io::Result<()> {
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await

@@ -146,12 +146,7 @@ impl Report {
     pub fn render(&self) -> String {
         let mut out = format!(
             "rate {:.0} tx/s for {:.0}s: {} ops committed, {} failed, {} unknown; {:.0} events/s\n",
-            self.rate,
-            self.duration_s,
-            self.ops_committed,
-            self.ops_failed,
-            self.ops_unknown,
-            self.events_per_second
+            self.rate, self.duration_s, self.ops_committed, self.ops_failed, self.ops_unknown, self.events_per_second
         );
         out.push_str("stream       written  received  lost  dup  out_of_order   p50 ms   p90 ms   p99 ms   max ms\n");
         for (name, s) in &self.streams {
@@ -191,10 +186,7 @@ async fn fixture(client: &tokio_postgres::Client, opts: &LoadOptions) -> anyhow:
         )
         .await?;
     let merchant: i64 = client
-        .query_one(
-            "SELECT id FROM merchants WHERE code = $1",
-            &[&LOAD_MERCHANT],
-        )
+        .query_one("SELECT id FROM merchants WHERE code = $1", &[&LOAD_MERCHANT])
         .await?
         .get(0);
     let mut branches = Vec::new();
@@ -214,10 +206,7 @@ async fn fixture(client: &tokio_postgres::Client, opts: &LoadOptions) -> anyhow:
             .await?
             .get(0);
         let have: i64 = client
-            .query_one(
-                "SELECT count(*) FROM products WHERE branch_id = $1",
-                &[&branch],
-            )
+            .query_one("SELECT count(*) FROM products WHERE branch_id = $1", &[&branch])
             .await?
             .get(0);
         let missing = (opts.products_per_branch as i64 - have) as i32;
@@ -251,28 +240,18 @@ fn marker(run: u32, op: u64) -> String {
 fn parse_marker(run: u32, s: &str) -> Option<u64> {
     let rest = s.strip_prefix('L')?;
     let (r, op) = rest.split_once('-')?;
-    (r.parse::<u32>().ok()? == run)
-        .then(|| op.parse().ok())
-        .flatten()
+    (r.parse::<u32>().ok()? == run).then(|| op.parse().ok()).flatten()
 }
 
 /// Runs the load and returns the report. The caller decides what to do with loss (delta-load exits 1).
-pub async fn run(
-    cfg: &Config,
-    opts: &LoadOptions,
-    cancel: CancellationToken,
-) -> anyhow::Result<Report> {
+pub async fn run(cfg: &Config, opts: &LoadOptions, cancel: CancellationToken) -> anyhow::Result<Report> {
     let run_id: u32 = rand::random::<u32>() % 1_000_000_000;
     let url = cfg.postgres_url();
     let setup = pg::connect(&url, cfg.postgres.connect_timeout, "delta-load").await?;
     let fix = fixture(&setup.client, opts).await?;
 
     // Subscribe first (and wait for SUBACK) so that nothing written is missed.
-    let user = cfg
-        .load
-        .username
-        .clone()
-        .or_else(|| cfg.mqtt.username.clone());
+    let user = cfg.load.username.clone().or_else(|| cfg.mqtt.username.clone());
     let pass = match &cfg.load.username {
         Some(_) => cfg.load.password.as_ref().map(|s| s.expose().to_string()),
         None => cfg.mqtt.password.as_ref().map(|s| s.expose().to_string()),
@@ -308,12 +287,10 @@ pub async fn run(
                     }
                     Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
                         if let Some(tx) = suback_tx.take() {
-                            let ok = ack.return_codes.iter().all(|c| {
-                                matches!(
-                                    c,
-                                    rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
-                                )
-                            });
+                            let ok = ack
+                                .return_codes
+                                .iter()
+                                .all(|c| matches!(c, rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)));
                             let _ = tx.send(if ok {
                                 Ok(())
                             } else {
@@ -353,13 +330,8 @@ pub async fn run(
     let op_rx = Arc::new(tokio::sync::Mutex::new(op_rx));
     let mut writers = Vec::new();
     for w in 0..opts.writers {
-        let (url, fix, ledger, op_rx, cancel) = (
-            url.clone(),
-            fix.clone(),
-            ledger.clone(),
-            op_rx.clone(),
-            cancel.clone(),
-        );
+        let (url, fix, ledger, op_rx, cancel) =
+            (url.clone(), fix.clone(), ledger.clone(), op_rx.clone(), cancel.clone());
         let timeout = cfg.postgres.connect_timeout;
         writers.push(tokio::spawn(async move {
             writer(w, run_id, url, timeout, fix, ledger, op_rx, cancel).await
@@ -421,37 +393,16 @@ pub async fn run(
     drop(setup); // the database may have restarted meanwhile: compare on a fresh session
     let check = pg::connect(&url, cfg.postgres.connect_timeout, "delta-load").await?;
     let device_mismatches = Device::apply_all(&got).compare(&check.client).await?;
-    Ok(account(
-        opts.rate,
-        written_for,
-        &ledger,
-        &got,
-        device_mismatches,
-    ))
+    Ok(account(opts.rate, written_for, &ledger, &got, device_mismatches))
 }
 
 fn classify(run: u32, v: Value, at: Instant) -> Option<Got> {
     let t = v["event_type"].as_str()?;
     let d = &v["data"];
     let (letter, stream, marker_field, row) = match t {
-        "stock_updated" => (
-            'S',
-            "product",
-            "updated_by",
-            ('p', d["product_id"].as_i64()?),
-        ),
-        "product_updated" => (
-            'P',
-            "product",
-            "updated_by",
-            ('p', d["product_id"].as_i64()?),
-        ),
-        "quantity_updated" => (
-            'Q',
-            "inventory",
-            "updated_by",
-            ('i', d["inventory_id"].as_i64()?),
-        ),
+        "stock_updated" => ('S', "product", "updated_by", ('p', d["product_id"].as_i64()?)),
+        "product_updated" => ('P', "product", "updated_by", ('p', d["product_id"].as_i64()?)),
+        "quantity_updated" => ('Q', "inventory", "updated_by", ('i', d["inventory_id"].as_i64()?)),
         "transaction_created" => (
             'T',
             "transaction",
@@ -516,22 +467,13 @@ async fn writer(
             l.written_ops += 1;
         }
         let result = async {
-            s.client
-                .batch_execute(&body)
-                .await
-                .map_err(|e| (false, e))?;
+            s.client.batch_execute(&body).await.map_err(|e| (false, e))?;
             let t = Instant::now();
             if kind == Kind::Aborted {
-                s.client
-                    .batch_execute("ROLLBACK")
-                    .await
-                    .map_err(|e| (false, e))?;
+                s.client.batch_execute("ROLLBACK").await.map_err(|e| (false, e))?;
                 return Ok(None);
             }
-            s.client
-                .batch_execute("COMMIT")
-                .await
-                .map_err(|e| (true, e))?;
+            s.client.batch_execute("COMMIT").await.map_err(|e| (true, e))?;
             Ok(Some(t))
         }
         .await;
@@ -630,11 +572,7 @@ fn build_op(
             );
             let values: Vec<String> = items
                 .iter()
-                .map(|(p, _)| {
-                    format!(
-                        "(currval(pg_get_serial_sequence('transactions', 'id')), {p}, 1, 10.00)"
-                    )
-                })
+                .map(|(p, _)| format!("(currval(pg_get_serial_sequence('transactions', 'id')), {p}, 1, 10.00)"))
                 .collect();
             sql.push_str(&values.join(", "));
             sql.push(';');
@@ -647,15 +585,7 @@ fn build_op(
                 expected.push(('S', op, *p));
                 expected.push(('Q', op, *i));
             }
-            (
-                kind,
-                sql,
-                if kind == Kind::Aborted {
-                    Vec::new()
-                } else {
-                    expected
-                },
-            )
+            (kind, sql, if kind == Kind::Aborted { Vec::new() } else { expected })
         }
         Kind::Restock => {
             let (p, i) = pick(1)[0];
@@ -685,9 +615,8 @@ fn build_op(
         Kind::Price => {
             let (p, _) = pick(1)[0];
             let cents = 1 + op % 97;
-            let sql = format!(
-                "BEGIN; UPDATE products SET price = price + 0.{cents:02}, updated_by = '{m}' WHERE id = {p};"
-            );
+            let sql =
+                format!("BEGIN; UPDATE products SET price = price + 0.{cents:02}, updated_by = '{m}' WHERE id = {p};");
             (kind, sql, vec![('P', op, p)])
         }
     }
@@ -744,13 +673,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-fn account(
-    rate: f64,
-    written_for: Duration,
-    ledger: &Ledger,
-    got: &[Got],
-    device_mismatches: u64,
-) -> Report {
+fn account(rate: f64, written_for: Duration, ledger: &Ledger, got: &[Got], device_mismatches: u64) -> Report {
     let expected = expected_committed(ledger);
     // Events of operations whose commit outcome is unknown may or may not arrive: neither lost nor phantom.
     let unknown: HashSet<Key> = ledger
@@ -766,9 +689,7 @@ fn account(
         ..Default::default()
     };
     for s in ["product", "inventory", "transaction"] {
-        report
-            .streams
-            .insert(s.to_string(), StreamReport::default());
+        report.streams.insert(s.to_string(), StreamReport::default());
     }
     let stream_of = |letter: char| match letter {
         'S' | 'P' => "product",
@@ -841,21 +762,9 @@ fn account(
             };
         }
     }
-    report.ops_committed = ledger
-        .outcome
-        .values()
-        .filter(|o| **o == Outcome::Committed)
-        .count() as u64;
-    report.ops_failed = ledger
-        .outcome
-        .values()
-        .filter(|o| **o == Outcome::RolledBack)
-        .count() as u64;
-    report.ops_unknown = ledger
-        .outcome
-        .values()
-        .filter(|o| **o == Outcome::Unknown)
-        .count() as u64;
+    report.ops_committed = ledger.outcome.values().filter(|o| **o == Outcome::Committed).count() as u64;
+    report.ops_failed = ledger.outcome.values().filter(|o| **o == Outcome::RolledBack).count() as u64;
+    report.ops_unknown = ledger.outcome.values().filter(|o| **o == Outcome::Unknown).count() as u64;
     report.events_per_second = report.received() as f64 / written_for.as_secs_f64().max(0.001);
     report
 }
@@ -923,7 +832,13 @@ impl Device {
     pub async fn compare(&self, db: &tokio_postgres::Client) -> anyhow::Result<u64> {
         let mut bad = 0;
         let ids: Vec<i64> = self.products.keys().copied().collect();
-        for r in db.query("SELECT id, stock, to_char(price, 'FM999999999990.00') FROM products WHERE id = ANY($1)", &[&ids]).await? {
+        for r in db
+            .query(
+                "SELECT id, stock, to_char(price, 'FM999999999990.00') FROM products WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await?
+        {
             let (id, stock, price): (i64, i32, String) = (r.get(0), r.get(1), r.get(2));
             if let Some((_, s, p)) = self.products.get(&id) {
                 if s.is_some_and(|s| s != i64::from(stock)) || p.as_ref().is_some_and(|p| *p != price) {
@@ -933,27 +848,17 @@ impl Device {
         }
         let ids: Vec<i64> = self.inventory.keys().copied().collect();
         for r in db
-            .query(
-                "SELECT id, quantity FROM inventory WHERE id = ANY($1)",
-                &[&ids],
-            )
+            .query("SELECT id, quantity FROM inventory WHERE id = ANY($1)", &[&ids])
             .await?
         {
             let (id, q): (i64, i32) = (r.get(0), r.get(1));
-            if self
-                .inventory
-                .get(&id)
-                .is_some_and(|(_, dq)| *dq != i64::from(q))
-            {
+            if self.inventory.get(&id).is_some_and(|(_, dq)| *dq != i64::from(q)) {
                 bad += 1;
             }
         }
         let ids: Vec<i64> = self.sales.keys().copied().collect();
         for r in db
-            .query(
-                "SELECT id, status FROM transactions WHERE id = ANY($1)",
-                &[&ids],
-            )
+            .query("SELECT id, status FROM transactions WHERE id = ANY($1)", &[&ids])
             .await?
         {
             let (id, st): (i64, String) = (r.get(0), r.get(1));

@@ -76,13 +76,7 @@ fn as_user(cmd: &mut Command, user: Option<(u32, u32)>) {
     }
 }
 
-fn wait_for_port(
-    port: u16,
-    limit: Duration,
-    child: &mut Child,
-    what: &str,
-    log: &Path,
-) -> Result<(), LocalEnvError> {
+fn wait_for_port(port: u16, limit: Duration, child: &mut Child, what: &str, log: &Path) -> Result<(), LocalEnvError> {
     let start = Instant::now();
     loop {
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -131,13 +125,10 @@ pub fn postgres_bin_dir() -> Result<PathBuf, LocalEnvError> {
         })
         .unwrap_or_default();
     found.sort();
-    found
-        .pop()
-        .map(|(_, p)| p)
-        .ok_or_else(|| LocalEnvError::Missing {
-            what: "PostgreSQL server binaries".into(),
-            hint: "install Debian's postgresql package (scripts/setup does), or set PG_BIN".into(),
-        })
+    found.pop().map(|(_, p)| p).ok_or_else(|| LocalEnvError::Missing {
+        what: "PostgreSQL server binaries".into(),
+        hint: "install Debian's postgresql package (scripts/setup does), or set PG_BIN".into(),
+    })
 }
 
 /// A private PostgreSQL cluster. Superuser `postgres`, trust authentication, loopback only.
@@ -163,16 +154,7 @@ impl Postgres {
         initdb
             .args(["-D"])
             .arg(&data)
-            .args([
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-            ])
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         as_user(&mut initdb, user);
@@ -225,27 +207,13 @@ impl Postgres {
         }
         as_user(&mut cmd, self.user);
         let mut child = cmd.spawn().map_err(io_err(&self.bin))?;
-        wait_for_port(
-            self.port,
-            Duration::from_secs(60),
-            &mut child,
-            "postgres",
-            &log,
-        )?;
+        wait_for_port(self.port, Duration::from_secs(60), &mut child, "postgres", &log)?;
         self.child = Some(child);
         // Listening is not accepting: wait until a connection is served.
         let start = Instant::now();
         loop {
             let ok = Command::new(self.bin.join("pg_isready"))
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &self.port.to_string(),
-                    "-U",
-                    "postgres",
-                    "-q",
-                ])
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-q"])
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false);
@@ -413,9 +381,7 @@ impl Mosquitto {
             if kill {
                 let _ = child.kill();
             } else {
-                let _ = Command::new("kill")
-                    .args(["-TERM", &child.id().to_string()])
-                    .status();
+                let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
             }
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {

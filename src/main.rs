@@ -54,10 +54,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::CheckConfig => {
-            println!(
-                "# configuration is valid; secrets redacted\n{}",
-                cfg.redacted_toml()
-            );
+            println!("# configuration is valid; secrets redacted\n{}", cfg.redacted_toml());
             ExitCode::SUCCESS
         }
         Command::Migrate => {
@@ -77,9 +74,7 @@ fn main() -> ExitCode {
             run_async(async move {
                 let listener = tokio::net::TcpListener::bind(cfg.http.listen).await?;
                 let cancel = CancellationToken::new();
-                let running =
-                    delta_bridge::service::start(cfg, !no_migrate, listener, cancel.clone())
-                        .await?;
+                let running = delta_bridge::service::start(cfg, !no_migrate, listener, cancel.clone()).await?;
                 tracing::info!(http = %running.http_addr, "delta-bridge running");
                 tokio::select! {
                     _ = delta_bridge::service::shutdown_signal() => { tracing::info!("shutting down"); cancel.cancel(); }
@@ -94,10 +89,7 @@ fn main() -> ExitCode {
 }
 
 fn run_async<F: std::future::Future<Output = anyhow::Result<()>>>(fut: F) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("delta-bridge: cannot start runtime: {e}");

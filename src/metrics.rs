@@ -3,8 +3,8 @@
 //! Labels are low-cardinality by construction: streams, failure reasons; never a device, merchant or branch.
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::convert::Stream;
@@ -64,29 +64,14 @@ impl Metrics {
             "delta_bridge_outbox_backlog",
             "Captured events not yet acknowledged by the broker",
         )?;
-        let postgres_connected = IntGauge::new(
-            "delta_bridge_postgres_connected",
-            "1 while PostgreSQL is connected",
-        )?;
-        let mqtt_connected = IntGauge::new(
-            "delta_bridge_mqtt_connected",
-            "1 while the MQTT broker is connected",
-        )?;
+        let postgres_connected = IntGauge::new("delta_bridge_postgres_connected", "1 while PostgreSQL is connected")?;
+        let mqtt_connected = IntGauge::new("delta_bridge_mqtt_connected", "1 while the MQTT broker is connected")?;
         let leader = IntGauge::new("delta_bridge_leader", "1 on the replica that publishes")?;
-        let devices_issued = IntCounter::new(
-            "delta_bridge_devices_issued_total",
-            "Device credentials issued",
-        )?;
-        let devices_revoked = IntCounter::new(
-            "delta_bridge_devices_revoked_total",
-            "Device credentials revoked",
-        )?;
+        let devices_issued = IntCounter::new("delta_bridge_devices_issued_total", "Device credentials issued")?;
+        let devices_revoked = IntCounter::new("delta_bridge_devices_revoked_total", "Device credentials revoked")?;
         let publish_batch_latency = Histogram::with_opts(
-            HistogramOpts::new(
-                "delta_bridge_outbox_poll_seconds",
-                "Duration of one outbox read",
-            )
-            .buckets(exponential_buckets(0.0001, 4.0, 9)?),
+            HistogramOpts::new("delta_bridge_outbox_poll_seconds", "Duration of one outbox read")
+                .buckets(exponential_buckets(0.0001, 4.0, 9)?),
         )?;
         registry.register(Box::new(events_published.clone()))?;
         registry.register(Box::new(publish_failures.clone()))?;
@@ -100,9 +85,7 @@ impl Metrics {
         registry.register(Box::new(devices_revoked.clone()))?;
         registry.register(Box::new(publish_batch_latency.clone()))?;
         #[cfg(target_os = "linux")]
-        registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
+        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
 
         for s in Stream::ALL {
             events_published.with_label_values(&[s.as_str()]);

@@ -38,16 +38,10 @@ fn check_envelope(m: &Received, event_type: &str, data_keys: &[&str]) {
     assert!(!event_id.is_empty());
     assert!(p["seq"].is_i64(), "seq is an integer");
     let data = p["data"].as_object().expect("data object");
-    assert_eq!(
-        data.len(),
-        data_keys.len(),
-        "data has exactly {data_keys:?}: {p}"
-    );
+    assert_eq!(data.len(), data_keys.len(), "data has exactly {data_keys:?}: {p}");
     assert_eq!(m.content_type.as_deref(), Some("application/json"));
     assert!(
-        m.user_properties
-            .iter()
-            .any(|(k, v)| k == "event_id" && v == event_id),
+        m.user_properties.iter().any(|(k, v)| k == "event_id" && v == event_id),
         "user property event_id = payload event_id: {:?}",
         m.user_properties
     );
@@ -101,9 +95,7 @@ async fn every_field_of_the_five_event_types() {
     .await
     .expect("adjust");
     let msgs = sub
-        .wait_for(WAIT, "stock_updated", |m| {
-            !of_type(m, "stock_updated").is_empty()
-        })
+        .wait_for(WAIT, "stock_updated", |m| !of_type(m, "stock_updated").is_empty())
         .await;
     let m = of_type(&msgs, "stock_updated")[0];
     assert_eq!(m.topic, TOPIC_PRODUCT);
@@ -115,15 +107,11 @@ async fn every_field_of_the_five_event_types() {
     );
 
     // 2. Price and name: product_updated; numbers are numbers; updated_by from the row.
-    db.batch_execute(
-        "UPDATE products SET price = 12345.67, name = 'Kopi Susu', updated_by = 'hq' WHERE id = 2",
-    )
-    .await
-    .expect("price");
+    db.batch_execute("UPDATE products SET price = 12345.67, name = 'Kopi Susu', updated_by = 'hq' WHERE id = 2")
+        .await
+        .expect("price");
     let msgs = sub
-        .wait_for(WAIT, "product_updated", |m| {
-            !of_type(m, "product_updated").is_empty()
-        })
+        .wait_for(WAIT, "product_updated", |m| !of_type(m, "product_updated").is_empty())
         .await;
     let m = of_type(&msgs, "product_updated")[0];
     assert_eq!(m.topic, TOPIC_PRODUCT);
@@ -139,16 +127,10 @@ async fn every_field_of_the_five_event_types() {
         .expect("both");
     let msgs = sub
         .wait_for(WAIT, "both events of product 3", |m| {
-            m.iter()
-                .filter(|x| x.payload["data"]["product_id"] == 3)
-                .count()
-                == 2
+            m.iter().filter(|x| x.payload["data"]["product_id"] == 3).count() == 2
         })
         .await;
-    let p3: Vec<&Received> = msgs
-        .iter()
-        .filter(|x| x.payload["data"]["product_id"] == 3)
-        .collect();
+    let p3: Vec<&Received> = msgs.iter().filter(|x| x.payload["data"]["product_id"] == 3).collect();
     let stock = p3
         .iter()
         .find(|x| x.payload["event_type"] == "stock_updated")
@@ -171,9 +153,7 @@ async fn every_field_of_the_five_event_types() {
     .await
     .expect("restock");
     let msgs = sub
-        .wait_for(WAIT, "quantity_updated", |m| {
-            !of_type(m, "quantity_updated").is_empty()
-        })
+        .wait_for(WAIT, "quantity_updated", |m| !of_type(m, "quantity_updated").is_empty())
         .await;
     let m = of_type(&msgs, "quantity_updated")[0];
     assert_eq!(m.topic, TOPIC_INVENTORY);
@@ -202,22 +182,14 @@ async fn every_field_of_the_five_event_types() {
     let msgs = sub
         .wait_for(WAIT, "sale events", |m| {
             !of_type(m, "transaction_created").is_empty()
-                && m.iter().any(|x| {
-                    x.payload["event_type"] == "stock_updated"
-                        && x.payload["data"]["product_id"] == 4
-                })
-                && m.iter().any(|x| {
-                    x.payload["event_type"] == "quantity_updated"
-                        && x.payload["data"]["product_id"] == 4
-                })
+                && m.iter()
+                    .any(|x| x.payload["event_type"] == "stock_updated" && x.payload["data"]["product_id"] == 4)
+                && m.iter()
+                    .any(|x| x.payload["event_type"] == "quantity_updated" && x.payload["data"]["product_id"] == 4)
         })
         .await;
     let created = of_type(&msgs, "transaction_created");
-    assert_eq!(
-        created.len(),
-        1,
-        "one event per sale per database transaction"
-    );
+    assert_eq!(created.len(), 1, "one event per sale per database transaction");
     assert!(
         of_type(&msgs, "transaction_updated").is_empty(),
         "the status update inside the same transaction is folded"
@@ -233,18 +205,14 @@ async fn every_field_of_the_five_event_types() {
     );
     let s4 = msgs
         .iter()
-        .find(|x| {
-            x.payload["event_type"] == "stock_updated" && x.payload["data"]["product_id"] == 4
-        })
+        .find(|x| x.payload["event_type"] == "stock_updated" && x.payload["data"]["product_id"] == 4)
         .expect("stock 4");
     assert_eq!(s4.payload["data"]["reason"], "transaction");
     assert_eq!(s4.payload["data"]["transaction_id"], 500);
     assert_eq!(s4.payload["data"]["updated_by"], "kasir-1");
     let q4 = msgs
         .iter()
-        .find(|x| {
-            x.payload["event_type"] == "quantity_updated" && x.payload["data"]["product_id"] == 4
-        })
+        .find(|x| x.payload["event_type"] == "quantity_updated" && x.payload["data"]["product_id"] == 4)
         .expect("quantity 4");
     assert_eq!(
         (
@@ -256,9 +224,11 @@ async fn every_field_of_the_five_event_types() {
 
     // 6. Later: an item added to the sale in its own transaction -> transaction_updated with all three items,
     //    and a sale without offline_id / created_by -> nulls.
-    db.batch_execute("INSERT INTO transaction_items (transaction_id, product_id, quantity, price) VALUES (500, 6, 3, 1.5)")
-        .await
-        .expect("late item");
+    db.batch_execute(
+        "INSERT INTO transaction_items (transaction_id, product_id, quantity, price) VALUES (500, 6, 3, 1.5)",
+    )
+    .await
+    .expect("late item");
     let msgs = sub
         .wait_for(WAIT, "transaction_updated", |m| {
             !of_type(m, "transaction_updated").is_empty()
@@ -280,18 +250,14 @@ async fn every_field_of_the_five_event_types() {
     .expect("bare sale");
     let msgs = sub
         .wait_for(WAIT, "bare sale", |m| {
-            m.iter()
-                .any(|x| x.payload["data"]["transaction_code"] == "TX-0002")
+            m.iter().any(|x| x.payload["data"]["transaction_code"] == "TX-0002")
         })
         .await;
     let m = msgs
         .iter()
         .find(|x| x.payload["data"]["transaction_code"] == "TX-0002")
         .expect("bare");
-    assert_eq!(
-        m.topic,
-        "dev/MCH-MST-001/BRN-MST-OSK00002/transaction/updates"
-    );
+    assert_eq!(m.topic, "dev/MCH-MST-001/BRN-MST-OSK00002/transaction/updates");
     assert_eq!(m.payload["data"]["offline_id"], Value::Null);
     assert_eq!(m.payload["data"]["created_by"], Value::Null);
     assert_eq!(m.payload["data"]["items"], json!([]));
@@ -304,33 +270,20 @@ async fn every_field_of_the_five_event_types() {
     )
     .await
     .expect("role");
-    let cashier = common::connect(
-        &env.pg_url()
-            .replace("postgres://postgres@", "postgres://cashier@"),
-    )
-    .await;
-    let denied = cashier
-        .query("SELECT * FROM delta_bridge.outbox", &[])
-        .await;
-    assert!(
-        denied.is_err(),
-        "the writer has no rights on the bridge's tables"
-    );
+    let cashier = common::connect(&env.pg_url().replace("postgres://postgres@", "postgres://cashier@")).await;
+    let denied = cashier.query("SELECT * FROM delta_bridge.outbox", &[]).await;
+    assert!(denied.is_err(), "the writer has no rights on the bridge's tables");
     cashier
         .batch_execute("UPDATE products SET stock = 1 WHERE id = 7")
         .await
         .expect("cashier write");
     let msgs = sub
         .wait_for(WAIT, "cashier's change", |m| {
-            m.iter().any(|x| {
-                x.payload["event_type"] == "stock_updated" && x.payload["data"]["product_id"] == 7
-            })
+            m.iter()
+                .any(|x| x.payload["event_type"] == "stock_updated" && x.payload["data"]["product_id"] == 7)
         })
         .await;
-    let m = msgs
-        .iter()
-        .find(|x| x.payload["data"]["product_id"] == 7)
-        .expect("p7");
+    let m = msgs.iter().find(|x| x.payload["data"]["product_id"] == 7).expect("p7");
     assert_eq!(m.payload["data"]["updated_by"], "cashier");
 
     // Every event_id distinct, all received once.
@@ -389,11 +342,7 @@ async fn rollback_and_no_op_publish_nothing() {
         })
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let msgs = if sub.count() > msgs.len() {
-        sub.snapshot()
-    } else {
-        msgs
-    };
+    let msgs = if sub.count() > msgs.len() { sub.snapshot() } else { msgs };
     let shown: Vec<String> = msgs.iter().map(|m| m.payload.to_string()).collect();
     assert_eq!(msgs.len(), 1, "only the sentinel: {shown:?}");
     let outbox: i64 = db

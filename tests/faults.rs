@@ -96,10 +96,6 @@ async fn no_loss_and_no_phantoms_through_bridge_broker_and_database_restarts() {
         .await
         .expect("q")
         .get(0);
-    assert_eq!(
-        (left, dead),
-        (0, 0),
-        "everything delivered, nothing dead-lettered"
-    );
+    assert_eq!((left, dead), (0, 0), "everything delivered, nothing dead-lettered");
     drop(bridge);
 }

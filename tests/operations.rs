@@ -41,10 +41,7 @@ async fn unconvertible_rows_are_dead_lettered_without_blocking_and_can_be_replay
     );
 
     let row = db
-        .query_one(
-            "SELECT id, reason, detail FROM delta_bridge.dead_letter",
-            &[],
-        )
+        .query_one("SELECT id, reason, detail FROM delta_bridge.dead_letter", &[])
         .await
         .expect("one dead letter");
     let (id, reason, detail): (i64, String, String) = (row.get(0), row.get(1), row.get(2));
@@ -115,21 +112,16 @@ async fn a_publish_the_broker_refuses_is_dead_lettered_and_does_not_block() {
     env.mqtt.stop(true);
     env.mqtt = delta_bridge::localenv::Mosquitto::start_with(
         &mqtt_dir,
-        &format!(
-            "allow_anonymous true\nacl_file {}/acl\n",
-            mqtt_dir.display()
-        ),
+        &format!("allow_anonymous true\nacl_file {}/acl\n", mqtt_dir.display()),
     )
     .expect("broker with acl");
     let bridge = env.bridge().await;
     let sub = Subscriber::start(&env.mqtt.url(), "device-acl", "dev/#").await;
     let db = env.client().await;
     // Product 41 belongs to branch 3, merchant MCH-OTHER-002; product 5 to merchant 1.
-    db.batch_execute(
-        "UPDATE products SET stock = 1 WHERE id = 41; UPDATE products SET stock = 2 WHERE id = 5;",
-    )
-    .await
-    .expect("writes");
+    db.batch_execute("UPDATE products SET stock = 1 WHERE id = 41; UPDATE products SET stock = 2 WHERE id = 5;")
+        .await
+        .expect("writes");
     sub.wait_for(WAIT, "the allowed change", |m| {
         m.iter().any(|x| x.payload["data"]["product_id"] == 5)
     })
@@ -148,10 +140,7 @@ async fn a_publish_the_broker_refuses_is_dead_lettered_and_does_not_block() {
     };
     assert_eq!(reason, "rejected");
     assert!(detail.contains("NotAuthorized"), "{detail}");
-    assert!(!sub
-        .snapshot()
-        .iter()
-        .any(|x| x.payload["data"]["product_id"] == 41));
+    assert!(!sub.snapshot().iter().any(|x| x.payload["data"]["product_id"] == 41));
     bridge.stop().await;
     drop(env);
     let _ = std::fs::remove_dir_all(dir);
@@ -193,8 +182,7 @@ async fn readiness_follows_the_connections_and_metrics_exist_from_start() {
     loop {
         let text = get("/metrics").await.text().await.expect("body");
         if text.contains("delta_bridge_events_published_total{stream=\"inventory\"} 1")
-            && text
-                .contains("delta_bridge_end_to_end_latency_seconds_count{stream=\"inventory\"} 1")
+            && text.contains("delta_bridge_end_to_end_latency_seconds_count{stream=\"inventory\"} 1")
         {
             break;
         }
@@ -255,17 +243,9 @@ fn a_malformed_config_exits_2_naming_the_key() {
             .expect("run");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{text:?}: {err}");
-        assert!(
-            err.contains(key),
-            "{text:?}: message should name {key}: {err}"
-        );
+        assert!(err.contains(key), "{text:?}: message should name {key}: {err}");
         // `run` refuses the same config the same way, before touching anything.
-        let out = bin()
-            .arg("run")
-            .arg("--config")
-            .arg(&path)
-            .output()
-            .expect("run");
+        let out = bin().arg("run").arg("--config").arg(&path).output().expect("run");
         assert_eq!(out.status.code(), Some(2));
     }
     // An environment override is validated like the file.
@@ -278,8 +258,11 @@ fn a_malformed_config_exits_2_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("mqtt.max_inflight"));
     // A valid one prints the effective config with secrets redacted.
     let good = dir.join("good.toml");
-    std::fs::write(&good, "[postgres]\nurl = \"postgres://bridge:hunter2@db:5432/mstore\"\n[mqtt]\npassword = \"mqtt-secret\"\n")
-        .expect("write");
+    std::fs::write(
+        &good,
+        "[postgres]\nurl = \"postgres://bridge:hunter2@db:5432/mstore\"\n[mqtt]\npassword = \"mqtt-secret\"\n",
+    )
+    .expect("write");
     let out = bin()
         .arg("--config")
         .arg(&good)
@@ -288,14 +271,8 @@ fn a_malformed_config_exits_2_naming_the_key() {
         .expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0));
-    assert!(
-        text.contains("postgres://bridge:redacted@db:5432/mstore"),
-        "{text}"
-    );
-    assert!(
-        !text.contains("hunter2") && !text.contains("mqtt-secret"),
-        "{text}"
-    );
+    assert!(text.contains("postgres://bridge:redacted@db:5432/mstore"), "{text}");
+    assert!(!text.contains("hunter2") && !text.contains("mqtt-secret"), "{text}");
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -310,12 +287,7 @@ async fn migrate_is_idempotent_on_a_database_with_data_and_sigterm_exits_0() {
         .arg("migrate")
         .output()
         .expect("migrate");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("applied migrations [1]"));
     let out = bin()
         .arg("--config")
@@ -343,9 +315,7 @@ async fn migrate_is_idempotent_on_a_database_with_data_and_sigterm_exits_0() {
     assert_eq!(products, 60, "business data untouched");
 
     // A database without the reference schema: a clear error, exit 1.
-    env.pg
-        .psql("postgres", "CREATE DATABASE empty")
-        .expect("db");
+    env.pg.psql("postgres", "CREATE DATABASE empty").expect("db");
     let out = bin()
         .arg("migrate")
         .env("DELTA_BRIDGE__POSTGRES__URL", env.pg.url("empty"))
@@ -358,4 +328,70 @@ async fn migrate_is_idempotent_on_a_database_with_data_and_sigterm_exits_0() {
     let mut p = env.bridge_process("term");
     common::wait_ready_at(&p.http, Duration::from_secs(30)).await;
     assert_eq!(p.terminate(), Some(0));
+}
+
+async fn metric(http: &str, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("{http}/metrics")).await.ok()?.text().await.ok()?;
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_publish_each_event_once_and_the_standby_takes_over() {
+    let env = Env::start("replicas");
+    let a = env.replica("replica-a").await;
+    let b = env.replica("replica-b").await;
+    let sub = Subscriber::start(&env.mqtt.url(), "device-rep", "dev/#").await;
+    let db = env.client().await;
+
+    // Both ready (a connected standby serves the API); exactly one leads.
+    let start = Instant::now();
+    let (la, lb) = loop {
+        let (la, lb) = (
+            metric(&a.http, "delta_bridge_leader ").await,
+            metric(&b.http, "delta_bridge_leader ").await,
+        );
+        if la.unwrap_or(0.0) + lb.unwrap_or(0.0) == 1.0 {
+            break (la, lb);
+        }
+        assert!(start.elapsed() < WAIT, "no single leader: {la:?} {lb:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for r in [&a, &b] {
+        assert_eq!(
+            reqwest::get(format!("{}/readyz", r.http))
+                .await
+                .expect("readyz")
+                .status(),
+            200
+        );
+    }
+    for i in 1..=100 {
+        db.execute("UPDATE products SET stock = $1 WHERE id = 1 + ($1 % 20)", &[&i])
+            .await
+            .expect("write");
+    }
+    sub.wait_for(WAIT, "100 events", |m| m.len() >= 100).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sub.count(), 100, "each event exactly once with two replicas running");
+
+    // Stop the leader: the standby takes over and publishes what comes next.
+    let (leader, standby) = if la == Some(1.0) { (a, b) } else { (b, a) };
+    let _ = lb;
+    leader.stop().await;
+    let stopped = Instant::now();
+    db.execute("UPDATE products SET price = 99.99 WHERE id = 20", &[])
+        .await
+        .expect("write");
+    sub.wait_for(Duration::from_secs(10), "the event after takeover", |m| m.len() >= 101)
+        .await;
+    eprintln!(
+        "takeover + delivery after a graceful leader stop: {:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(metric(&standby.http, "delta_bridge_leader ").await, Some(1.0));
+    sub.stop().await;
+    standby.stop().await;
 }

@@ -12,11 +12,7 @@ use delta_bridge::loadgen::{self, LoadOptions};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(
-    name = "delta-load",
-    version,
-    about = "Open-loop load harness for delta-bridge"
-)]
+#[command(name = "delta-load", version, about = "Open-loop load harness for delta-bridge")]
 struct Cli {
     /// The bridge's configuration file (same keys and DELTA_BRIDGE__* environment overrides).
     #[arg(long, env = "DELTA_BRIDGE_CONFIG")]
@@ -44,12 +40,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !cli.rate.is_finite()
-        || cli.rate <= 0.0
-        || cli.writers == 0
-        || cli.branches == 0
-        || cli.products == 0
-    {
+    if !cli.rate.is_finite() || cli.rate <= 0.0 || cli.writers == 0 || cli.branches == 0 || cli.products == 0 {
         eprintln!("delta-load: --rate, --writers, --branches and --products must be positive");
         return ExitCode::from(2);
     }
@@ -69,10 +60,7 @@ fn main() -> ExitCode {
         grace: cli.grace,
         ..LoadOptions::default()
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("delta-load: {e}");
@@ -111,11 +99,7 @@ fn main() -> ExitCode {
         }
     }
     if report.lost() > 0 || report.phantom > 0 {
-        eprintln!(
-            "delta-load: {} events lost, {} phantom",
-            report.lost(),
-            report.phantom
-        );
+        eprintln!("delta-load: {} events lost, {} phantom", report.lost(), report.phantom);
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS

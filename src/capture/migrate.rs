@@ -11,8 +11,7 @@ use super::pg::PgError;
 const MIGRATE_LOCK: i64 = 7_234_298_723_003;
 
 /// The migrations, in order. Append only: an applied migration is never edited.
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "capture", include_str!("../../sql/001_capture.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "capture", include_str!("../../sql/001_capture.sql"))];
 
 /// The business tables the capture triggers attach to.
 pub const BUSINESS_TABLES: [&str; 6] = [
@@ -53,8 +52,7 @@ pub fn quote_ident(s: &str) -> String {
 /// Applies every migration not yet applied. Returns the versions applied now (empty when up to date).
 pub async fn migrate(client: &mut Client, schema: &str) -> Result<Vec<i32>, MigrateError> {
     let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
-        .await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK]).await?;
     for table in BUSINESS_TABLES {
         let found: bool = tx
             .query_one(
@@ -88,13 +86,11 @@ pub async fn migrate(client: &mut Client, schema: &str) -> Result<Vec<i32>, Migr
             continue;
         }
         let sql = sql.replace("@schema@", &quote_ident(schema));
-        tx.batch_execute(&sql)
-            .await
-            .map_err(|source| MigrateError::Failed {
-                version: *version,
-                name,
-                source,
-            })?;
+        tx.batch_execute(&sql).await.map_err(|source| MigrateError::Failed {
+            version: *version,
+            name,
+            source,
+        })?;
         tx.execute(
             "INSERT INTO delta_bridge.schema_migrations (version, name) VALUES ($1, $2)",
             &[version, name],

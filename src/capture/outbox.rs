@@ -6,7 +6,8 @@ use tokio_postgres::{Client, Row, Statement};
 use super::pg::{timed, PgError};
 use crate::convert::Captured;
 
-const COLUMNS: &str = "id, captured_at, kind, op, merchant_code, branch_code, product_name, old_row, new_row, items, ctx";
+const COLUMNS: &str =
+    "id, captured_at, kind, op, merchant_code, branch_code, product_name, old_row, new_row, items, ctx";
 
 /// Session-level advisory lock held by the publishing replica.
 pub const LEADER_LOCK: i64 = 7_234_298_723_002;
@@ -52,20 +53,14 @@ impl Statements {
                 "SELECT {COLUMNS} FROM delta_bridge.outbox WHERE id = ANY($1) ORDER BY id"
             )))
             .await?,
-            delete: timed(client.prepare("DELETE FROM delta_bridge.outbox WHERE id = ANY($1)"))
-                .await?,
+            delete: timed(client.prepare("DELETE FROM delta_bridge.outbox WHERE id = ANY($1)")).await?,
             try_lock: timed(client.prepare("SELECT pg_try_advisory_lock($1)")).await?,
             unlock: timed(client.prepare("SELECT pg_advisory_unlock($1)")).await?,
         })
     }
 
     /// Rows with id > `after`, in id order.
-    pub async fn fetch_after(
-        &self,
-        client: &Client,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<Captured>, PgError> {
+    pub async fn fetch_after(&self, client: &Client, after: i64, limit: i64) -> Result<Vec<Captured>, PgError> {
         Ok(timed(client.query(&self.fetch_after, &[&after, &limit]))
             .await?
             .iter()
@@ -91,9 +86,7 @@ impl Statements {
     }
 
     pub async fn try_lock(&self, client: &Client, key: i64) -> Result<bool, PgError> {
-        Ok(timed(client.query_one(&self.try_lock, &[&key]))
-            .await?
-            .get(0))
+        Ok(timed(client.query_one(&self.try_lock, &[&key])).await?.get(0))
     }
 
     pub async fn unlock(&self, client: &Client, key: i64) -> Result<bool, PgError> {
@@ -102,12 +95,7 @@ impl Statements {
 }
 
 /// Ids in (after, upto], in id order: the sweep for anything the cursor passed by.
-pub async fn ids_between(
-    client: &Client,
-    after: i64,
-    upto: i64,
-    limit: i64,
-) -> Result<Vec<i64>, PgError> {
+pub async fn ids_between(client: &Client, after: i64, upto: i64, limit: i64) -> Result<Vec<i64>, PgError> {
     let rows = timed(client.query(
         "SELECT id FROM delta_bridge.outbox WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3",
         &[&after, &upto, &limit],
@@ -117,12 +105,7 @@ pub async fn ids_between(
 }
 
 /// Moves one row to the dead-letter table with the reason and detail an operator will read.
-pub async fn dead_letter(
-    client: &Client,
-    id: i64,
-    reason: &str,
-    detail: &str,
-) -> Result<u64, PgError> {
+pub async fn dead_letter(client: &Client, id: i64, reason: &str, detail: &str) -> Result<u64, PgError> {
     timed(client.execute(
         "WITH moved AS (DELETE FROM delta_bridge.outbox WHERE id = $1 RETURNING *)
          INSERT INTO delta_bridge.dead_letter (id, captured_at, kind, op, merchant_code, branch_code, product_name,
@@ -138,17 +121,13 @@ pub async fn dead_letter(
 
 /// Rows waiting in the outbox (captured, not yet acknowledged).
 pub async fn backlog(client: &Client) -> Result<i64, PgError> {
-    Ok(
-        timed(client.query_one("SELECT count(*) FROM delta_bridge.outbox", &[]))
-            .await?
-            .get(0),
-    )
+    Ok(timed(client.query_one("SELECT count(*) FROM delta_bridge.outbox", &[]))
+        .await?
+        .get(0))
 }
 
 pub async fn install_id(client: &Client) -> Result<String, PgError> {
-    Ok(
-        timed(client.query_one("SELECT install_id FROM delta_bridge.meta", &[]))
-            .await?
-            .get(0),
-    )
+    Ok(timed(client.query_one("SELECT install_id FROM delta_bridge.meta", &[]))
+        .await?
+        .get(0))
 }

@@ -389,10 +389,7 @@ mod tests {
     use serde_json::json;
 
     fn at() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2025, 10, 14, 21, 30, 0)
-            .single()
-            .expect("valid")
-            + chrono::Duration::milliseconds(123)
+        Utc.with_ymd_and_hms(2025, 10, 14, 21, 30, 0).single().expect("valid") + chrono::Duration::milliseconds(123)
     }
 
     fn captured(kind: &str, op: &str, old: Option<Value>, new: Value, ctx: Value) -> Captured {
@@ -416,12 +413,7 @@ mod tests {
                "updated_at": "2025-10-14T21:30:00+00:00"})
     }
 
-    fn ctx(
-        reason: Option<&str>,
-        tx: Option<&str>,
-        actor: Option<&str>,
-        sale: Option<&str>,
-    ) -> Value {
+    fn ctx(reason: Option<&str>, tx: Option<&str>, actor: Option<&str>, sale: Option<&str>) -> Value {
         json!({"reason": reason, "transaction_id": tx, "actor": actor, "db_user": "cashier", "sale_id": sale})
     }
 
@@ -438,9 +430,7 @@ mod tests {
             product(7, 5.5, Value::Null),
             ctx(None, None, None, Some("99")),
         );
-        let e = convert(&c, "dev", "abc")
-            .expect("converts")
-            .expect("an event");
+        let e = convert(&c, "dev", "abc").expect("converts").expect("an event");
         assert_eq!(e.topic, "dev/MCH-MST-001/BRN-MST-OSK00001/product/updates");
         assert_eq!(e.stream, Stream::Product);
         assert_eq!(e.event_id, "abc-42");
@@ -455,13 +445,9 @@ mod tests {
         let old = Some(product(1, 1.0, Value::Null));
         let new = product(5, 1.0, json!("alice"));
         let data = |c: Value| -> Value {
-            let e = convert(
-                &captured("stock", "UPDATE", old.clone(), new.clone(), c),
-                "dev",
-                "i",
-            )
-            .expect("ok")
-            .expect("event");
+            let e = convert(&captured("stock", "UPDATE", old.clone(), new.clone(), c), "dev", "i")
+                .expect("ok")
+                .expect("event");
             serde_json::from_slice::<Value>(&e.payload).expect("json")["data"].clone()
         };
         let d = data(ctx(None, None, None, None));
@@ -490,13 +476,9 @@ mod tests {
         let old = Some(product(1, 1.0, Value::Null));
         let new = product(2, 1.0, Value::Null);
         let by = |c: Value| {
-            let e = convert(
-                &captured("stock", "UPDATE", old.clone(), new.clone(), c),
-                "dev",
-                "i",
-            )
-            .expect("ok")
-            .expect("event");
+            let e = convert(&captured("stock", "UPDATE", old.clone(), new.clone(), c), "dev", "i")
+                .expect("ok")
+                .expect("event");
             serde_json::from_slice::<Value>(&e.payload).expect("json")["data"]["updated_by"].clone()
         };
         assert_eq!(by(ctx(None, None, Some("bob"), None)), json!("bob"));
@@ -538,8 +520,7 @@ mod tests {
             ctx(None, None, None, None),
         );
         assert_eq!(convert(&c, "dev", "i"), Ok(None));
-        let inv =
-            json!({"id": 1, "branch_id": 1, "product_id": 7, "quantity": 4, "updated_by": null});
+        let inv = json!({"id": 1, "branch_id": 1, "product_id": 7, "quantity": 4, "updated_by": null});
         let c = captured(
             "quantity",
             "UPDATE",
@@ -552,10 +533,8 @@ mod tests {
 
     #[test]
     fn quantity_updated_and_new_inventory_row() {
-        let old =
-            json!({"id": 3, "branch_id": 1, "product_id": 7, "quantity": 10, "updated_by": null});
-        let new =
-            json!({"id": 3, "branch_id": 1, "product_id": 7, "quantity": 8, "updated_by": null});
+        let old = json!({"id": 3, "branch_id": 1, "product_id": 7, "quantity": 10, "updated_by": null});
+        let new = json!({"id": 3, "branch_id": 1, "product_id": 7, "quantity": 8, "updated_by": null});
         let e = convert(
             &captured(
                 "quantity",
@@ -569,10 +548,7 @@ mod tests {
         )
         .expect("ok")
         .expect("event");
-        assert_eq!(
-            e.topic,
-            "dev/MCH-MST-001/BRN-MST-OSK00001/inventory/updates"
-        );
+        assert_eq!(e.topic, "dev/MCH-MST-001/BRN-MST-OSK00001/inventory/updates");
         assert_eq!(
             payload(&e),
             r#"{"event_type":"quantity_updated","timestamp":"2025-10-14T21:30:00.123Z","event_id":"i-42","seq":42,"data":{"inventory_id":3,"product_id":7,"product_name":"Kopi","old_quantity":10,"new_quantity":8,"delta":-2,"reason":"sale","transaction_id":77,"updated_by":"pos-1"}}"#
@@ -585,10 +561,7 @@ mod tests {
         .expect("ok")
         .expect("event");
         let d = &serde_json::from_slice::<Value>(&e.payload).expect("json")["data"];
-        assert_eq!(
-            (d["old_quantity"].clone(), d["delta"].clone()),
-            (json!(0), json!(8))
-        );
+        assert_eq!((d["old_quantity"].clone(), d["delta"].clone()), (json!(0), json!(8)));
     }
 
     #[test]
@@ -596,21 +569,12 @@ mod tests {
         let row = json!({"id": 5, "branch_id": 1, "transaction_code": "TX-1", "offline_id": "6f1c2b1e-0000-4000-8000-000000000001",
                          "status": "paid", "grand_total": 30.5, "created_by": "kasir", "device_id": "pos-1",
                          "created_at": "x", "updated_at": "y"});
-        let mut c = captured(
-            "sale",
-            "INSERT",
-            None,
-            row,
-            ctx(None, None, None, Some("5")),
-        );
+        let mut c = captured("sale", "INSERT", None, row, ctx(None, None, None, Some("5")));
         c.items = Some(
             json!([{"product_id": 7, "quantity": 2, "price": 10.25}, {"product_id": 8, "quantity": 1, "price": 10}]),
         );
         let e = convert(&c, "dev", "i").expect("ok").expect("event");
-        assert_eq!(
-            e.topic,
-            "dev/MCH-MST-001/BRN-MST-OSK00001/transaction/updates"
-        );
+        assert_eq!(e.topic, "dev/MCH-MST-001/BRN-MST-OSK00001/transaction/updates");
         assert_eq!(
             payload(&e),
             r#"{"event_type":"transaction_created","timestamp":"2025-10-14T21:30:00.123Z","event_id":"i-42","seq":42,"data":{"transaction_id":5,"transaction_code":"TX-1","offline_id":"6f1c2b1e-0000-4000-8000-000000000001","status":"paid","grand_total":30.5,"created_by":"kasir","device_id":"pos-1","items":[{"product_id":7,"quantity":2,"price":10.25},{"product_id":8,"quantity":1,"price":10}]}}"#
@@ -632,10 +596,7 @@ mod tests {
         assert!(convert(&c, "dev", "i").unwrap_err().0.contains("price"));
         c.new_row = Some(product(1, 1.0, Value::Null));
         c.branch_code = Some("A/B".into());
-        assert!(convert(&c, "dev", "i")
-            .unwrap_err()
-            .0
-            .contains("branch code"));
+        assert!(convert(&c, "dev", "i").unwrap_err().0.contains("branch code"));
         c.branch_code = None;
         assert!(convert(&c, "dev", "i").is_err());
         let c = captured(

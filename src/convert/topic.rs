@@ -13,12 +13,7 @@ pub fn is_valid_level(s: &str) -> bool {
 }
 
 /// The update topic of a branch's stream, or why it cannot be built.
-pub fn update_topic(
-    env: &str,
-    merchant: &str,
-    branch: &str,
-    stream: Stream,
-) -> Result<String, String> {
+pub fn update_topic(env: &str, merchant: &str, branch: &str, stream: Stream) -> Result<String, String> {
     for (what, v) in [("merchant code", merchant), ("branch code", branch)] {
         if !is_valid_level(v) {
             return Err(format!(
@@ -26,10 +21,7 @@ pub fn update_topic(
             ));
         }
     }
-    Ok(format!(
-        "{env}/{merchant}/{branch}/{}/updates",
-        stream.as_str()
-    ))
+    Ok(format!("{env}/{merchant}/{branch}/{}/updates", stream.as_str()))
 }
 
 /// The filter a device of this branch may subscribe to.
@@ -53,14 +45,8 @@ mod tests {
     #[test]
     fn refuses_injection() {
         for bad in ["", "a/b", "+", "#", "a b", "x\0"] {
-            assert!(
-                update_topic("dev", bad, "B", Stream::Inventory).is_err(),
-                "{bad:?}"
-            );
-            assert!(
-                update_topic("dev", "M", bad, Stream::Inventory).is_err(),
-                "{bad:?}"
-            );
+            assert!(update_topic("dev", bad, "B", Stream::Inventory).is_err(), "{bad:?}");
+            assert!(update_topic("dev", "M", bad, Stream::Inventory).is_err(), "{bad:?}");
         }
     }
 }

@@ -43,10 +43,7 @@ impl BrokerAddress {
             .host_str()
             .filter(|h| !h.is_empty())
             .ok_or_else(|| format!("{raw:?} has no host"))?;
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
         Ok(BrokerAddress {
             host,
             port: url.port().unwrap_or(default_port),
@@ -94,8 +91,7 @@ fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     match &cfg.ca_file {
         Some(path) => {
-            let pem =
-                std::fs::read(path).map_err(|e| format!("mqtt.ca_file {}: {e}", path.display()))?;
+            let pem = std::fs::read(path).map_err(|e| format!("mqtt.ca_file {}: {e}", path.display()))?;
             for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
                 let cert = cert.map_err(|e| format!("mqtt.ca_file {}: {e}", path.display()))?;
                 roots
@@ -244,9 +240,7 @@ impl Publisher {
         tokio::pin!(drain_deadline);
         let mut drain_armed = *draining;
         if drain_armed {
-            drain_deadline
-                .as_mut()
-                .reset(tokio::time::Instant::now() + self.drain);
+            drain_deadline.as_mut().reset(tokio::time::Instant::now() + self.drain);
         }
         loop {
             if *draining && unacked.is_empty() {
@@ -346,13 +340,7 @@ fn send(client: &AsyncClient, ev: &Event) -> Result<(), String> {
         ..Default::default()
     };
     client
-        .try_publish_with_properties(
-            ev.topic.clone(),
-            QoS::AtLeastOnce,
-            false,
-            ev.payload.clone(),
-            props,
-        )
+        .try_publish_with_properties(ev.topic.clone(), QoS::AtLeastOnce, false, ev.payload.clone(), props)
         .map_err(|e| match e {
             rumqttc::v5::ClientError::TryRequest(_) if !valid_topic(&ev.topic) => {
                 format!("invalid topic {:?}", ev.topic)

@@ -23,10 +23,7 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 pub fn temp_dir(tag: &str) -> PathBuf {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let dir = std::env::temp_dir().join(format!(
-        "delta-bridge-test-{}-{tag}-{n}",
-        std::process::id()
-    ));
+    let dir = std::env::temp_dir().join(format!("delta-bridge-test-{}-{tag}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
@@ -77,12 +74,7 @@ impl Env {
     }
 
     pub fn config(&self) -> Config {
-        Config::parse(
-            &self.config_toml(""),
-            std::path::Path::new("test.toml"),
-            &[],
-        )
-        .expect("config")
+        Config::parse(&self.config_toml(""), std::path::Path::new("test.toml"), &[]).expect("config")
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {
@@ -91,10 +83,16 @@ impl Env {
 
     /// Starts the bridge in this process, on a free port; waits until /readyz says ready.
     pub async fn bridge(&self) -> InProcessBridge {
-        let cfg = self.config();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        self.replica("bridge").await
+    }
+
+    /// Like [`Env::bridge`], with its own MQTT client id (several replicas in one test).
+    pub async fn replica(&self, name: &str) -> InProcessBridge {
+        let toml = self
+            .config_toml("")
+            .replace("client_id = \"bridge-", &format!("client_id = \"{name}-"));
+        let cfg = Config::parse(&toml, std::path::Path::new("test.toml"), &[]).expect("config");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let cancel = CancellationToken::new();
         let running = delta_bridge::service::start(cfg, true, listener, cancel.clone())
             .await
@@ -150,10 +148,7 @@ pub async fn wait_ready_at(http: &str, limit: Duration) {
                 return;
             }
         }
-        assert!(
-            start.elapsed() < limit,
-            "bridge at {http} not ready after {limit:?}"
-        );
+        assert!(start.elapsed() < limit, "bridge at {http} not ready after {limit:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -251,10 +246,7 @@ impl Subscriber {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         if !ack.session_present {
                             let _ = c2
-                                .subscribe_many(vec![Filter::new(
-                                    filter_s.clone(),
-                                    QoS::AtLeastOnce,
-                                )])
+                                .subscribe_many(vec![Filter::new(filter_s.clone(), QoS::AtLeastOnce)])
                                 .await;
                         }
                     }
@@ -285,11 +277,7 @@ impl Subscriber {
             .await
             .expect("SUBACK in time")
             .expect("suback");
-        Subscriber {
-            messages,
-            client,
-            task,
-        }
+        Subscriber { messages, client, task }
     }
 
     pub fn snapshot(&self) -> Vec<Received> {
@@ -301,12 +289,7 @@ impl Subscriber {
     }
 
     /// Waits until `pred` holds over the messages received so far.
-    pub async fn wait_for(
-        &self,
-        limit: Duration,
-        what: &str,
-        pred: impl Fn(&[Received]) -> bool,
-    ) -> Vec<Received> {
+    pub async fn wait_for(&self, limit: Duration, what: &str, pred: impl Fn(&[Received]) -> bool) -> Vec<Received> {
         let start = Instant::now();
         loop {
             let snap = self.snapshot();
@@ -314,10 +297,7 @@ impl Subscriber {
                 return snap;
             }
             if start.elapsed() > limit {
-                let shown: Vec<String> = snap
-                    .iter()
-                    .map(|m| format!("{} {}", m.topic, m.payload))
-                    .collect();
+                let shown: Vec<String> = snap.iter().map(|m| format!("{} {}", m.topic, m.payload)).collect();
                 panic!(
                     "timed out after {limit:?} waiting for {what}; received {}:\n{}",
                     snap.len(),
@@ -336,16 +316,12 @@ impl Subscriber {
 
 /// Messages of one event type.
 pub fn of_type<'a>(msgs: &'a [Received], t: &str) -> Vec<&'a Received> {
-    msgs.iter()
-        .filter(|m| m.payload["event_type"] == t)
-        .collect()
+    msgs.iter().filter(|m| m.payload["event_type"] == t).collect()
 }
 
 /// Object keys in document order.
 pub fn keys(v: &Value) -> Vec<String> {
-    v.as_object()
-        .map(|o| o.keys().cloned().collect())
-        .unwrap_or_default()
+    v.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default()
 }
 
 pub fn by_event_id(msgs: &[Received]) -> HashMap<String, Vec<&Received>> {
@@ -363,10 +339,7 @@ impl Drop for Env {
         self.pg.stop(true);
         self.mqtt.stop(true);
         if std::thread::panicking() {
-            eprintln!(
-                "test environment kept for inspection: {}",
-                self.dir.display()
-            );
+            eprintln!("test environment kept for inspection: {}", self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
