@@ -9,14 +9,18 @@
 --   events' `seq`) increase in commit order.
 -- * No NOTIFY per write: a writer notifies only while the bridge holds the "wake me" advisory lock exclusively,
 --   which it does only while it is idle. Under load the bridge is busy and writers pay nothing for the wake-up.
--- * Trigger functions run as the writer (SECURITY INVOKER) so `current_user` is the writer's role; they hand
---   the row to delta_bridge.enqueue*, SECURITY DEFINER, so a writer needs no rights on the bridge's tables.
+-- * The capture trigger functions are SECURITY DEFINER: a writer needs no rights on the bridge's objects and
+--   cannot call the enqueue functions to forge an event. The writer's role is read from the `role` setting
+--   (SET ROLE) or session_user, not current_user (which is the owner inside them). The sale bookkeeping in
+--   transaction-local settings stays in invoker functions without a SET clause: a function's SET clause
+--   would undo the set_config(.., true) made inside it.
 -- * No EXCEPTION blocks (they would open a subtransaction per row) and nothing here can fail on user data:
 --   rows are stored as json (NaN and oddities survive); the bridge decides what it can convert.
 --
 -- @schema@ is replaced by the (quoted) schema of the business tables before this runs.
 
 CREATE SCHEMA IF NOT EXISTS delta_bridge;
+-- Lets the invoker trigger function capture_sales reach enqueue_sales; grants nothing on any table.
 GRANT USAGE ON SCHEMA delta_bridge TO PUBLIC;
 
 CREATE TABLE delta_bridge.meta (
@@ -86,14 +90,15 @@ BEGIN
 END $$;
 REVOKE ALL ON FUNCTION delta_bridge.replay(bigint[]) FROM PUBLIC;
 
--- The writer's context, read at commit by the (invoker) trigger functions. Settings set with
+-- The writer's context, read at commit by the trigger functions. Settings set with
 -- set_config(.., true) read back as '' once their transaction is over: '' means unset.
 CREATE FUNCTION delta_bridge.ctx() RETURNS json LANGUAGE sql STABLE AS $$
     SELECT json_build_object(
         'reason',         nullif(current_setting('delta_bridge.reason', true), ''),
         'transaction_id', nullif(current_setting('delta_bridge.transaction_id', true), ''),
         'actor',          nullif(current_setting('delta_bridge.actor', true), ''),
-        'db_user',        current_user::text,
+        'db_user',        CASE WHEN current_setting('role') = 'none' THEN session_user::text
+                               ELSE current_setting('role') END,
         'sale_id',        nullif(current_setting('delta_bridge._sale_id', true), ''))
 $$;
 
@@ -123,7 +128,8 @@ BEGIN
 END $$;
 
 -- products: INSERT -> product; stock changed -> stock; name or price changed -> product (both may happen).
-CREATE FUNCTION delta_bridge.capture_product() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION delta_bridge.capture_product() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE c json := delta_bridge.ctx();
 BEGIN
     IF TG_OP = 'INSERT' THEN
@@ -139,7 +145,8 @@ BEGIN
     RETURN NULL;
 END $$;
 
-CREATE FUNCTION delta_bridge.capture_inventory() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION delta_bridge.capture_inventory() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM delta_bridge.enqueue('quantity', TG_OP, NEW.branch_id, NEW.product_id,
         CASE WHEN TG_OP = 'UPDATE' THEN row_to_json(OLD) END, row_to_json(NEW), delta_bridge.ctx());
@@ -150,15 +157,12 @@ END $$;
 --   _sale_id   the last transactions row inserted or updated (reason "transaction" for stock/quantity events)
 --   _sales     ',id,id,' every sale touched, through its row or its items: one event each at commit
 --   _new_sales ',id,' sales inserted in this transaction: transaction_created rather than _updated
-CREATE FUNCTION delta_bridge.note_sale_id(p_sale bigint) RETURNS void LANGUAGE plpgsql AS $$
-DECLARE lst text := coalesce(nullif(current_setting('delta_bridge._sales', true), ''), ',');
-BEGIN
-    IF p_sale IS NOT NULL AND position(',' || p_sale || ',' IN lst) = 0 THEN
-        PERFORM set_config('delta_bridge._sales', lst || p_sale || ',', true);
-    END IF;
-END $$;
-
+-- Invoker, no SET clause, touches no table: it only records sale ids in the writer's own settings.
 CREATE FUNCTION delta_bridge.note_sale() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    lst text := coalesce(nullif(current_setting('delta_bridge._sales', true), ''), ',');
+    ids bigint[];
+    sid bigint;
 BEGIN
     IF TG_TABLE_NAME = 'transactions' THEN
         PERFORM set_config('delta_bridge._sale_id', NEW.id::text, true);
@@ -166,20 +170,32 @@ BEGIN
             PERFORM set_config('delta_bridge._new_sales',
                 coalesce(nullif(current_setting('delta_bridge._new_sales', true), ''), ',') || NEW.id || ',', true);
         END IF;
-        PERFORM delta_bridge.note_sale_id(NEW.id);
+        ids := ARRAY[NEW.id];
+    ELSIF TG_OP = 'INSERT' THEN
+        ids := ARRAY[NEW.transaction_id];
+    ELSIF TG_OP = 'DELETE' THEN
+        ids := ARRAY[OLD.transaction_id];
     ELSE
-        IF TG_OP IN ('UPDATE', 'DELETE') THEN PERFORM delta_bridge.note_sale_id(OLD.transaction_id); END IF;
-        IF TG_OP IN ('UPDATE', 'INSERT') THEN PERFORM delta_bridge.note_sale_id(NEW.transaction_id); END IF;
+        ids := ARRAY[OLD.transaction_id, NEW.transaction_id];
     END IF;
+    FOREACH sid IN ARRAY ids LOOP
+        IF position(',' || sid || ',' IN lst) = 0 THEN
+            lst := lst || sid || ',';
+            PERFORM set_config('delta_bridge._sales', lst, true);
+        END IF;
+    END LOOP;
     RETURN NULL;
 END $$;
 
 -- At commit: one event per sale touched, with its final row and items. Locks each sale row (in id order, to
 -- avoid deadlocks between bridge locks) so two transactions touching one sale take their seq in commit order
 -- and the later one's snapshot includes the earlier one's changes.
-CREATE FUNCTION delta_bridge.enqueue_sales(p_sales text, p_new text, p_ctx json) RETURNS void
+-- Callable by anyone (capture_sales runs as the writer), which is harmless: it only snapshots real rows.
+CREATE FUNCTION delta_bridge.enqueue_sales(p_sales text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE sid bigint; t record; its json; m text; b text;
+    p_new text := current_setting('delta_bridge._new_sales', true);
+    p_ctx json := delta_bridge.ctx();
 BEGIN
     FOR sid IN SELECT DISTINCT x::bigint FROM unnest(string_to_array(p_sales, ',')) AS x WHERE x <> '' ORDER BY 1
     LOOP
@@ -206,15 +222,14 @@ DECLARE lst text := nullif(nullif(current_setting('delta_bridge._sales', true), 
 BEGIN
     IF lst IS NOT NULL THEN
         PERFORM set_config('delta_bridge._sales', ',', true);
-        PERFORM delta_bridge.enqueue_sales(lst, current_setting('delta_bridge._new_sales', true), delta_bridge.ctx());
+        PERFORM delta_bridge.enqueue_sales(lst);
     END IF;
     RETURN NULL;
 END $$;
 
+-- Only the bridge's own (SECURITY DEFINER) functions may enqueue arbitrary rows.
 REVOKE ALL ON FUNCTION delta_bridge.enqueue(text, text, bigint, bigint, json, json, json) FROM PUBLIC;
-REVOKE ALL ON FUNCTION delta_bridge.enqueue_sales(text, text, json) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION delta_bridge.enqueue(text, text, bigint, bigint, json, json, json) TO PUBLIC;
-GRANT EXECUTE ON FUNCTION delta_bridge.enqueue_sales(text, text, json) TO PUBLIC;
+REVOKE ALL ON FUNCTION delta_bridge.ctx() FROM PUBLIC;
 
 -- The sale snapshot reads items by sale: make sure that is an index lookup, not a scan of every item ever sold.
 CREATE INDEX IF NOT EXISTS delta_bridge_items_by_sale ON @schema@.transaction_items (transaction_id);

@@ -273,6 +273,13 @@ async fn every_field_of_the_five_event_types() {
     let cashier = common::connect(&env.pg_url().replace("postgres://postgres@", "postgres://cashier@")).await;
     let denied = cashier.query("SELECT * FROM delta_bridge.outbox", &[]).await;
     assert!(denied.is_err(), "the writer has no rights on the bridge's tables");
+    let forged = cashier
+        .batch_execute("SELECT delta_bridge.enqueue('stock', 'UPDATE', 1, NULL, '{}', '{}', '{}')")
+        .await;
+    assert!(
+        forged.is_err(),
+        "a writer cannot forge events through the bridge's functions"
+    );
     cashier
         .batch_execute("UPDATE products SET stock = 1 WHERE id = 7")
         .await
@@ -285,6 +292,28 @@ async fn every_field_of_the_five_event_types() {
         .await;
     let m = msgs.iter().find(|x| x.payload["data"]["product_id"] == 7).expect("p7");
     assert_eq!(m.payload["data"]["updated_by"], "cashier");
+    // SET ROLE: the role in effect is the writer.
+    db.batch_execute(
+        "CREATE ROLE shift_lead; GRANT shift_lead TO cashier; GRANT UPDATE, SELECT ON products TO shift_lead;",
+    )
+    .await
+    .expect("role");
+    // (Separate statements: capture runs at commit, so the role in effect at commit is the one reported.)
+    for stmt in [
+        "SET ROLE shift_lead",
+        "UPDATE products SET stock = 2 WHERE id = 8",
+        "RESET ROLE",
+    ] {
+        cashier.batch_execute(stmt).await.expect("set role");
+    }
+    let msgs = sub
+        .wait_for(WAIT, "shift lead's change", |m| {
+            m.iter()
+                .any(|x| x.payload["event_type"] == "stock_updated" && x.payload["data"]["product_id"] == 8)
+        })
+        .await;
+    let m = msgs.iter().find(|x| x.payload["data"]["product_id"] == 8).expect("p8");
+    assert_eq!(m.payload["data"]["updated_by"], "shift_lead");
 
     // Every event_id distinct, all received once.
     let all = sub.snapshot();
