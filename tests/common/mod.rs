@@ -51,9 +51,17 @@ pub struct Env {
 impl Env {
     /// PostgreSQL with the reference schema and sample data (migrated or not), and Mosquitto.
     pub fn start(tag: &str) -> Env {
+        Self::start_with_mqtt(tag, |d| Mosquitto::start(d).expect("mosquitto"))
+    }
+
+    /// Like [`Env::start`], with the broker started by `start_mqtt` in the given directory.
+    pub fn start_with_mqtt(
+        tag: &str,
+        start_mqtt: impl FnOnce(&std::path::Path) -> Mosquitto,
+    ) -> Env {
         let dir = temp_dir(tag);
         let pg = Postgres::start(&dir.join("pg"), false).expect("postgres");
-        let mqtt = Mosquitto::start(&dir.join("mqtt")).expect("mosquitto");
+        let mqtt = start_mqtt(&dir.join("mqtt"));
         let db = "mstore".to_string();
         pg.psql("postgres", &format!("CREATE DATABASE {db}"))
             .expect("create db");
@@ -91,7 +99,11 @@ impl Env {
 
     /// Starts the bridge in this process, on a free port; waits until /readyz says ready.
     pub async fn bridge(&self) -> InProcessBridge {
-        let cfg = self.config();
+        self.bridge_with(self.config()).await
+    }
+
+    /// Starts the bridge in this process with the given configuration; waits until /readyz says ready.
+    pub async fn bridge_with(&self, cfg: Config) -> InProcessBridge {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
