@@ -161,6 +161,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn https_api_url_is_refused_at_start() {
+        let cfg = BrokerConfig {
+            kind: crate::config::BrokerKind::Emqx,
+            admin_username: None,
+            admin_password: None,
+            api_url: Some("https://emqx:18084".into()),
+            api_key: Some("k".into()),
+            api_secret: Some(Secret::new("s")),
+        };
+        assert!(matches!(Emqx::new(&cfg), Err(BrokerError::Config(_))));
+    }
+
+    #[test]
     fn ban_body_is_by_clientid_until_expiry() {
         let until = DateTime::parse_from_rfc3339("2030-01-02T03:04:05Z")
             .expect("date")
