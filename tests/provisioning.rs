@@ -738,6 +738,19 @@ async fn api_status_codes() {
             .await;
         assert_error(s, &b, 404, &format!("{m}/{br}"));
     }
+    // 409: the bridge's own account, or an operator's account on the broker, is never taken over.
+    ctrl(&env, &["createClient", "grafana", "-p", "grafana-secret"]);
+    for name in ["bridge", "admin", "grafana"] {
+        let mut body = good.clone();
+        body["device_id"] = json!(name);
+        let (s, b) = api.issue(body).await;
+        assert_error(s, &b, 409, &format!("device id {name}"));
+    }
+    let op = Device::connect(&env, "grafana-1", "grafana", "grafana-secret")
+        .await
+        .expect("the operator's account still works");
+    op.stop();
+
     let (s, b) = api.get("never-issued").await;
     assert_error(s, &b, 404, "GET never issued");
     let (s, b) = api.delete("never-issued").await;

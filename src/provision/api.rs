@@ -15,6 +15,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use super::broker::BrokerError;
 use super::{IssueRequest, ProvisionError, Provisioner};
 use crate::config::Secret;
 use crate::http::AppState;
@@ -70,11 +71,16 @@ fn failure(e: ProvisionError, what: &str) -> Response {
     match e {
         ProvisionError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
         ProvisionError::NotFound(m) => error(StatusCode::NOT_FOUND, m),
+        ProvisionError::Conflict(m) => error(StatusCode::CONFLICT, m),
         ProvisionError::Disabled(m) => error(StatusCode::SERVICE_UNAVAILABLE, m),
         ProvisionError::Store(e) => {
             tracing::error!(error = %e, "{what}: device store failed");
             error(StatusCode::SERVICE_UNAVAILABLE, "device store unavailable")
         }
+        ProvisionError::Broker(BrokerError::NotOurs(name)) => error(
+            StatusCode::CONFLICT,
+            format!("{name} names a broker account that delta-bridge does not manage"),
+        ),
         ProvisionError::Broker(e) => {
             tracing::error!(error = %e, "{what}: broker admin failed");
             error(StatusCode::BAD_GATEWAY, "broker did not accept the change")

@@ -47,6 +47,9 @@ pub enum ProvisionError {
     /// A device, merchant or branch does not exist (HTTP 404).
     #[error("{0}")]
     NotFound(String),
+    /// The id is taken by an account that is not a device (HTTP 409).
+    #[error("{0}")]
+    Conflict(String),
     /// Provisioning is not configured (HTTP 503).
     #[error("{0}")]
     Disabled(&'static str),
@@ -146,6 +149,8 @@ pub struct Provisioner {
     schema: String,
     connect_timeout: Duration,
     credentials: CredentialsConfig,
+    /// The bridge's own broker accounts: never a device id, so issuing cannot replace or revoke them.
+    reserved: Vec<String>,
     /// None when `credentials.signing_key_file` is not set: issuing and the JWKS answer 503.
     keys: Option<SigningKeys>,
     broker: Arc<dyn BrokerBackend>,
@@ -165,6 +170,15 @@ impl Provisioner {
             schema: cfg.postgres.schema.clone(),
             connect_timeout: cfg.postgres.connect_timeout,
             credentials: cfg.credentials.clone(),
+            reserved: [
+                &cfg.mqtt.username,
+                &cfg.broker.admin_username,
+                &cfg.load.username,
+            ]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect(),
             keys,
             broker: broker::from_config(cfg)?,
             metrics,
@@ -179,6 +193,15 @@ impl Provisioner {
         self.keys.is_some()
     }
 
+    fn check_not_reserved(&self, device_id: &str) -> Result<(), ProvisionError> {
+        if self.reserved.iter().any(|r| r == device_id) {
+            return Err(ProvisionError::Conflict(format!(
+                "{device_id} is one of delta-bridge's own broker accounts, not a device id"
+            )));
+        }
+        Ok(())
+    }
+
     async fn connect(&self) -> Result<pg::Session, ProvisionError> {
         Ok(pg::connect(&self.pg_url, self.connect_timeout, "delta-bridge-provision").await?)
     }
@@ -186,6 +209,7 @@ impl Provisioner {
     /// Issues (or rotates) a device's credentials.
     pub async fn issue(&self, req: &IssueRequest) -> Result<IssuedCredentials, ProvisionError> {
         let ttl = validate(req, &self.credentials)?;
+        self.check_not_reserved(&req.device_id)?;
         let keys = self.keys.as_ref().ok_or(ProvisionError::Disabled(
             "credentials.signing_key_file is not configured",
         ))?;
@@ -290,6 +314,7 @@ impl Provisioner {
     /// Revokes: the broker disconnects the device and keeps it out; the record stays, marked revoked.
     pub async fn revoke(&self, device_id: &str) -> Result<(), ProvisionError> {
         check_id(device_id)?;
+        self.check_not_reserved(device_id)?;
         let mut session = self.connect().await?;
         let tx = session.client.transaction().await?;
         let rec = store::lock(&tx, device_id)

@@ -37,6 +37,9 @@ pub enum BrokerError {
     Request(#[source] reqwest::Error),
     #[error("invalid broker settings: {0}")]
     Config(String),
+    /// The name belongs to a broker account delta-bridge did not create (the bridge's own, an operator's).
+    #[error("broker account {0} exists and is not a delta-bridge device")]
+    NotOurs(String),
 }
 
 /// What a broker is told when credentials are issued (first time or rotation).

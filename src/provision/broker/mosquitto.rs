@@ -45,14 +45,35 @@ impl Mosquitto {
         })
     }
 
-    /// Sends one batch and checks every answer; errors listed in `tolerated` (per command) are fine.
+    /// Sends one batch and checks every answer ("not found" on a delete is fine).
     async fn run(&self, commands: Vec<Value>) -> Result<(), BrokerError> {
+        let responses = self.run_raw(&commands).await?;
+        check_responses(&commands, &responses)
+    }
+
+    /// For each id: true when no client of that name exists or it is one of our devices (has the device's
+    /// role). Keeps a device id from replacing or deleting the bridge's own account or an operator's.
+    async fn ours(&self, device_ids: &[String]) -> Result<Vec<bool>, BrokerError> {
+        let commands: Vec<Value> = device_ids
+            .iter()
+            .map(|id| json!({"command": "getClient", "username": id}))
+            .collect();
+        let answers = self.run_raw(&commands).await?;
+        Ok(device_ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| answers.get(i).is_some_and(|a| is_ours(a, id)))
+            .collect())
+    }
+
+    async fn run_raw(&self, commands: &[Value]) -> Result<Vec<Value>, BrokerError> {
         if commands.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let correlation = crate::provision::credentials::new_jti();
         let commands: Vec<Value> = commands
-            .into_iter()
+            .iter()
+            .cloned()
             .map(|mut c| {
                 if let Value::Object(m) = &mut c {
                     m.insert("correlationData".into(), Value::String(correlation.clone()));
@@ -62,13 +83,12 @@ impl Mosquitto {
             .collect();
         let expected = commands.len();
         let payload = json!({ "commands": commands }).to_string();
-        let responses = tokio::time::timeout(
+        tokio::time::timeout(
             ADMIN_TIMEOUT,
             self.exchange(&payload, &correlation, expected),
         )
         .await
-        .map_err(|_| BrokerError::Timeout(ADMIN_TIMEOUT))??;
-        check_responses(&commands, &responses)
+        .map_err(|_| BrokerError::Timeout(ADMIN_TIMEOUT))?
     }
 
     async fn exchange(
@@ -165,7 +185,13 @@ impl BrokerBackend for Mosquitto {
     }
 
     fn grant<'a>(&'a self, grant: &'a Grant) -> BoxFuture<'a, Result<(), BrokerError>> {
-        Box::pin(self.run(grant_commands(grant)))
+        Box::pin(async move {
+            let ids = [grant.device_id.clone()];
+            if self.ours(&ids).await? != [true] {
+                return Err(BrokerError::NotOurs(grant.device_id.clone()));
+            }
+            self.run(grant_commands(grant)).await
+        })
     }
 
     fn revoke<'a>(
@@ -173,7 +199,13 @@ impl BrokerBackend for Mosquitto {
         device_id: &'a str,
         _until: DateTime<Utc>,
     ) -> BoxFuture<'a, Result<(), BrokerError>> {
-        Box::pin(self.run(remove_commands(&[device_id.to_string()])))
+        Box::pin(async move {
+            let ids = [device_id.to_string()];
+            if self.ours(&ids).await? != [true] {
+                return Err(BrokerError::NotOurs(device_id.to_string()));
+            }
+            self.run(remove_commands(&ids)).await
+        })
     }
 
     fn needs_expiry_sweep(&self) -> bool {
@@ -181,7 +213,15 @@ impl BrokerBackend for Mosquitto {
     }
 
     fn expire<'a>(&'a self, device_ids: &'a [String]) -> BoxFuture<'a, Result<(), BrokerError>> {
-        Box::pin(self.run(remove_commands(device_ids)))
+        Box::pin(async move {
+            let ours = self.ours(device_ids).await?;
+            let mine: Vec<String> = device_ids
+                .iter()
+                .zip(ours)
+                .filter_map(|(id, ours)| ours.then(|| id.clone()))
+                .collect();
+            self.run(remove_commands(&mine)).await
+        })
     }
 }
 
@@ -221,6 +261,18 @@ pub fn remove_commands(device_ids: &[String]) -> Vec<Value> {
             ]
         })
         .collect()
+}
+
+/// A `getClient` answer for `device_id`: absent, or carrying the device's role.
+fn is_ours(answer: &Value, device_id: &str) -> bool {
+    if answer.get("error").is_some() {
+        // "Client not found"; any other error is caught when the real commands run.
+        return true;
+    }
+    let role = role_name(device_id);
+    answer["data"]["client"]["roles"]
+        .as_array()
+        .is_some_and(|roles| roles.iter().any(|r| r["rolename"] == role.as_str()))
 }
 
 /// Every command answered, and without an error other than "not found" for a delete.
@@ -281,6 +333,28 @@ mod tests {
             cmds[3]["roles"][0]["rolename"],
             "delta-bridge-device-pos-01"
         );
+    }
+
+    #[test]
+    fn only_our_own_clients_are_touched() {
+        assert!(is_ours(
+            &json!({"command": "getClient", "error": "Client not found"}),
+            "pos-01"
+        ));
+        assert!(is_ours(
+            &json!({"command": "getClient", "data": {"client": {"username": "pos-01",
+                "roles": [{"rolename": "delta-bridge-device-pos-01"}]}}}),
+            "pos-01"
+        ));
+        assert!(!is_ours(
+            &json!({"command": "getClient", "data": {"client": {"username": "bridge",
+                "roles": [{"rolename": "bridge-publisher"}]}}}),
+            "bridge"
+        ));
+        assert!(!is_ours(
+            &json!({"command": "getClient", "data": {"client": {"username": "admin"}}}),
+            "admin"
+        ));
     }
 
     #[test]
