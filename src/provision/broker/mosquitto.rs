@@ -218,7 +218,8 @@ impl BrokerBackend for Mosquitto {
             let mine: Vec<String> = device_ids
                 .iter()
                 .zip(ours)
-                .filter_map(|(id, ours)| ours.then(|| id.clone()))
+                .filter(|(_, ours)| *ours)
+                .map(|(id, _)| id.clone())
                 .collect();
             self.run(remove_commands(&mine)).await
         })
