@@ -15,11 +15,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bridge::Health;
 use crate::metrics::Metrics;
+use crate::provision::api::DeviceApi;
 
 #[derive(Clone)]
 pub struct AppState {
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
+    pub devices: Arc<DeviceApi>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -27,6 +29,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(crate::provision::api::routes())
         .fallback(not_found)
         .with_state(state)
 }

@@ -8,7 +8,8 @@
 //! - [`bridge`]: the pipeline tying them together: deletes a row only after its PUBACK, dead-letters what
 //!   cannot be converted or is refused.
 //!
-//! Beside it: [`config`] (file + environment, validated), [`http`] (health, readiness, metrics),
+//! Beside it: [`provision`] (device credentials, ACLs and broker accounts, behind the device API),
+//! [`config`] (file + environment, validated), [`http`] (health, readiness, metrics),
 //! [`metrics`], [`localenv`] (private PostgreSQL and Mosquitto for the demo and tests), [`loadgen`]
 //! (the load harness behind `delta-load` and `demo`), [`demo`].
 
@@ -22,4 +23,5 @@ pub mod http;
 pub mod loadgen;
 pub mod localenv;
 pub mod metrics;
+pub mod provision;
 pub mod service;

@@ -35,8 +35,29 @@ enum Command {
     Migrate,
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig,
+    /// Device credentials (the same code path as the HTTP API).
+    #[command(subcommand)]
+    Device(DeviceCommand),
     /// The one-command tour: private PostgreSQL and Mosquitto, sample data, bridge, load, report.
     Demo(delta_bridge::demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Issue (or rotate) a device's MQTT credentials and print them as JSON, exactly like POST /api/v1/devices.
+    Issue {
+        #[arg(long)]
+        device_id: String,
+        /// Merchant code (merchants.code).
+        #[arg(long)]
+        merchant: String,
+        /// Branch code (branches.code, within the merchant).
+        #[arg(long)]
+        branch: String,
+        /// Lifetime, e.g. 24h (default: credentials.ttl; bounded by credentials.min_ttl and max_ttl).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -84,7 +105,47 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
+        Command::Device(DeviceCommand::Issue {
+            device_id,
+            merchant,
+            branch,
+            ttl,
+        }) => {
+            init_logging(cfg.log.format, "warn");
+            let req = delta_bridge::provision::IssueRequest {
+                device_id,
+                merchant_code: merchant,
+                branch_code: branch,
+                ttl_seconds: ttl.map(|d| d.as_secs()),
+            };
+            device_issue(&cfg, &req)
+        }
         Command::Demo(_) => ExitCode::SUCCESS,
+    }
+}
+
+/// `device issue`: exit 2 for a request the API would answer 400, 1 for anything else that fails.
+fn device_issue(cfg: &Config, req: &delta_bridge::provision::IssueRequest) -> ExitCode {
+    use delta_bridge::provision::{ProvisionError, Provisioner};
+    let mut invalid = false;
+    let code = run_async(async {
+        let metrics = std::sync::Arc::new(delta_bridge::metrics::Metrics::new()?);
+        let provisioner = Provisioner::from_config(cfg, metrics)?;
+        match provisioner.issue(req).await {
+            Ok(creds) => {
+                println!("{}", serde_json::to_string_pretty(&creds)?);
+                Ok(())
+            }
+            Err(e) => {
+                invalid = matches!(e, ProvisionError::Invalid(_));
+                Err(e.into())
+            }
+        }
+    });
+    if invalid {
+        ExitCode::from(2)
+    } else {
+        code
     }
 }
 

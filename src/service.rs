@@ -14,6 +14,8 @@ use crate::config::Config;
 use crate::deliver::Backoff;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
+use crate::provision::api::DeviceApi;
+use crate::provision::Provisioner;
 
 /// Connects and applies migrations; returns the versions applied now.
 pub async fn migrate_once(cfg: &Config) -> anyhow::Result<Vec<i32>> {
@@ -51,9 +53,14 @@ pub async fn start(
     let health = Arc::new(Health::default());
     let http_addr = listener.local_addr()?;
     let tracker = TaskTracker::new();
+    let provisioner = Arc::new(Provisioner::from_config(&cfg, metrics.clone())?);
     let state = AppState {
         health: health.clone(),
         metrics: metrics.clone(),
+        devices: Arc::new(DeviceApi {
+            admin_token: cfg.http.admin_token.clone(),
+            provisioner: provisioner.clone(),
+        }),
     };
     {
         let cancel = cancel.clone();
@@ -91,6 +98,9 @@ pub async fn start(
                 }
             }
         }
+    }
+    if provisioner.needs_expiry_sweep() && provisioner.has_keys() {
+        tracker.spawn(provisioner.run_expiry_sweep(cancel.clone()));
     }
     tracker.spawn(bridge::run(cfg, metrics, health, cancel));
     tracker.close();

@@ -48,9 +48,14 @@ pub struct Env {
 impl Env {
     /// PostgreSQL with the reference schema and sample data (migrated or not), and Mosquitto.
     pub fn start(tag: &str) -> Env {
+        Self::start_with_mqtt(tag, |d| Mosquitto::start(d).expect("mosquitto"))
+    }
+
+    /// Like [`Env::start`], with the broker started by `start_mqtt` in the given directory.
+    pub fn start_with_mqtt(tag: &str, start_mqtt: impl FnOnce(&std::path::Path) -> Mosquitto) -> Env {
         let dir = temp_dir(tag);
         let pg = Postgres::start(&dir.join("pg"), false).expect("postgres");
-        let mqtt = Mosquitto::start(&dir.join("mqtt")).expect("mosquitto");
+        let mqtt = start_mqtt(&dir.join("mqtt"));
         let db = "mstore".to_string();
         pg.psql("postgres", &format!("CREATE DATABASE {db}"))
             .expect("create db");
@@ -92,6 +97,11 @@ impl Env {
             .config_toml("")
             .replace("client_id = \"bridge-", &format!("client_id = \"{name}-"));
         let cfg = Config::parse(&toml, std::path::Path::new("test.toml"), &[]).expect("config");
+        self.bridge_with(cfg).await
+    }
+
+    /// Starts the bridge in this process with the given configuration; waits until /readyz says ready.
+    pub async fn bridge_with(&self, cfg: Config) -> InProcessBridge {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let cancel = CancellationToken::new();
         let running = delta_bridge::service::start(cfg, true, listener, cancel.clone())

@@ -1,0 +1,525 @@
+//! Device credentials: the signing keys (EC P-256 for ES256, RSA for RS256, detected from the PEM), the JWT
+//! claims of PRODUCT.md §6, compact JWS signing and the JWKS document. Pure apart from reading the key file;
+//! never logs or prints a private key or a token, and never issues `is_superuser`.
+//!
+//! Key rotation without downtime: the key file may hold several PEM blocks. The first private key signs;
+//! every key in the file (the signer, further private keys, `PUBLIC KEY` blocks) is published in the JWKS,
+//! each under its RFC 7638 thumbprint as `kid`. To rotate: add the new public key, let EMQX refresh its JWKS,
+//! put the new private key first (keeping the old public key), and drop the old key after `max_ttl`.
+
+use std::path::Path;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use p256::elliptic_curve::sec1::ToEncodedPoint;
+use p256::pkcs8::{DecodePrivateKey, DecodePublicKey};
+use rsa::pkcs1::{DecodeRsaPrivateKey, DecodeRsaPublicKey};
+use rsa::traits::PublicKeyParts;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::acl::AclRule;
+
+/// `nbf` is back-dated by this much: EMQX checks `nbf` with no leeway, and device clocks drift.
+pub const CLOCK_SKEW_SECS: i64 = 60;
+/// RSA keys below this size are refused.
+const MIN_RSA_BITS: usize = 2048;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read signing key file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("signing key file holds no private key (need an EC P-256 or RSA private key in PEM)")]
+    NoPrivateKey,
+    #[error("PEM block {index} ({label}): {reason}")]
+    Unsupported {
+        index: usize,
+        label: String,
+        reason: String,
+    },
+    #[error("cannot serialise the token: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("cannot generate a key: {0}")]
+    Generate(String),
+}
+
+/// The JWS algorithm of the signing key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    Es256,
+    Rs256,
+}
+
+impl Algorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::Es256 => "ES256",
+            Algorithm::Rs256 => "RS256",
+        }
+    }
+}
+
+enum Signer {
+    Es256(p256::ecdsa::SigningKey),
+    Rs256(Box<rsa::pkcs1v15::SigningKey<Sha256>>),
+}
+
+enum PublicKey {
+    Ec(p256::PublicKey),
+    Rsa(Box<rsa::RsaPublicKey>),
+}
+
+impl PublicKey {
+    fn algorithm(&self) -> Algorithm {
+        match self {
+            PublicKey::Ec(_) => Algorithm::Es256,
+            PublicKey::Rsa(_) => Algorithm::Rs256,
+        }
+    }
+
+    /// The required members of the JWK in lexicographic order: the RFC 7638 thumbprint input.
+    fn required_members(&self) -> Value {
+        match self {
+            PublicKey::Ec(pk) => {
+                let point = pk.to_encoded_point(false);
+                let coord = |c: Option<&p256::FieldBytes>| c.map(|b| URL_SAFE_NO_PAD.encode(b)).unwrap_or_default();
+                json!({"crv": "P-256", "kty": "EC", "x": coord(point.x()), "y": coord(point.y())})
+            }
+            PublicKey::Rsa(pk) => json!({
+                "e": URL_SAFE_NO_PAD.encode(pk.e().to_bytes_be()),
+                "kty": "RSA",
+                "n": URL_SAFE_NO_PAD.encode(pk.n().to_bytes_be()),
+            }),
+        }
+    }
+
+    /// RFC 7638 thumbprint (SHA-256, base64url): stable across restarts and replicas, so it serves as `kid`.
+    fn thumbprint(&self) -> String {
+        // serde_json's map is ordered by key, and the members have no whitespace: the canonical form.
+        let canonical = self.required_members().to_string();
+        URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
+    }
+
+    fn jwk(&self) -> Value {
+        let mut v = self.required_members();
+        if let Value::Object(m) = &mut v {
+            m.insert("kid".into(), Value::String(self.thumbprint()));
+            m.insert("use".into(), Value::String("sig".into()));
+            m.insert("alg".into(), Value::String(self.algorithm().as_str().into()));
+        }
+        v
+    }
+}
+
+/// The signing key and every published verification key.
+pub struct SigningKeys {
+    signer: Signer,
+    kid: String,
+    published: Vec<PublicKey>,
+}
+
+impl std::fmt::Debug for SigningKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKeys")
+            .field("algorithm", &self.algorithm())
+            .field("kid", &self.kid)
+            .field("published", &self.published.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SigningKeys {
+    pub fn load(path: &Path) -> Result<SigningKeys, KeyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_pem(&text)
+    }
+
+    /// Parses every PEM block; the first private key signs.
+    pub fn from_pem(text: &str) -> Result<SigningKeys, KeyError> {
+        let mut signer: Option<(Signer, PublicKey)> = None;
+        let mut published: Vec<PublicKey> = Vec::new();
+        for (index, (label, block)) in pem_blocks(text).into_iter().enumerate() {
+            let index = index + 1;
+            let bad = |reason: String| KeyError::Unsupported {
+                index,
+                label: label.clone(),
+                reason,
+            };
+            let (private, public) = match label.as_str() {
+                "EC PARAMETERS" => continue,
+                "EC PRIVATE KEY" => {
+                    let sk = p256::SecretKey::from_sec1_pem(&block)
+                        .map_err(|e| bad(format!("not an EC P-256 private key ({e})")))?;
+                    let public = PublicKey::Ec(sk.public_key());
+                    (Some(Signer::Es256(sk.into())), public)
+                }
+                "PRIVATE KEY" => {
+                    if let Ok(sk) = p256::SecretKey::from_pkcs8_pem(&block) {
+                        let public = PublicKey::Ec(sk.public_key());
+                        (Some(Signer::Es256(sk.into())), public)
+                    } else {
+                        let sk = rsa::RsaPrivateKey::from_pkcs8_pem(&block)
+                            .map_err(|_| bad("neither an EC P-256 nor an RSA private key".into()))?;
+                        rsa_signer(sk).map_err(bad)?
+                    }
+                }
+                "RSA PRIVATE KEY" => {
+                    let sk = rsa::RsaPrivateKey::from_pkcs1_pem(&block)
+                        .map_err(|e| bad(format!("not an RSA private key ({e})")))?;
+                    rsa_signer(sk).map_err(bad)?
+                }
+                "PUBLIC KEY" => {
+                    if let Ok(pk) = p256::PublicKey::from_public_key_pem(&block) {
+                        (None, PublicKey::Ec(pk))
+                    } else {
+                        let pk = rsa::RsaPublicKey::from_public_key_pem(&block)
+                            .map_err(|_| bad("neither an EC P-256 nor an RSA public key".into()))?;
+                        (None, rsa_public(pk).map_err(bad)?)
+                    }
+                }
+                "RSA PUBLIC KEY" => {
+                    let pk = rsa::RsaPublicKey::from_pkcs1_pem(&block)
+                        .map_err(|e| bad(format!("not an RSA public key ({e})")))?;
+                    (None, rsa_public(pk).map_err(bad)?)
+                }
+                _ => {
+                    return Err(bad(
+                        "expected EC PRIVATE KEY, PRIVATE KEY, RSA PRIVATE KEY or PUBLIC KEY".into(),
+                    ))
+                }
+            };
+            match private {
+                Some(s) if signer.is_none() => signer = Some((s, public)),
+                _ => {
+                    let kid = public.thumbprint();
+                    let duplicate = published.iter().any(|p| p.thumbprint() == kid)
+                        || signer.as_ref().is_some_and(|(_, p)| p.thumbprint() == kid);
+                    if !duplicate {
+                        published.push(public);
+                    }
+                }
+            }
+        }
+        let (signer, public) = signer.ok_or(KeyError::NoPrivateKey)?;
+        let kid = public.thumbprint();
+        published.retain(|p| p.thumbprint() != kid);
+        published.insert(0, public);
+        Ok(SigningKeys { signer, kid, published })
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        match self.signer {
+            Signer::Es256(_) => Algorithm::Es256,
+            Signer::Rs256(_) => Algorithm::Rs256,
+        }
+    }
+
+    /// The `kid` of the signing key.
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// `{"keys": [...]}`, the signing key first.
+    pub fn jwks(&self) -> Value {
+        json!({"keys": self.published.iter().map(PublicKey::jwk).collect::<Vec<_>>()})
+    }
+
+    /// A compact JWS: base64url(header).base64url(claims).base64url(signature).
+    pub fn sign(&self, claims: &Claims) -> Result<String, KeyError> {
+        let header = json!({"alg": self.algorithm().as_str(), "typ": "JWT", "kid": self.kid});
+        let signing_input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header)?),
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims)?)
+        );
+        let signature = match &self.signer {
+            Signer::Es256(key) => {
+                // JWS wants the fixed 64-byte r||s form (RFC 7518 §3.4), which is what to_bytes gives.
+                let sig: p256::ecdsa::Signature = p256::ecdsa::signature::Signer::sign(key, signing_input.as_bytes());
+                sig.to_bytes().to_vec()
+            }
+            Signer::Rs256(key) => {
+                let sig = rsa::signature::Signer::sign(key.as_ref(), signing_input.as_bytes());
+                rsa::signature::SignatureEncoding::to_vec(&sig)
+            }
+        };
+        Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature)))
+    }
+}
+
+fn rsa_public(pk: rsa::RsaPublicKey) -> Result<PublicKey, String> {
+    let bits = pk.size() * 8;
+    if bits < MIN_RSA_BITS {
+        return Err(format!("RSA key of {bits} bits; at least {MIN_RSA_BITS} needed"));
+    }
+    Ok(PublicKey::Rsa(Box::new(pk)))
+}
+
+fn rsa_signer(sk: rsa::RsaPrivateKey) -> Result<(Option<Signer>, PublicKey), String> {
+    let public = rsa_public(sk.to_public_key())?;
+    Ok((
+        Some(Signer::Rs256(Box::new(rsa::pkcs1v15::SigningKey::<Sha256>::new(sk)))),
+        public,
+    ))
+}
+
+/// Splits a PEM file into (label, block text) pairs; text outside blocks (comments) is ignored.
+fn pem_blocks(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut current: Option<(String, String)> = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(label) = line.strip_prefix("-----BEGIN ").and_then(|l| l.strip_suffix("-----")) {
+            current = Some((label.to_string(), format!("{line}\n")));
+        } else if let Some((label, mut block)) = current.take() {
+            block.push_str(line);
+            block.push('\n');
+            if line.starts_with("-----END ") {
+                out.push((label, block));
+            } else {
+                current = Some((label, block));
+            }
+        }
+    }
+    out
+}
+
+/// A fresh EC P-256 private key as PKCS#8 PEM (for the demo and tests; production keys come from a file).
+pub fn generate_es256_pem() -> Result<String, KeyError> {
+    use p256::pkcs8::EncodePrivateKey;
+    use rand::RngCore;
+    // A uniformly random 32-byte string is a valid scalar except with probability ~2^-32; retry then.
+    for _ in 0..8 {
+        let mut bytes = p256::FieldBytes::default();
+        rand::rng().fill_bytes(&mut bytes);
+        if let Ok(sk) = p256::SecretKey::from_bytes(&bytes) {
+            return sk
+                .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
+                .map(|pem| pem.to_string())
+                .map_err(|e| KeyError::Generate(e.to_string()));
+        }
+    }
+    Err(KeyError::Generate("no valid scalar drawn".into()))
+}
+
+/// The claims of a device token, PRODUCT.md §6. Field order is the serialised order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub clientid: String,
+    pub username: String,
+    pub iss: String,
+    pub aud: String,
+    pub iat: i64,
+    pub nbf: i64,
+    pub exp: i64,
+    pub jti: String,
+    pub acl: Vec<AclRule>,
+}
+
+impl Claims {
+    /// Claims for `device_id`, issued at `now` (unix seconds) for `ttl_secs`.
+    pub fn for_device(
+        device_id: &str,
+        acl: Vec<AclRule>,
+        issuer: &str,
+        audience: &str,
+        now: i64,
+        ttl_secs: i64,
+        jti: String,
+    ) -> Claims {
+        Claims {
+            sub: device_id.to_string(),
+            clientid: device_id.to_string(),
+            username: device_id.to_string(),
+            iss: issuer.to_string(),
+            aud: audience.to_string(),
+            iat: now,
+            nbf: now - CLOCK_SKEW_SECS,
+            exp: now + ttl_secs,
+            jti,
+            acl,
+        }
+    }
+}
+
+/// A random token id in UUID v4 form.
+pub fn new_jti() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provision::acl::device_acl;
+    use jsonwebtoken::{decode, decode_header, jwk::JwkSet, DecodingKey, Validation};
+
+    fn openssl(args: &[&str]) -> String {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl CLI");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf8")
+    }
+
+    fn claims(now: i64) -> Claims {
+        Claims::for_device(
+            "pos-01",
+            device_acl("dev", "M1", "B1"),
+            "delta-bridge",
+            "mqtt",
+            now,
+            3600,
+            new_jti(),
+        )
+    }
+
+    /// Verifies with jsonwebtoken (an implementation independent of ours) through the JWKS.
+    fn verify(keys: &SigningKeys, token: &str, alg: jsonwebtoken::Algorithm) -> Claims {
+        let header = decode_header(token).expect("header");
+        assert_eq!(header.alg, alg);
+        let set: JwkSet = serde_json::from_value(keys.jwks()).expect("jwks parses");
+        let kid = header.kid.expect("kid in header");
+        let jwk = set.find(&kid).expect("kid published");
+        let mut v = Validation::new(alg);
+        v.set_audience(&["mqtt"]);
+        v.set_issuer(&["delta-bridge"]);
+        v.validate_nbf = true;
+        decode::<Claims>(token, &DecodingKey::from_jwk(jwk).expect("key"), &v)
+            .expect("valid token")
+            .claims
+    }
+
+    #[test]
+    fn claims_follow_the_contract() {
+        let c = claims(1_700_000_000);
+        let v = serde_json::to_value(&c).expect("json");
+        assert_eq!(v["sub"], "pos-01");
+        assert_eq!(v["clientid"], "pos-01");
+        assert_eq!(v["username"], "pos-01");
+        assert_eq!(v["nbf"], 1_700_000_000 - 60);
+        assert_eq!(v["exp"], 1_700_003_600);
+        assert_eq!(
+            v["acl"][1],
+            json!({"permission": "deny", "action": "all", "topic": "#"})
+        );
+        assert!(v.get("is_superuser").is_none());
+        assert_eq!(c.jti.len(), 36);
+        assert_ne!(new_jti(), new_jti());
+    }
+
+    #[test]
+    fn es256_from_sec1_pem_verifies_independently() {
+        let pem = openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout"]);
+        let keys = SigningKeys::from_pem(&pem).expect("sec1 key");
+        assert_eq!(keys.algorithm(), Algorithm::Es256);
+        let now = chrono::Utc::now().timestamp();
+        let token = keys.sign(&claims(now)).expect("sign");
+        let got = verify(&keys, &token, jsonwebtoken::Algorithm::ES256);
+        assert_eq!(got.sub, "pos-01");
+        assert_eq!(keys.jwks()["keys"][0]["kid"], keys.kid());
+        assert_eq!(keys.jwks()["keys"][0]["crv"], "P-256");
+    }
+
+    #[test]
+    fn es256_with_parameters_block_and_pkcs8() {
+        let pem = openssl(&["ecparam", "-name", "prime256v1", "-genkey"]);
+        assert!(pem.contains("EC PARAMETERS"));
+        SigningKeys::from_pem(&pem).expect("parameters block skipped");
+        let generated = generate_es256_pem().expect("generate");
+        let keys = SigningKeys::from_pem(&generated).expect("pkcs8 key");
+        let token = keys.sign(&claims(chrono::Utc::now().timestamp())).expect("sign");
+        verify(&keys, &token, jsonwebtoken::Algorithm::ES256);
+    }
+
+    #[test]
+    fn rs256_verifies_independently() {
+        let pem = openssl(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]);
+        let keys = SigningKeys::from_pem(&pem).expect("rsa key");
+        assert_eq!(keys.algorithm(), Algorithm::Rs256);
+        let token = keys.sign(&claims(chrono::Utc::now().timestamp())).expect("sign");
+        verify(&keys, &token, jsonwebtoken::Algorithm::RS256);
+        assert_eq!(keys.jwks()["keys"][0]["kty"], "RSA");
+    }
+
+    #[test]
+    fn extra_keys_are_published_for_rotation() {
+        let new_key = generate_es256_pem().expect("generate");
+        let old_private = generate_es256_pem().expect("generate");
+        let old_public = openssl_pubout(&old_private);
+        let keys = SigningKeys::from_pem(&format!("{new_key}\n{old_public}\n{old_private}")).expect("keys");
+        let set = keys.jwks();
+        let kids: Vec<&str> = set["keys"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter_map(|k| k["kid"].as_str())
+            .collect();
+        assert_eq!(kids.len(), 2, "the old key once, however often it appears");
+        assert_eq!(kids[0], keys.kid(), "the signer comes first");
+        let old = SigningKeys::from_pem(&old_private).expect("old");
+        assert_eq!(kids[1], old.kid());
+        // A token signed with the old key still verifies against the new JWKS.
+        let token = old.sign(&claims(chrono::Utc::now().timestamp())).expect("sign");
+        let header = decode_header(&token).expect("header");
+        assert_eq!(header.kid.as_deref(), Some(old.kid()));
+        verify(&keys, &token, jsonwebtoken::Algorithm::ES256);
+    }
+
+    fn openssl_pubout(private_pem: &str) -> String {
+        let dir = std::env::temp_dir().join(format!("db-keys-{}-{}", std::process::id(), new_jti()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let f = dir.join("k.pem");
+        std::fs::write(&f, private_pem).expect("write");
+        let out = openssl(&["pkey", "-in", f.to_str().expect("utf8"), "-pubout"]);
+        let _ = std::fs::remove_dir_all(&dir);
+        out
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_use() {
+        assert!(matches!(SigningKeys::from_pem(""), Err(KeyError::NoPrivateKey)));
+        let p384 = openssl(&["ecparam", "-name", "secp384r1", "-genkey", "-noout"]);
+        assert!(matches!(
+            SigningKeys::from_pem(&p384),
+            Err(KeyError::Unsupported { .. })
+        ));
+        let small = openssl(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"]);
+        let e = SigningKeys::from_pem(&small).expect_err("too small");
+        assert!(e.to_string().contains("2048"), "{e}");
+        let cert_like = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        assert!(SigningKeys::from_pem(cert_like).is_err());
+    }
+
+    #[test]
+    fn thumbprint_matches_rfc7638_example() {
+        // RFC 7638 §3.1: the example RSA key's thumbprint.
+        let n = "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw";
+        let n = rsa::BigUint::from_bytes_be(&URL_SAFE_NO_PAD.decode(n).expect("b64"));
+        let e = rsa::BigUint::from(65537u32);
+        let pk = PublicKey::Rsa(Box::new(rsa::RsaPublicKey::new(n, e).expect("key")));
+        assert_eq!(pk.thumbprint(), "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs");
+    }
+}

@@ -1,0 +1,448 @@
+//! Provisioning: per-device MQTT credentials (a signed JWT), the ACL that keeps a device on its own branch,
+//! the record of every device in PostgreSQL and the broker-side set-up, beside the data path and independent
+//! of it. One code path serves `POST /api/v1/devices` and `delta-bridge device issue`.
+//!
+//! - [`acl`]: what a device may subscribe to, as EMQX and Mosquitto rules (pure).
+//! - [`credentials`]: keys, claims, JWS, JWKS (pure).
+//! - [`store`]: device records (PostgreSQL).
+//! - [`broker`]: Mosquitto dynamic security, EMQX REST API, or nothing.
+//! - [`api`]: the HTTP handlers.
+//!
+//! The service keeps no state of its own: each call reads and locks the device's row, talks to the broker,
+//! and commits only once the broker agreed, so any replica can serve any call. Never returns a database or
+//! broker error text to a caller; those are logged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::capture::pg;
+use crate::config::{Config, CredentialsConfig, Secret};
+use crate::metrics::Metrics;
+
+pub mod acl;
+pub mod api;
+pub mod broker;
+pub mod credentials;
+pub mod store;
+
+use acl::AclRule;
+use broker::{BrokerBackend, BrokerError, Grant};
+use credentials::{Claims, KeyError, SigningKeys};
+use store::{Lookup, StoreError};
+
+/// Mosquitto does not read `exp`: the sweep runs at least this often (PRODUCT.md: within 60 s of expiry).
+const SWEEP_MAX_INTERVAL: Duration = Duration::from_secs(15);
+const SWEEP_BATCH: i64 = 200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// The request is wrong (HTTP 400).
+    #[error("{0}")]
+    Invalid(String),
+    /// A device, merchant or branch does not exist (HTTP 404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The id is taken by an account that is not a device (HTTP 409).
+    #[error("{0}")]
+    Conflict(String),
+    /// Provisioning is not configured (HTTP 503).
+    #[error("{0}")]
+    Disabled(&'static str),
+    #[error("device store: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Broker(#[from] BrokerError),
+    #[error("signing: {0}")]
+    Key(#[from] KeyError),
+}
+
+impl From<pg::PgError> for ProvisionError {
+    fn from(e: pg::PgError) -> Self {
+        ProvisionError::Store(StoreError::Pg(e))
+    }
+}
+
+impl From<tokio_postgres::Error> for ProvisionError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ProvisionError::Store(StoreError::Pg(pg::PgError::Query(e)))
+    }
+}
+
+/// The body of `POST /api/v1/devices`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssueRequest {
+    pub device_id: String,
+    pub merchant_code: String,
+    pub branch_code: String,
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// The 201 answer (and what `device issue` prints).
+#[derive(Debug, Clone, Serialize)]
+pub struct IssuedCredentials {
+    pub device_id: String,
+    pub client_id: String,
+    pub username: String,
+    /// The JWT.
+    pub password: String,
+    pub expires_at: String,
+    pub topics: Topics,
+    pub acl: Vec<AclRule>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Topics {
+    pub subscribe: Vec<String>,
+}
+
+/// RFC 3339 UTC, whole seconds (JWT times are whole seconds).
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// Checks a request's ids and ttl; returns the lifetime in seconds.
+pub fn validate(req: &IssueRequest, cfg: &CredentialsConfig) -> Result<i64, ProvisionError> {
+    for (field, v) in [
+        ("device_id", &req.device_id),
+        ("merchant_code", &req.merchant_code),
+        ("branch_code", &req.branch_code),
+    ] {
+        if !acl::is_valid_id(v) {
+            return Err(ProvisionError::Invalid(format!(
+                "{field} must match ^[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}$"
+            )));
+        }
+    }
+    let (min, max) = (cfg.min_ttl.as_secs(), cfg.max_ttl.as_secs());
+    let ttl = match req.ttl_seconds {
+        None => cfg.ttl.as_secs(),
+        Some(t) if t < min || t > max => {
+            return Err(ProvisionError::Invalid(format!(
+                "ttl_seconds must be between {min} and {max}"
+            )))
+        }
+        Some(t) => t,
+    };
+    i64::try_from(ttl).map_err(|_| ProvisionError::Invalid("ttl_seconds is too large".into()))
+}
+
+fn check_id(device_id: &str) -> Result<(), ProvisionError> {
+    if acl::is_valid_id(device_id) {
+        Ok(())
+    } else {
+        Err(ProvisionError::Invalid(
+            "device_id must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$".into(),
+        ))
+    }
+}
+
+pub struct Provisioner {
+    env: String,
+    pg_url: String,
+    schema: String,
+    connect_timeout: Duration,
+    credentials: CredentialsConfig,
+    /// The bridge's own broker accounts: never a device id, so issuing cannot replace or revoke them.
+    reserved: Vec<String>,
+    /// None when `credentials.signing_key_file` is not set: issuing and the JWKS answer 503.
+    keys: Option<SigningKeys>,
+    broker: Arc<dyn BrokerBackend>,
+    metrics: Arc<Metrics>,
+}
+
+impl Provisioner {
+    /// Loads the signing keys and sets up the broker backend; fails on an unusable key file.
+    pub fn from_config(cfg: &Config, metrics: Arc<Metrics>) -> Result<Provisioner, ProvisionError> {
+        let keys = match &cfg.credentials.signing_key_file {
+            Some(path) => Some(SigningKeys::load(path)?),
+            None => None,
+        };
+        Ok(Provisioner {
+            env: cfg.env.clone(),
+            pg_url: cfg.postgres_url(),
+            schema: cfg.postgres.schema.clone(),
+            connect_timeout: cfg.postgres.connect_timeout,
+            credentials: cfg.credentials.clone(),
+            reserved: [&cfg.mqtt.username, &cfg.broker.admin_username, &cfg.load.username]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect(),
+            keys,
+            broker: broker::from_config(cfg)?,
+            metrics,
+        })
+    }
+
+    pub fn broker_kind(&self) -> &'static str {
+        self.broker.kind()
+    }
+
+    pub fn has_keys(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    fn check_not_reserved(&self, device_id: &str) -> Result<(), ProvisionError> {
+        if self.reserved.iter().any(|r| r == device_id) {
+            return Err(ProvisionError::Conflict(format!(
+                "{device_id} is one of delta-bridge's own broker accounts, not a device id"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn connect(&self) -> Result<pg::Session, ProvisionError> {
+        Ok(pg::connect(&self.pg_url, self.connect_timeout, "delta-bridge-provision").await?)
+    }
+
+    /// Issues (or rotates) a device's credentials.
+    pub async fn issue(&self, req: &IssueRequest) -> Result<IssuedCredentials, ProvisionError> {
+        let ttl = validate(req, &self.credentials)?;
+        self.check_not_reserved(&req.device_id)?;
+        let keys = self.keys.as_ref().ok_or(ProvisionError::Disabled(
+            "credentials.signing_key_file is not configured",
+        ))?;
+        let mut session = self.connect().await?;
+        let tx = session.client.transaction().await?;
+        match store::lookup_branch(&tx, &self.schema, &req.merchant_code, &req.branch_code).await? {
+            Lookup::Found => {}
+            Lookup::NoMerchant => {
+                return Err(ProvisionError::NotFound(format!(
+                    "merchant {} not found",
+                    req.merchant_code
+                )))
+            }
+            Lookup::NoBranch => {
+                return Err(ProvisionError::NotFound(format!(
+                    "branch {} of merchant {} not found",
+                    req.branch_code, req.merchant_code
+                )))
+            }
+        }
+        let previous = store::lock(&tx, &req.device_id).await?;
+        let now = Utc::now().timestamp();
+        let issued_at = Utc.timestamp_opt(now, 0).single().unwrap_or_else(Utc::now);
+        let expires_at = Utc
+            .timestamp_opt(now + ttl, 0)
+            .single()
+            .ok_or_else(|| ProvisionError::Invalid("ttl_seconds is too large".into()))?;
+        let acl = acl::device_acl(&self.env, &req.merchant_code, &req.branch_code);
+        let jti = credentials::new_jti();
+        let claims = Claims::for_device(
+            &req.device_id,
+            acl.clone(),
+            &self.credentials.issuer,
+            &self.credentials.audience,
+            now,
+            ttl,
+            jti.clone(),
+        );
+        let token = keys.sign(&claims)?;
+        store::record_issue(
+            &tx,
+            &store::Issued {
+                device_id: &req.device_id,
+                merchant_code: &req.merchant_code,
+                branch_code: &req.branch_code,
+                jti: &jti,
+                key_id: keys.kid(),
+                issued_at,
+                expires_at,
+            },
+            previous.is_some(),
+        )
+        .await?;
+        let grant = Grant {
+            device_id: req.device_id.clone(),
+            password: Secret::new(token.clone()),
+            env: self.env.clone(),
+            merchant_code: req.merchant_code.clone(),
+            branch_code: req.branch_code.clone(),
+            expires_at,
+            reinstated: previous
+                .as_ref()
+                .is_some_and(|p| p.revoked_at.is_some() || p.expired_at.is_some()),
+        };
+        self.broker.grant(&grant).await?;
+        tx.commit().await?;
+        self.metrics.devices_issued.inc();
+        tracing::info!(
+            device_id = %req.device_id,
+            rotation = previous.is_some(),
+            expires_at = %rfc3339(expires_at),
+            broker = self.broker.kind(),
+            "device credentials issued"
+        );
+        Ok(IssuedCredentials {
+            device_id: req.device_id.clone(),
+            client_id: req.device_id.clone(),
+            username: req.device_id.clone(),
+            password: token,
+            expires_at: rfc3339(expires_at),
+            topics: Topics {
+                subscribe: vec![acl::subscribe_filter(&self.env, &req.merchant_code, &req.branch_code)],
+            },
+            acl,
+        })
+    }
+
+    /// The device record, never its password.
+    pub async fn get(&self, device_id: &str) -> Result<Value, ProvisionError> {
+        check_id(device_id)?;
+        let session = self.connect().await?;
+        let rec = store::get(&session.client, device_id)
+            .await?
+            .ok_or_else(|| ProvisionError::NotFound(format!("device {device_id} not found")))?;
+        Ok(rec.to_json(&self.env, Utc::now()))
+    }
+
+    /// Revokes: the broker disconnects the device and keeps it out; the record stays, marked revoked.
+    pub async fn revoke(&self, device_id: &str) -> Result<(), ProvisionError> {
+        check_id(device_id)?;
+        self.check_not_reserved(device_id)?;
+        let mut session = self.connect().await?;
+        let tx = session.client.transaction().await?;
+        let rec = store::lock(&tx, device_id)
+            .await?
+            .ok_or_else(|| ProvisionError::NotFound(format!("device {device_id} not found")))?;
+        // Again on a revoked device too: cheap, and it repairs a broker that lost the revocation.
+        self.broker
+            .revoke(device_id, rec.expires_at + chrono::Duration::seconds(60))
+            .await?;
+        store::record_revoke(&tx, device_id).await?;
+        tx.commit().await?;
+        if rec.revoked_at.is_none() {
+            self.metrics.devices_revoked.inc();
+            tracing::info!(device_id, broker = self.broker.kind(), "device revoked");
+        }
+        Ok(())
+    }
+
+    /// The JWKS document.
+    pub fn jwks(&self) -> Result<Value, ProvisionError> {
+        self.keys
+            .as_ref()
+            .map(SigningKeys::jwks)
+            .ok_or(ProvisionError::Disabled(
+                "credentials.signing_key_file is not configured",
+            ))
+    }
+
+    /// True when expired credentials must be removed from the broker by [`Provisioner::run_expiry_sweep`].
+    pub fn needs_expiry_sweep(&self) -> bool {
+        self.broker.needs_expiry_sweep()
+    }
+
+    /// Removes expired credentials from the broker; returns how many, and when the next one expires.
+    pub async fn sweep_once(&self) -> Result<(usize, Option<DateTime<Utc>>), ProvisionError> {
+        let mut session = self.connect().await?;
+        let mut total = 0;
+        loop {
+            let tx = session.client.transaction().await?;
+            let due = store::lock_expired(&tx, SWEEP_BATCH).await?;
+            if due.is_empty() {
+                break;
+            }
+            self.broker.expire(&due).await?;
+            for id in &due {
+                store::record_expired(&tx, id).await?;
+            }
+            tx.commit().await?;
+            total += due.len();
+            tracing::info!(devices = ?due, "expired device credentials removed from the broker");
+        }
+        let next = store::next_expiry(&session.client).await?;
+        Ok((total, next))
+    }
+
+    /// Runs the expiry sweep until cancelled: woken at the next expiry, and at least every 15 s (another
+    /// replica may issue a shorter credential meanwhile). Every replica may run it; rows are claimed with
+    /// SKIP LOCKED.
+    pub async fn run_expiry_sweep(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            let wait = match self.sweep_once().await {
+                Ok((_, next)) => next
+                    .and_then(|t| (t - Utc::now()).to_std().ok())
+                    .map_or(SWEEP_MAX_INTERVAL, |d| {
+                        (d + Duration::from_millis(200)).min(SWEEP_MAX_INTERVAL)
+                    }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "device expiry sweep failed; retrying");
+                    Duration::from_secs(5)
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait.max(Duration::from_millis(200))) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> CredentialsConfig {
+        CredentialsConfig {
+            signing_key_file: None,
+            ttl: Duration::from_secs(86400),
+            min_ttl: Duration::from_secs(60),
+            max_ttl: Duration::from_secs(30 * 86400),
+            audience: "mqtt".into(),
+            issuer: "delta-bridge".into(),
+        }
+    }
+
+    fn req(ttl: Option<u64>) -> IssueRequest {
+        IssueRequest {
+            device_id: "pos-01".into(),
+            merchant_code: "MCH-MST-001".into(),
+            branch_code: "BRN-MST-OSK00001".into(),
+            ttl_seconds: ttl,
+        }
+    }
+
+    #[test]
+    fn ttl_defaults_and_bounds() {
+        assert_eq!(validate(&req(None), &cfg()).ok(), Some(86400));
+        assert_eq!(validate(&req(Some(60)), &cfg()).ok(), Some(60));
+        assert_eq!(validate(&req(Some(30 * 86400)), &cfg()).ok(), Some(30 * 86400));
+        for bad in [0, 59, 30 * 86400 + 1, u64::MAX] {
+            assert!(
+                matches!(validate(&req(Some(bad)), &cfg()), Err(ProvisionError::Invalid(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn ids_are_checked_before_anything_else() {
+        for (field, bad) in [("device_id", "a/b"), ("merchant_code", "+"), ("branch_code", "#")] {
+            let mut r = req(None);
+            match field {
+                "device_id" => r.device_id = bad.into(),
+                "merchant_code" => r.merchant_code = bad.into(),
+                _ => r.branch_code = bad.into(),
+            }
+            match validate(&r, &cfg()) {
+                Err(ProvisionError::Invalid(m)) => assert!(m.starts_with(field), "{m}"),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let r: Result<IssueRequest, _> =
+            serde_json::from_str(r#"{"device_id":"a","merchant_code":"m","branch_code":"b","ttl":5}"#);
+        assert!(r.is_err());
+    }
+}
