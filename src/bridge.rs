@@ -162,7 +162,7 @@ impl Pipeline {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = cancel.cancelled() => return Ok(()),
-                _ = &mut s.closed => return Err(PgError::Timeout(Duration::ZERO)),
+                _ = &mut s.closed => return Err(PgError::Closed),
             }
         }
         self.metrics.leader.set(1);
@@ -250,7 +250,7 @@ impl Pipeline {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {}
-                _ = &mut s.closed => return Err(PgError::Timeout(Duration::ZERO)),
+                _ = &mut s.closed => return Err(PgError::Closed),
                 Some(payload) = s.notifications.recv() => {
                     let mut replay = payload == "replay";
                     while let Ok(p) = s.notifications.try_recv() {

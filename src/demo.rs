@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event as MqttEvent};
 use tokio_util::sync::CancellationToken;
@@ -69,19 +69,45 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken) -> anyhow::Result<()> {
-    step(1, "starting a private PostgreSQL and Mosquitto on free loopback ports");
+    // Throwaway secrets for this run only.
+    let secret = || format!("{:032x}", rand::random::<u128>());
+    let (admin_pw, bridge_pw, load_pw, admin_token) = (secret(), secret(), secret(), secret());
+
+    step(
+        1,
+        "starting a private PostgreSQL and Mosquitto (dynamic security) on free loopback ports",
+    );
     let (pg, mqtt) = {
-        let (d1, d2) = (dir.join("postgres"), dir.join("mosquitto"));
+        let (d1, d2, admin_pw) = (dir.join("postgres"), dir.join("mosquitto"), admin_pw.clone());
         tokio::task::spawn_blocking(move || -> anyhow::Result<(Postgres, Mosquitto)> {
-            Ok((Postgres::start(&d1, false)?, Mosquitto::start(&d2)?))
+            Ok((
+                Postgres::start(&d1, false)?,
+                Mosquitto::start_dynsec(&d2, "admin", &admin_pw, "")?,
+            ))
         })
         .await??
     };
+    // The bridge publishes under dev/#; the load harness listens to dev/#; devices get their own rules.
+    for args in [
+        vec!["createRole", "bridge-publisher"],
+        vec!["addRoleACL", "bridge-publisher", "publishClientSend", "dev/#", "allow"],
+        vec!["createClient", "bridge", "-p", bridge_pw.as_str()],
+        vec!["addClientRole", "bridge", "bridge-publisher"],
+        vec!["createRole", "load-listener"],
+        vec!["addRoleACL", "load-listener", "subscribePattern", "dev/#", "allow"],
+        vec!["createClient", "loadgen", "-p", load_pw.as_str()],
+        vec!["addClientRole", "loadgen", "load-listener"],
+    ] {
+        mqtt.dynsec("admin", &admin_pw, &args)?;
+    }
     println!(
         "      PostgreSQL on 127.0.0.1:{} (fsync off: a demo, not a durability test)",
         pg.port
     );
-    println!("      Mosquitto  on 127.0.0.1:{}", mqtt.port);
+    println!(
+        "      Mosquitto  on 127.0.0.1:{} (no anonymous access; accounts: bridge, loadgen)",
+        mqtt.port
+    );
 
     step(2, "creating the reference schema with sample data");
     pg.psql("postgres", "CREATE DATABASE mstore")?;
@@ -89,13 +115,27 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
     pg.psql("mstore", SAMPLE)?;
 
     step(3, "starting the bridge (installs its outbox and capture triggers)");
+    let key_path = dir.join("device-signing-key.pem");
+    std::fs::write(&key_path, crate::provision::credentials::generate_es256_pem()?)?;
     let toml = format!(
-        "env = \"dev\"\n[postgres]\nurl = \"{}\"\n[mqtt]\nurl = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+        "env = \"dev\"\n[postgres]\nurl = \"{}\"\n[mqtt]\nurl = \"{}\"\nusername = \"bridge\"\n\
+         [http]\nlisten = \"127.0.0.1:0\"\n[credentials]\nsigning_key_file = \"{}\"\n\
+         [broker]\nkind = \"mosquitto\"\nadmin_username = \"admin\"\n[load]\nusername = \"loadgen\"\n",
         pg.url("mstore"),
-        mqtt.url()
+        mqtt.url(),
+        key_path.display()
     );
     std::fs::write(dir.join("delta-bridge.toml"), &toml)?;
-    let cfg = Config::parse(&toml, std::path::Path::new("demo.toml"), &[])?;
+    let secrets: Vec<(String, String)> = [
+        ("DELTA_BRIDGE__MQTT__PASSWORD", &bridge_pw),
+        ("DELTA_BRIDGE__BROKER__ADMIN_PASSWORD", &admin_pw),
+        ("DELTA_BRIDGE__HTTP__ADMIN_TOKEN", &admin_token),
+        ("DELTA_BRIDGE__LOAD__PASSWORD", &load_pw),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let cfg = Config::parse(&toml, std::path::Path::new("demo.toml"), &secrets)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let bridge_cancel = cancel.child_token();
     let running = crate::service::start(cfg.clone(), true, listener, bridge_cancel.clone()).await?;
@@ -105,17 +145,46 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
 
     step(
         4,
-        "connecting a demo device to branch BRN-LOAD-0000 and making one sale by hand",
+        "provisioning demo device tablet-osaka-01 through the API, then one sale by hand",
     );
-    let branch = format!("dev/{LOAD_MERCHANT}/BRN-LOAD-0000/#");
-    let (device, mut device_rx) = demo_device(&cfg, &branch).await?;
-    let manual = "dev/MCH-MST-001/BRN-MST-OSK00001/#";
-    let (cashier, mut cashier_rx) = demo_device(&cfg, manual).await?;
+    let issued: serde_json::Value = reqwest::Client::new()
+        .post(format!("{http}/api/v1/devices"))
+        .bearer_auth(&admin_token)
+        .json(
+            &serde_json::json!({"device_id": "tablet-osaka-01", "merchant_code": "MCH-MST-001",
+                                   "branch_code": "BRN-MST-OSK00001", "ttl_seconds": 3600}),
+        )
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    println!(
+        "      POST /api/v1/devices -> username {}, expires {}, may subscribe {}",
+        issued["username"], issued["expires_at"], issued["topics"]["subscribe"]
+    );
+    let (user, pass) = (
+        issued["username"].as_str().unwrap_or_default(),
+        issued["password"].as_str().unwrap_or_default(),
+    );
+    // First a session that tries another branch (the broker must refuse), then the device's real session:
+    // one at a time, since the broker binds the client id to the device.
+    let other = "dev/MCH-MST-001/BRN-MST-OSK00002/#";
+    match demo_device(&cfg, user, pass, other).await {
+        Err(_) => println!("      subscribing to {other}: refused by the broker, as it must be"),
+        Ok((probe, _)) => {
+            probe.abort();
+            anyhow::bail!("the broker let the device subscribe to another branch");
+        }
+    }
+    let own = "dev/MCH-MST-001/BRN-MST-OSK00001/#";
+    let (device, mut device_rx) = demo_device(&cfg, user, pass, own).await?;
+    println!("      subscribed to {own}");
     pg.psql(
         "mstore",
         "BEGIN;
          INSERT INTO transactions (branch_id, transaction_code, offline_id, status, grand_total, created_by, device_id)
-           VALUES (1, 'TX-DEMO-0001', gen_random_uuid(), 'paid', 36000, 'kasir-demo', 'tablet-01');
+           VALUES (1, 'TX-DEMO-0001', gen_random_uuid(), 'paid', 36000, 'kasir-demo', 'tablet-osaka-01');
          INSERT INTO transaction_items (transaction_id, product_id, quantity, price)
            VALUES (currval('transactions_id_seq'), 1, 2, 18000);
          UPDATE products SET stock = stock - 2, updated_by = 'kasir-demo' WHERE id = 1;
@@ -125,7 +194,7 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut shown = 0;
     while shown < 3 && Instant::now() < deadline {
-        if let Ok(Some((topic, payload))) = tokio::time::timeout(Duration::from_millis(200), cashier_rx.recv()).await {
+        if let Ok(Some((topic, payload))) = tokio::time::timeout(Duration::from_millis(200), device_rx.recv()).await {
             println!("      {topic}\n        {payload}");
             shown += 1;
         }
@@ -133,12 +202,11 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
     if shown < 3 {
         anyhow::bail!("the demo device did not receive the sale's three events");
     }
-    cashier.abort();
 
     step(
         5,
         &format!(
-            "load: {} writes/s for {:?} (sales, restocks, price changes, voids, aborted sales)",
+            "load: {} writes/s for {:?} on merchant {LOAD_MERCHANT} (sales, restocks, price changes, voids, aborted sales)",
             args.rate, args.duration
         ),
     );
@@ -152,18 +220,23 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
         progress: true,
     };
     let report = loadgen::run(&cfg, &opts, cancel.clone()).await?;
-    let mut device_msgs = 0usize;
+    let mut foreign = 0usize;
     while device_rx.try_recv().is_ok() {
-        device_msgs += 1;
+        foreign += 1;
     }
     device.abort();
 
     step(6, "report (latency from COMMIT sent to the subscriber's receipt)");
     print!("{}", report.render());
-    println!("the demo device of BRN-LOAD-0000 received {device_msgs} events of its own branch");
-    let metrics = reqwest_metrics(&http).await.unwrap_or_default();
+    println!("tablet-osaka-01 received {foreign} events during the load of another merchant (must be 0)");
+    let metrics = http_get(&format!("{http}/metrics"))
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default();
     for line in metrics.lines().filter(|l| {
-        l.starts_with("delta_bridge_events_published_total") || l.starts_with("delta_bridge_outbox_backlog")
+        l.starts_with("delta_bridge_events_published_total")
+            || l.starts_with("delta_bridge_outbox_backlog")
+            || l.starts_with("delta_bridge_devices_issued_total")
     }) {
         println!("      {line}");
     }
@@ -171,35 +244,48 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
     running.wait().await;
     drop(mqtt);
     drop(pg);
-    if report.lost() > 0 || report.phantom > 0 {
-        anyhow::bail!("{} events lost, {} phantom", report.lost(), report.phantom);
+    if report.lost() > 0 || report.phantom > 0 || foreign > 0 {
+        anyhow::bail!(
+            "{} events lost, {} phantom, {foreign} foreign",
+            report.lost(),
+            report.phantom
+        );
     }
-    println!("\nno event lost, none phantom. Done.");
+    println!("\nno event lost, none phantom, no foreign traffic on the device. Done.");
     Ok(())
 }
 
 type DeviceRx = tokio::sync::mpsc::UnboundedReceiver<(String, String)>;
 
-async fn demo_device(cfg: &Config, filter: &str) -> anyhow::Result<(tokio::task::JoinHandle<()>, DeviceRx)> {
-    let id = format!("demo-device-{}", rand::random::<u32>());
-    let mut opts = mqtt_options(&cfg.mqtt, &id, None, None).map_err(anyhow::Error::msg)?;
+/// An MQTT 5 device session subscribed to `filter`; an error if the broker refuses the subscription.
+async fn demo_device(
+    cfg: &Config,
+    user: &str,
+    pass: &str,
+    filter: &str,
+) -> anyhow::Result<(tokio::task::JoinHandle<()>, DeviceRx)> {
+    let mut opts = mqtt_options(&cfg.mqtt, user, Some(user), Some(pass)).map_err(anyhow::Error::msg)?;
     opts.set_max_packet_size(Some(16 * 1024 * 1024));
     let (client, mut eventloop) = AsyncClient::new(opts, 10);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (sub_tx, sub_rx) = tokio::sync::oneshot::channel();
-    let filter = filter.to_string();
+    let wanted = filter.to_string();
     let task = tokio::spawn(async move {
         let mut sub_tx = Some(sub_tx);
         loop {
             match eventloop.poll().await {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                     let _ = client
-                        .subscribe_many(vec![Filter::new(filter.clone(), QoS::AtLeastOnce)])
+                        .subscribe_many(vec![Filter::new(wanted.clone(), QoS::AtLeastOnce)])
                         .await;
                 }
-                Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
+                    let ok = ack
+                        .return_codes
+                        .iter()
+                        .all(|c| matches!(c, SubscribeReasonCode::Success(_)));
                     if let Some(t) = sub_tx.take() {
-                        let _ = t.send(());
+                        let _ = t.send(ok);
                     }
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
@@ -213,9 +299,13 @@ async fn demo_device(cfg: &Config, filter: &str) -> anyhow::Result<(tokio::task:
             }
         }
     });
-    tokio::time::timeout(Duration::from_secs(10), sub_rx)
+    let granted = tokio::time::timeout(Duration::from_secs(10), sub_rx)
         .await
         .map_err(|_| anyhow::anyhow!("demo device: no SUBACK"))??;
+    if !granted {
+        task.abort();
+        anyhow::bail!("subscription to {filter} refused");
+    }
     Ok((task, rx))
 }
 
@@ -233,10 +323,6 @@ async fn wait_ready(http: &str) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-async fn reqwest_metrics(http: &str) -> anyhow::Result<String> {
-    Ok(http_get(&format!("{http}/metrics")).await?.1)
 }
 
 /// A minimal HTTP/1.0 GET (the demo needs no HTTP client dependency for two local requests).

@@ -367,6 +367,72 @@ impl Mosquitto {
         Ok(())
     }
 
+    /// Starts with the dynamic-security plugin as the only authentication (no anonymous access), with
+    /// `admin` / `admin_password` as its administrator. `extra` is appended to the configuration.
+    pub fn start_dynsec(
+        dir: &Path,
+        admin: &str,
+        admin_password: &str,
+        extra: &str,
+    ) -> Result<Mosquitto, LocalEnvError> {
+        let plugin = dynsec_plugin().ok_or_else(|| LocalEnvError::Missing {
+            what: "mosquitto_dynamic_security.so".into(),
+            hint: "install Debian's mosquitto package (2.0 or later)".into(),
+        })?;
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let file = dir.join("dynamic-security.json");
+        let out = Command::new("mosquitto_ctrl")
+            .args(["dynsec", "init"])
+            .arg(&file)
+            .args([admin, admin_password])
+            .output()
+            .map_err(io_err(&file))?;
+        if !out.status.success() {
+            return Err(LocalEnvError::Failed {
+                what: "mosquitto_ctrl dynsec init".into(),
+                detail: String::from_utf8_lossy(&out.stderr).into(),
+            });
+        }
+        Self::start_with(
+            dir,
+            &format!(
+                "allow_anonymous false\nplugin {}\nplugin_opt_config_file {}\n{extra}",
+                plugin.display(),
+                file.display()
+            ),
+        )
+    }
+
+    /// Runs `mosquitto_ctrl dynsec ARGS` against this broker as the given administrator.
+    pub fn dynsec(&self, admin: &str, admin_password: &str, args: &[&str]) -> Result<(), LocalEnvError> {
+        let out = Command::new("mosquitto_ctrl")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-u",
+                admin,
+                "-P",
+                admin_password,
+                "dynsec",
+            ])
+            .args(args)
+            .output()
+            .map_err(io_err(&self.dir))?;
+        if !out.status.success() {
+            return Err(LocalEnvError::Failed {
+                what: format!("mosquitto_ctrl dynsec {}", args.first().unwrap_or(&"")),
+                detail: format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            });
+        }
+        Ok(())
+    }
+
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
@@ -405,6 +471,19 @@ impl Drop for Mosquitto {
     fn drop(&mut self) {
         self.stop(true);
     }
+}
+
+/// The dynamic-security plugin of the installed Mosquitto (multiarch path), if any.
+pub fn dynsec_plugin() -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = fs::read_dir("/usr/lib")
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.path().join("mosquitto_dynamic_security.so"))
+                .collect()
+        })
+        .unwrap_or_default();
+    candidates.push(PathBuf::from("/usr/lib/mosquitto_dynamic_security.so"));
+    candidates.into_iter().find(|p| p.exists())
 }
 
 fn which(bin: &str) -> Option<PathBuf> {

@@ -63,7 +63,7 @@ enum DeviceCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Demo(args) = &cli.command {
-        init_logging(LogFormat::Text, "warn");
+        init_logging(LogFormat::Text, "warn,rumqttc=error");
         return run_async(delta_bridge::demo::run(args.clone()));
     }
     let cfg = match Config::load(cli.config.as_deref()) {

@@ -34,24 +34,8 @@ const QUEUE_BOUND: &str = "max_queued_messages 1000000\n";
 /// PostgreSQL and a Mosquitto that authenticates through dynamic security only.
 fn dynsec_env(tag: &str) -> Env {
     let env = Env::start_with_mqtt(tag, |dir| {
-        std::fs::create_dir_all(dir).expect("mqtt dir");
-        let file = dir.join("dynamic-security.json");
-        let out = Command::new("mosquitto_ctrl")
-            .args(["dynsec", "init"])
-            .arg(&file)
-            .args([DYNSEC_ADMIN, DYNSEC_ADMIN_PASSWORD])
-            .output()
-            .expect("mosquitto_ctrl");
-        assert!(out.status.success(), "dynsec init: {out:?}");
-        Mosquitto::start_with(
-            dir,
-            &format!(
-                "allow_anonymous false\nplugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so\n\
-                 plugin_opt_config_file {}\n{QUEUE_BOUND}",
-                file.display()
-            ),
-        )
-        .expect("mosquitto with dynamic security")
+        Mosquitto::start_dynsec(dir, DYNSEC_ADMIN, DYNSEC_ADMIN_PASSWORD, QUEUE_BOUND)
+            .expect("mosquitto with dynamic security")
     });
     // The bridge's own identity: may publish under dev/#, nothing else.
     for args in [
@@ -66,13 +50,9 @@ fn dynsec_env(tag: &str) -> Env {
 }
 
 fn ctrl(env: &Env, args: &[&str]) {
-    let out = Command::new("mosquitto_ctrl")
-        .args(["-h", "127.0.0.1", "-p", &env.mqtt.port.to_string()])
-        .args(["-u", DYNSEC_ADMIN, "-P", DYNSEC_ADMIN_PASSWORD, "dynsec"])
-        .args(args)
-        .output()
+    env.mqtt
+        .dynsec(DYNSEC_ADMIN, DYNSEC_ADMIN_PASSWORD, args)
         .expect("mosquitto_ctrl");
-    assert!(out.status.success(), "mosquitto_ctrl {args:?}: {out:?}");
 }
 
 /// A fresh EC P-256 key made by the openssl CLI (SEC1 PEM), in the test's directory.

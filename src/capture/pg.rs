@@ -25,6 +25,8 @@ pub enum PgError {
     Query(#[from] tokio_postgres::Error),
     #[error("PostgreSQL did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("PostgreSQL connection closed")]
+    Closed,
     #[error("TLS set-up failed: {0}")]
     Tls(String),
 }
