@@ -3,8 +3,10 @@
 //! within a run, not across runs). Prints per rate: events/s, loss, p50/p99 commit-to-receive latency, and
 //! the bridge's CPU time and peak RSS.
 //!
-//!     cargo bench --bench throughput                       # 60 s at ~250 and ~1,000 events/s
-//!     BENCH_DURATION=20s BENCH_RATES=250,500 cargo bench --bench throughput
+//! ```sh
+//! cargo bench --bench throughput                       # 60 s at ~250 and ~1,000 events/s
+//! BENCH_DURATION=20s BENCH_RATES=250,500 cargo bench --bench throughput
+//! ```
 //!
 //! Rates are database transactions per second; the mix averages ~4 events per transaction.
 

@@ -223,6 +223,9 @@ BEGIN
     IF lst IS NOT NULL THEN
         PERFORM set_config('delta_bridge._sales', ',', true);
         PERFORM delta_bridge.enqueue_sales(lst);
+        -- Those sales have had their "created" event: if touched again in this transaction (possible only
+        -- after SET CONSTRAINTS ... IMMEDIATE), the next one is transaction_updated.
+        PERFORM set_config('delta_bridge._new_sales', ',', true);
     END IF;
     RETURN NULL;
 END $$;
@@ -248,9 +251,12 @@ CREATE CONSTRAINT TRIGGER delta_bridge_capture_upd AFTER UPDATE ON @schema@.inve
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (OLD.quantity IS DISTINCT FROM NEW.quantity)
     EXECUTE FUNCTION delta_bridge.capture_inventory();
 
-CREATE TRIGGER delta_bridge_note_ins AFTER INSERT ON @schema@.transactions
+-- AFTER triggers of one row fire in name order: the notes (delta_bridge_a_*) must run before the captures
+-- (delta_bridge_capture*), which matters once SET CONSTRAINTS ... IMMEDIATE makes the captures fire per
+-- statement.
+CREATE TRIGGER delta_bridge_a_note_ins AFTER INSERT ON @schema@.transactions
     FOR EACH ROW EXECUTE FUNCTION delta_bridge.note_sale();
-CREATE TRIGGER delta_bridge_note_upd AFTER UPDATE ON @schema@.transactions
+CREATE TRIGGER delta_bridge_a_note_upd AFTER UPDATE ON @schema@.transactions
     FOR EACH ROW
     WHEN ((OLD.transaction_code, OLD.offline_id, OLD.status, OLD.grand_total, OLD.created_by, OLD.device_id)
           IS DISTINCT FROM
@@ -259,9 +265,9 @@ CREATE TRIGGER delta_bridge_note_upd AFTER UPDATE ON @schema@.transactions
 CREATE CONSTRAINT TRIGGER delta_bridge_capture AFTER INSERT OR UPDATE ON @schema@.transactions
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION delta_bridge.capture_sales();
 
-CREATE TRIGGER delta_bridge_note_ins_del AFTER INSERT OR DELETE ON @schema@.transaction_items
+CREATE TRIGGER delta_bridge_a_note_ins_del AFTER INSERT OR DELETE ON @schema@.transaction_items
     FOR EACH ROW EXECUTE FUNCTION delta_bridge.note_sale();
-CREATE TRIGGER delta_bridge_note_upd AFTER UPDATE ON @schema@.transaction_items
+CREATE TRIGGER delta_bridge_a_note_upd AFTER UPDATE ON @schema@.transaction_items
     FOR EACH ROW WHEN ((OLD.transaction_id, OLD.product_id, OLD.quantity, OLD.price)
                        IS DISTINCT FROM (NEW.transaction_id, NEW.product_id, NEW.quantity, NEW.price))
     EXECUTE FUNCTION delta_bridge.note_sale();

@@ -48,6 +48,11 @@ const BACKLOG_EVERY: Duration = Duration::from_secs(2);
 /// Acknowledged rows are deleted in batches: at this size, or after this delay.
 const DELETE_BATCH: usize = 500;
 const DELETE_DELAY: Duration = Duration::from_millis(20);
+/// After a read that found rows, keep polling (every LINGER_POLL) for this long before asking writers to
+/// NOTIFY: under steady load rows keep coming, the bridge never arms the wake lock, and no writer pays for
+/// NOTIFY's commit lock. Costs at most LINGER_POLL of latency while it lasts.
+const LINGER: Duration = Duration::from_millis(20);
+const LINGER_POLL: Duration = Duration::from_millis(1);
 
 /// Runs the data path until `cancel`, reconnecting to PostgreSQL with backoff. Every replica runs this; the
 /// one that holds the leader lock publishes, the others stand by (connected, so that they are ready).
@@ -104,6 +109,8 @@ struct Pipeline {
     last_sweep: Option<Instant>,
     last_backlog: Instant,
     first_ack_pending: Option<Instant>,
+    /// When a read last found rows (for the linger before arming the wake lock).
+    last_rows: Option<Instant>,
 }
 
 impl Pipeline {
@@ -122,6 +129,7 @@ impl Pipeline {
             last_sweep: None,
             last_backlog: now,
             first_ack_pending: None,
+            last_rows: None,
         }
     }
 
@@ -188,6 +196,9 @@ impl Pipeline {
                     .await?;
                 self.metrics.publish_batch_latency.observe(t.elapsed().as_secs_f64());
                 drained = rows.len() < self.cfg.bridge.batch_size as usize;
+                if !rows.is_empty() {
+                    self.last_rows = Some(Instant::now());
+                }
                 self.take(rows, true, &install_id);
                 self.push_ready(events);
             }
@@ -209,6 +220,15 @@ impl Pipeline {
             if !drained && self.ready.is_empty() {
                 continue;
             }
+            if self.ready.is_empty() && self.last_rows.is_some_and(|t| t.elapsed() < LINGER) {
+                // Busy lately: poll again shortly instead of making writers notify us.
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = &mut s.closed => return Err(PgError::Closed),
+                    _ = tokio::time::sleep(LINGER_POLL) => {}
+                }
+                continue;
+            }
 
             // Idle (or waiting for the publisher): ask writers to wake us, then look once more, because a
             // writer that committed just before we took the lock did not notify.
@@ -223,6 +243,7 @@ impl Pipeline {
                 self.take(rows, true, &install_id);
                 self.take(late, false, &install_id);
                 if found {
+                    self.last_rows = Some(Instant::now());
                     if armed {
                         stmts.unlock(&s.client, WAKE_LOCK).await?;
                     }

@@ -424,3 +424,142 @@ async fn a_sale_with_1000_items_publishes_one_event_with_every_item() {
     sub.stop().await;
     bridge.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sale_edge_cases() {
+    let env = Env::start("sale-edges");
+    let bridge = env.bridge().await;
+    let sub = Subscriber::start(&env.mqtt.url(), "device-edges", "dev/#").await;
+    let db = env.client().await;
+    let sale_events = |m: &[Received], code: &str| -> Vec<Value> {
+        m.iter()
+            .filter(|x| x.payload["data"]["transaction_code"] == code)
+            .map(|x| x.payload.clone())
+            .collect()
+    };
+
+    // Two sales in one transaction: one event each; the stock change names the last sale touched.
+    db.batch_execute(
+        "BEGIN;
+         INSERT INTO transactions (id, branch_id, transaction_code, status, grand_total) VALUES (601, 1, 'E-1', 'paid', 1);
+         INSERT INTO transactions (id, branch_id, transaction_code, status, grand_total) VALUES (602, 1, 'E-2', 'paid', 2);
+         INSERT INTO transaction_items (transaction_id, product_id, quantity, price) VALUES (601, 1, 1, 1), (602, 2, 1, 2);
+         UPDATE products SET stock = stock - 1 WHERE id = 2;
+         COMMIT;",
+    )
+    .await
+    .expect("two sales");
+    let msgs = sub
+        .wait_for(WAIT, "two sales and a stock change", |m| {
+            !sale_events(m, "E-1").is_empty()
+                && !sale_events(m, "E-2").is_empty()
+                && m.iter().any(|x| x.payload["event_type"] == "stock_updated")
+        })
+        .await;
+    assert_eq!(sale_events(&msgs, "E-1").len(), 1);
+    assert_eq!(sale_events(&msgs, "E-2").len(), 1);
+    assert_eq!(
+        sale_events(&msgs, "E-2")[0]["data"]["items"],
+        json!([{"product_id": 2, "quantity": 1, "price": 2.0}])
+    );
+    let stock = msgs
+        .iter()
+        .find(|x| x.payload["event_type"] == "stock_updated")
+        .expect("stock");
+    assert_eq!(
+        (
+            stock.payload["data"]["reason"].clone(),
+            stock.payload["data"]["transaction_id"].clone()
+        ),
+        (json!("transaction"), json!(602))
+    );
+
+    // An item moved from one sale to another: both sales are updated.
+    db.batch_execute("UPDATE transaction_items SET transaction_id = 602 WHERE transaction_id = 601")
+        .await
+        .expect("move");
+    let msgs = sub
+        .wait_for(WAIT, "both sales updated", |m| {
+            sale_events(m, "E-1")
+                .iter()
+                .any(|p| p["event_type"] == "transaction_updated")
+                && sale_events(m, "E-2")
+                    .iter()
+                    .any(|p| p["event_type"] == "transaction_updated")
+        })
+        .await;
+    let e1 = sale_events(&msgs, "E-1")
+        .into_iter()
+        .find(|p| p["event_type"] == "transaction_updated")
+        .expect("e1");
+    let e2 = sale_events(&msgs, "E-2")
+        .into_iter()
+        .find(|p| p["event_type"] == "transaction_updated")
+        .expect("e2");
+    assert_eq!(e1["data"]["items"], json!([]));
+    assert_eq!(e2["data"]["items"].as_array().map(Vec::len), Some(2));
+
+    // Inserted and deleted in the same transaction, or inside a rolled-back savepoint: nothing.
+    db.batch_execute(
+        "BEGIN;
+         INSERT INTO transactions (id, branch_id, transaction_code, status, grand_total) VALUES (603, 1, 'E-3', 'paid', 1);
+         INSERT INTO transaction_items (transaction_id, product_id, quantity, price) VALUES (603, 1, 1, 1);
+         DELETE FROM transactions WHERE id = 603;
+         SAVEPOINT s;
+         INSERT INTO transactions (id, branch_id, transaction_code, status, grand_total) VALUES (604, 1, 'E-4', 'paid', 1);
+         ROLLBACK TO SAVEPOINT s;
+         COMMIT;",
+    )
+    .await
+    .expect("insert and delete");
+
+    // SET CONSTRAINTS ALL IMMEDIATE: capture runs per statement from then on. A sale inserted by the last
+    // statement is still published; a sale touched again is updated, not created twice.
+    db.batch_execute(
+        "BEGIN; SET CONSTRAINTS ALL IMMEDIATE;
+         INSERT INTO transactions (id, branch_id, transaction_code, status, grand_total) VALUES (605, 1, 'E-5', 'paid', 1);
+         INSERT INTO transaction_items (transaction_id, product_id, quantity, price) VALUES (605, 3, 1, 1);
+         COMMIT;
+         BEGIN; SET CONSTRAINTS ALL IMMEDIATE;
+         INSERT INTO transactions (id, branch_id, transaction_code, status, grand_total) VALUES (606, 1, 'E-6', 'paid', 1);
+         COMMIT;",
+    )
+    .await
+    .expect("immediate");
+    db.batch_execute("UPDATE products SET stock = 5 WHERE id = 9")
+        .await
+        .expect("sentinel");
+    let msgs = sub
+        .wait_for(WAIT, "sentinel", |m| {
+            m.iter().any(|x| x.payload["data"]["product_id"] == 9)
+        })
+        .await;
+    assert!(
+        sale_events(&msgs, "E-3").is_empty(),
+        "a sale deleted in its own transaction publishes nothing"
+    );
+    assert!(
+        sale_events(&msgs, "E-4").is_empty(),
+        "a rolled-back savepoint publishes nothing"
+    );
+    let e5 = sale_events(&msgs, "E-5");
+    let kinds: Vec<&str> = e5.iter().filter_map(|p| p["event_type"].as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"transaction_created"), "{kinds:?}");
+    assert!(kinds[1..].iter().all(|k| *k == "transaction_updated"), "{kinds:?}");
+    let last = e5.last().expect("e5");
+    assert_eq!(
+        last["data"]["items"].as_array().map(Vec::len),
+        Some(1),
+        "the last event carries the final items"
+    );
+    assert_eq!(kinds.len(), 2, "one event per statement in immediate mode: {kinds:?}");
+    let e6 = sale_events(&msgs, "E-6");
+    assert_eq!(
+        e6.len(),
+        1,
+        "a sale inserted by the last statement in immediate mode is published"
+    );
+    assert_eq!(e6[0]["event_type"], "transaction_created");
+    sub.stop().await;
+    bridge.stop().await;
+}
