@@ -104,8 +104,14 @@ $$;
 
 -- Wake the bridge if (and only if) it is idle and waiting: it then holds wake_key exclusively, so our shared
 -- try-lock fails. While it is busy the shared lock is granted and nobody pays for NOTIFY's commit lock.
+-- A writer that uses two-phase commit sets delta_bridge.no_wake = 'on' (PREPARE TRANSACTION refuses a
+-- transaction that called NOTIFY, and a prepared transaction would hold the wake lock until COMMIT PREPARED);
+-- its changes are then picked up by the bridge's polling instead.
 CREATE FUNCTION delta_bridge.wake() RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
+    IF coalesce(current_setting('delta_bridge.no_wake', true), '') IN ('on', 'true', '1') THEN
+        RETURN;
+    END IF;
     IF NOT pg_try_advisory_xact_lock_shared(delta_bridge.wake_key()) THEN
         PERFORM pg_notify('delta_bridge_wake', '');
     END IF;
@@ -187,19 +193,28 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- At commit: one event per sale touched, with its final row and items. Locks each sale row (in id order, to
--- avoid deadlocks between bridge locks) so two transactions touching one sale take their seq in commit order
--- and the later one's snapshot includes the earlier one's changes.
--- Callable by anyone (capture_sales runs as the writer), which is harmless: it only snapshots real rows.
-CREATE FUNCTION delta_bridge.enqueue_sales(p_sales text) RETURNS void
+-- At commit: one event per sale touched, with its final row and items, read at commit. It takes no lock: a
+-- lock taken here, at commit, could deadlock with the writer's own locks and fail its transaction (a lock
+-- taken earlier could too). Two transactions that change one sale without conflicting row locks (one adds
+-- items, the other changes its status) and commit within the same few milliseconds may each snapshot the
+-- sale without the other's change; writers that lock the sale row before adding items are not affected.
+--
+-- p_flushed is ',sale:outbox_id,' for sales already enqueued by this transaction (only after SET CONSTRAINTS
+-- ... IMMEDIATE does capture run more than once per transaction): their row is updated in place, so a sale
+-- still yields one event per transaction. Returns the pairs it added.
+-- Refuses to run outside a trigger (it is reachable by writers through capture_sales).
+CREATE FUNCTION delta_bridge.enqueue_sales(p_sales text, p_flushed text) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE sid bigint; t record; its json; m text; b text;
+DECLARE sid bigint; t record; its json; m text; b text; oid bigint; added text := '';
     p_new text := current_setting('delta_bridge._new_sales', true);
     p_ctx json := delta_bridge.ctx();
 BEGIN
+    IF pg_trigger_depth() < 1 THEN
+        RAISE EXCEPTION 'delta_bridge.enqueue_sales is called by the capture triggers only';
+    END IF;
     FOR sid IN SELECT DISTINCT x::bigint FROM unnest(string_to_array(p_sales, ',')) AS x WHERE x <> '' ORDER BY 1
     LOOP
-        SELECT * INTO t FROM @schema@.transactions WHERE id = sid FOR NO KEY UPDATE;
+        SELECT * INTO t FROM @schema@.transactions WHERE id = sid;
         CONTINUE WHEN NOT FOUND;      -- deleted in the same transaction: nothing to tell
         SELECT coalesce(json_agg(json_build_object('product_id', i.product_id, 'quantity', i.quantity,
                                                    'price', i.price) ORDER BY i.id), '[]'::json)
@@ -207,25 +222,34 @@ BEGIN
         SELECT mm.code, bb.code INTO m, b
           FROM @schema@.branches bb JOIN @schema@.merchants mm ON mm.id = bb.merchant_id
          WHERE bb.id = t.branch_id;
-        INSERT INTO delta_bridge.outbox (kind, op, merchant_code, branch_code, new_row, items, ctx)
-        VALUES ('sale',
-                CASE WHEN position(',' || sid || ',' IN coalesce(p_new, '')) > 0 THEN 'INSERT' ELSE 'UPDATE' END,
-                m, b, row_to_json(t), its, p_ctx);
+        oid := substring(coalesce(p_flushed, '') FROM ',' || sid || ':([0-9]+),')::bigint;
+        IF oid IS NOT NULL THEN
+            UPDATE delta_bridge.outbox
+               SET merchant_code = m, branch_code = b, new_row = row_to_json(t), items = its, ctx = p_ctx
+             WHERE id = oid;
+        ELSE
+            INSERT INTO delta_bridge.outbox (kind, op, merchant_code, branch_code, new_row, items, ctx)
+            VALUES ('sale',
+                    CASE WHEN position(',' || sid || ',' IN coalesce(p_new, '')) > 0 THEN 'INSERT' ELSE 'UPDATE' END,
+                    m, b, row_to_json(t), its, p_ctx)
+            RETURNING id INTO oid;
+            added := added || sid || ':' || oid || ',';
+        END IF;
     END LOOP;
     PERFORM delta_bridge.wake();
+    RETURN added;
 END $$;
 
 -- Deferred, fires once per touched row at commit; the first firing flushes every noted sale and clears the
 -- list, the others find it empty. (After SET CONSTRAINTS ... IMMEDIATE, later statements start a new list.)
 CREATE FUNCTION delta_bridge.capture_sales() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE lst text := nullif(nullif(current_setting('delta_bridge._sales', true), ''), ',');
+DECLARE
+    lst text := nullif(nullif(current_setting('delta_bridge._sales', true), ''), ',');
+    flushed text := coalesce(nullif(current_setting('delta_bridge._flushed', true), ''), ',');
 BEGIN
     IF lst IS NOT NULL THEN
         PERFORM set_config('delta_bridge._sales', ',', true);
-        PERFORM delta_bridge.enqueue_sales(lst);
-        -- Those sales have had their "created" event: if touched again in this transaction (possible only
-        -- after SET CONSTRAINTS ... IMMEDIATE), the next one is transaction_updated.
-        PERFORM set_config('delta_bridge._new_sales', ',', true);
+        PERFORM set_config('delta_bridge._flushed', flushed || delta_bridge.enqueue_sales(lst, flushed), true);
     END IF;
     RETURN NULL;
 END $$;
@@ -258,9 +282,11 @@ CREATE TRIGGER delta_bridge_a_note_ins AFTER INSERT ON @schema@.transactions
     FOR EACH ROW EXECUTE FUNCTION delta_bridge.note_sale();
 CREATE TRIGGER delta_bridge_a_note_upd AFTER UPDATE ON @schema@.transactions
     FOR EACH ROW
-    WHEN ((OLD.transaction_code, OLD.offline_id, OLD.status, OLD.grand_total, OLD.created_by, OLD.device_id)
+    WHEN ((OLD.branch_id, OLD.transaction_code, OLD.offline_id, OLD.status, OLD.grand_total, OLD.created_by,
+           OLD.device_id)
           IS DISTINCT FROM
-          (NEW.transaction_code, NEW.offline_id, NEW.status, NEW.grand_total, NEW.created_by, NEW.device_id))
+          (NEW.branch_id, NEW.transaction_code, NEW.offline_id, NEW.status, NEW.grand_total, NEW.created_by,
+           NEW.device_id))
     EXECUTE FUNCTION delta_bridge.note_sale();
 CREATE CONSTRAINT TRIGGER delta_bridge_capture AFTER INSERT OR UPDATE ON @schema@.transactions
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION delta_bridge.capture_sales();

@@ -59,12 +59,13 @@ const LINGER_POLL: Duration = Duration::from_millis(1);
 pub async fn run(cfg: Arc<Config>, metrics: Arc<Metrics>, health: Arc<Health>, cancel: CancellationToken) {
     let (event_tx, event_rx) = mpsc::channel(cfg.bridge.batch_size as usize * 2);
     let (outcome_tx, mut outcome_rx) = mpsc::unbounded_channel();
-    let publisher = Publisher {
-        cfg: cfg.mqtt.clone(),
-        metrics: metrics.clone(),
-        connected: health.mqtt.clone(),
-        drain: Duration::from_secs(5),
-    };
+    let publisher = Publisher::new(
+        cfg.mqtt.clone(),
+        metrics.clone(),
+        health.mqtt.clone(),
+        Duration::from_secs(5),
+        cfg.bridge.max_pending,
+    );
     let publisher_task = tokio::spawn(publisher.run(event_rx, outcome_tx, cancel.clone()));
 
     let mut pipeline = Pipeline::new(cfg.clone(), metrics.clone());
@@ -106,6 +107,9 @@ struct Pipeline {
     /// Skipped ids, with when they were first skipped.
     gaps: BTreeMap<i64, Instant>,
     last_gap_check: Instant,
+    last_young_check: Instant,
+    /// Consecutive failures to take the wake lock (backoff).
+    arm_failures: u32,
     last_sweep: Option<Instant>,
     last_backlog: Instant,
     first_ack_pending: Option<Instant>,
@@ -126,6 +130,8 @@ impl Pipeline {
             to_dead: Vec::new(),
             gaps: BTreeMap::new(),
             last_gap_check: now,
+            last_young_check: now,
+            arm_failures: 0,
             last_sweep: None,
             last_backlog: now,
             first_ack_pending: None,
@@ -202,10 +208,8 @@ impl Pipeline {
                 self.take(rows, true, &install_id);
                 self.push_ready(events);
             }
-            if self.gap_check_due() {
-                let ids: Vec<i64> = self.gaps.keys().copied().collect();
+            if let Some(ids) = self.gaps_due() {
                 let rows = stmts.fetch_ids(&s.client, &ids).await?;
-                self.last_gap_check = Instant::now();
                 self.take(rows, false, &install_id);
                 self.push_ready(events);
             }
@@ -232,8 +236,8 @@ impl Pipeline {
 
             // Idle (or waiting for the publisher): ask writers to wake us, then look once more, because a
             // writer that committed just before we took the lock did not notify.
-            let armed = if self.ready.is_empty() && self.outstanding.len() < self.cfg.bridge.max_pending {
-                let gap_ids: Vec<i64> = self.gaps.keys().copied().collect();
+            let tried = if self.ready.is_empty() && self.outstanding.len() < self.cfg.bridge.max_pending {
+                let gap_ids = self.young_gaps();
                 let (armed, rows, late) = tokio::try_join!(
                     stmts.try_lock(&s.client, WAKE_LOCK),
                     stmts.fetch_after(&s.client, self.cursor, i64::from(self.cfg.bridge.batch_size)),
@@ -249,16 +253,26 @@ impl Pipeline {
                     }
                     continue;
                 }
-                armed
+                if armed {
+                    self.arm_failures = 0;
+                } else {
+                    self.arm_failures = self.arm_failures.saturating_add(1);
+                }
+                Some(armed)
             } else {
-                false
+                None
             };
+            let armed = tried == Some(true);
 
             let wait = if !self.ready.is_empty() {
                 Duration::from_millis(2)
+            } else if tried.is_none() {
+                // Full (max_pending unacknowledged): acknowledgements wake us; poll now and then meanwhile.
+                self.cfg.bridge.poll_interval
             } else if !armed {
-                // A writer holds the shared wake lock: it is committing right now.
-                Duration::from_millis(1)
+                // A writer holds the shared wake lock: usually it is committing right now, but a prepared or
+                // long-open transaction can hold it for long, so back off (1 ms doubling to 64 ms).
+                Duration::from_millis(1 << self.arm_failures.min(7).saturating_sub(1))
             } else if self.gaps.values().any(|t| t.elapsed() < GAP_FAST) {
                 GAP_FAST_EVERY
             } else {
@@ -312,7 +326,12 @@ impl Pipeline {
                 continue;
             }
             match convert::convert(&row, &self.cfg.env, install_id) {
-                Ok(Some(event)) => self.ready.push_back(event),
+                Ok(Some(event)) => {
+                    if let Some(w) = &event.warning {
+                        tracing::warn!(id, warning = %w, "captured row published with a correction");
+                    }
+                    self.ready.push_back(event)
+                }
                 Ok(None) => self.to_delete.push(id),
                 Err(e) => {
                     tracing::warn!(id, error = %e, "cannot convert captured row; moved to delta_bridge.dead_letter");
@@ -325,13 +344,31 @@ impl Pipeline {
         self.gaps.retain(|_, t| now.duration_since(*t) < GAP_FORGET);
     }
 
-    fn gap_check_due(&self) -> bool {
+    /// Skipped ids young enough that a writer is probably committing them right now.
+    fn young_gaps(&self) -> Vec<i64> {
+        self.gaps
+            .iter()
+            .filter(|(_, t)| t.elapsed() < GAP_FAST)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// The gaps to re-read now, if any: the young ones every few milliseconds, all of them every second.
+    fn gaps_due(&mut self) -> Option<Vec<i64>> {
         if self.gaps.is_empty() {
-            return false;
+            return None;
         }
-        let young = self.gaps.values().any(|t| t.elapsed() < GAP_FAST);
-        let every = if young { GAP_FAST_EVERY } else { GAP_SLOW_EVERY };
-        self.last_gap_check.elapsed() >= every
+        if self.last_gap_check.elapsed() >= GAP_SLOW_EVERY {
+            self.last_gap_check = Instant::now();
+            self.last_young_check = Instant::now();
+            return Some(self.gaps.keys().copied().collect());
+        }
+        if self.last_young_check.elapsed() >= GAP_FAST_EVERY {
+            let young = self.young_gaps();
+            self.last_young_check = Instant::now();
+            return (!young.is_empty()).then_some(young);
+        }
+        None
     }
 
     fn push_ready(&mut self, events: &mpsc::Sender<Event>) {

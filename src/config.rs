@@ -473,8 +473,9 @@ impl Raw {
             ));
         }
         let keep_alive = self.duration("mqtt.keep_alive", "5s")?;
-        if keep_alive < Duration::from_secs(1) {
-            return Err(ConfigError::invalid("mqtt.keep_alive", "must be at least 1s"));
+        if keep_alive < Duration::from_secs(5) {
+            // rumqttc refuses (panics on) shorter intervals.
+            return Err(ConfigError::invalid("mqtt.keep_alive", "must be at least 5s"));
         }
         let mqtt = MqttConfig {
             url: mqtt_url,
@@ -672,6 +673,10 @@ mod tests {
             "broker.kind"
         );
         assert_eq!(key_of(parse("[postgres]\nurl = 5\n", &[]).unwrap_err()), "postgres.url");
+        assert_eq!(
+            key_of(parse("[mqtt]\nkeep_alive = \"2s\"\n", &[]).unwrap_err()),
+            "mqtt.keep_alive"
+        );
     }
 
     #[test]

@@ -11,8 +11,9 @@ use crate::convert::Stream;
 
 /// Why an event was not (yet) delivered. `connection`: the broker connection failed with events in flight
 /// (they are republished); `rejected`: PUBACK >= 0x80 (dead-lettered); `unconvertible`: dead-lettered before
-/// publishing; `too_large`: over the broker's maximum packet size (dead-lettered).
-pub const FAILURE_REASONS: [&str; 4] = ["connection", "rejected", "unconvertible", "too_large"];
+/// publishing; `too_large`: over the broker's maximum packet size (dead-lettered); `retried`: a refusal the
+/// broker may not repeat (0x80, 0x83, 0x91, 0x97), sent again with backoff.
+pub const FAILURE_REASONS: [&str; 5] = ["connection", "rejected", "unconvertible", "too_large", "retried"];
 
 pub struct Metrics {
     registry: Registry,

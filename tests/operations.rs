@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Env, Subscriber};
-use serde_json::json;
+use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -22,10 +22,11 @@ async fn unconvertible_rows_are_dead_lettered_without_blocking_and_can_be_replay
     let sub = Subscriber::start(&env.mqtt.url(), "device-dead", "dev/#").await;
     let db = env.client().await;
 
-    // A writer sets a transaction id that is not an id: the bridge cannot build a valid payload.
+    // A branch code with '/' cannot be a topic level (it would let a row write into another topic): the
+    // bridge cannot convert that change. The change behind it is published all the same.
     db.batch_execute(
-        "BEGIN; SELECT set_config('delta_bridge.transaction_id', 'not-a-number', true);
-         UPDATE products SET stock = 7 WHERE id = 1; COMMIT;
+        "UPDATE branches SET code = 'BAD/CODE' WHERE id = 2;
+         UPDATE products SET stock = 7 WHERE id = 21;
          UPDATE products SET stock = 8 WHERE id = 2;",
     )
     .await
@@ -36,20 +37,25 @@ async fn unconvertible_rows_are_dead_lettered_without_blocking_and_can_be_replay
         })
         .await;
     assert!(
-        !msgs.iter().any(|x| x.payload["data"]["product_id"] == 1),
+        !msgs.iter().any(|x| x.payload["data"]["product_id"] == 21),
         "the bad row is not published"
     );
 
-    let row = db
-        .query_one("SELECT id, reason, detail FROM delta_bridge.dead_letter", &[])
-        .await
-        .expect("one dead letter");
+    let start = Instant::now();
+    let row = loop {
+        if let Some(r) = db
+            .query_opt("SELECT id, reason, detail FROM delta_bridge.dead_letter", &[])
+            .await
+            .expect("q")
+        {
+            break r;
+        }
+        assert!(start.elapsed() < WAIT, "never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let (id, reason, detail): (i64, String, String) = (row.get(0), row.get(1), row.get(2));
     assert_eq!(reason, "unconvertible");
-    assert!(
-        detail.contains("delta_bridge.transaction_id"),
-        "the detail says why: {detail}"
-    );
+    assert!(detail.contains("branch code"), "the detail says why: {detail}");
     let left: i64 = db
         .query_one("SELECT count(*) FROM delta_bridge.outbox", &[])
         .await
@@ -57,22 +63,39 @@ async fn unconvertible_rows_are_dead_lettered_without_blocking_and_can_be_replay
         .get(0);
     assert_eq!(left, 0, "moved out of the outbox, not stuck in it");
 
-    // The operator fixes the captured context and replays: it arrives with its original seq.
+    // A transaction id that is not an id does not cost the devices their stock change: published with null.
     db.batch_execute(
-        "UPDATE delta_bridge.dead_letter SET ctx = (ctx::jsonb - 'transaction_id')::json;
+        "BEGIN; SELECT set_config('delta_bridge.transaction_id', 'TRX-001', true);
+         UPDATE products SET stock = 9 WHERE id = 3; COMMIT;",
+    )
+    .await
+    .expect("write");
+    let msgs = sub
+        .wait_for(WAIT, "product 3", |m| {
+            m.iter().any(|x| x.payload["data"]["product_id"] == 3)
+        })
+        .await;
+    let m3 = msgs.iter().find(|x| x.payload["data"]["product_id"] == 3).expect("p3");
+    assert_eq!(m3.payload["data"]["transaction_id"], Value::Null);
+
+    // The operator fixes the branch and the captured row, and replays: it arrives with its original seq.
+    db.batch_execute(
+        "UPDATE branches SET code = 'BRN-MST-OSK00002' WHERE id = 2;
+         UPDATE delta_bridge.dead_letter SET branch_code = 'BRN-MST-OSK00002';
          SELECT delta_bridge.replay();",
     )
     .await
     .expect("replay");
     let msgs = sub
         .wait_for(WAIT, "the replayed event", |m| {
-            m.iter().any(|x| x.payload["data"]["product_id"] == 1)
+            m.iter().any(|x| x.payload["data"]["product_id"] == 21)
         })
         .await;
     let m = msgs
         .iter()
-        .find(|x| x.payload["data"]["product_id"] == 1)
+        .find(|x| x.payload["data"]["product_id"] == 21)
         .expect("replayed");
+    assert_eq!(m.topic, "dev/MCH-MST-001/BRN-MST-OSK00002/product/updates");
     assert_eq!(m.payload["seq"], json!(id));
     assert_eq!(m.payload["data"]["new_stock"], 7);
     let dead: i64 = db

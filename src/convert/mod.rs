@@ -54,6 +54,9 @@ pub struct Captured {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     pub seq: i64,
+    /// Something the writer got wrong that did not stop the event (e.g. a non-integer
+    /// `delta_bridge.transaction_id`, published as null); the pipeline logs it.
+    pub warning: Option<String>,
     pub stream: Stream,
     pub topic: String,
     pub event_id: String,
@@ -276,6 +279,7 @@ pub fn convert(c: &Captured, env: &str, install_id: &str) -> Result<Option<Event
     };
     Ok(Some(Event {
         seq: c.id,
+        warning: ctx.warning,
         stream,
         topic,
         event_id,
@@ -291,18 +295,25 @@ struct Context {
     actor: Option<String>,
     db_user: String,
     in_sale: bool,
+    warning: Option<String>,
 }
 
 impl Context {
     fn read(ctx: &Value) -> Result<Context, ConvertError> {
         let sale_id = parse_id(ctx, "sale_id", "internal sale id")?;
-        let explicit = parse_id(ctx, "transaction_id", "setting delta_bridge.transaction_id")?;
+        // A writer's non-integer transaction id cannot be published as one; the stock change itself still
+        // matters to the devices, so it goes out with transaction_id null and a warning in the log.
+        let (explicit, warning) = match parse_id(ctx, "transaction_id", "setting delta_bridge.transaction_id") {
+            Ok(id) => (id, None),
+            Err(e) => (None, Some(format!("{e}; published with transaction_id null"))),
+        };
         Ok(Context {
             reason: opt_text(ctx, "reason")?.filter(|s| !s.is_empty()),
             transaction_id: explicit.or(sale_id),
             actor: opt_text(ctx, "actor")?.filter(|s| !s.is_empty()),
             db_user: opt_text(ctx, "db_user")?.unwrap_or_default(),
             in_sale: sale_id.is_some(),
+            warning,
         })
     }
 
@@ -606,9 +617,12 @@ mod tests {
             product(2, 1.0, Value::Null),
             ctx(None, Some("not-a-number"), None, None),
         );
-        assert!(convert(&c, "dev", "i")
-            .unwrap_err()
-            .0
-            .contains("delta_bridge.transaction_id"));
+        let e = convert(&c, "dev", "i").expect("still converts").expect("an event");
+        let d = serde_json::from_slice::<Value>(&e.payload).expect("json")["data"].clone();
+        assert_eq!(d["transaction_id"], Value::Null);
+        assert!(e
+            .warning
+            .as_deref()
+            .is_some_and(|w| w.contains("delta_bridge.transaction_id")));
     }
 }

@@ -120,9 +120,50 @@ pub struct Publisher {
     pub metrics: Arc<Metrics>,
     pub connected: Arc<AtomicBool>,
     pub drain: Duration,
+    /// The most events the pipeline hands over unacknowledged (its `max_pending`): sizes the request
+    /// channel so that queuing a publish never fails while the broker is slow.
+    pub max_pending: usize,
+    /// Transient refusals so far, per seq (kept across reconnects).
+    attempts: std::sync::Mutex<HashMap<i64, u32>>,
+}
+
+/// A refusal the broker may not repeat (overload, quota, an internal error) is retried this many times, with
+/// backoff, before the event is dead-lettered; refusals that will not change (not authorised, invalid topic
+/// or payload) are dead-lettered at once.
+const TRANSIENT_ATTEMPTS: u32 = 8;
+
+fn transient(reason: &PubAckReason) -> bool {
+    matches!(
+        reason,
+        PubAckReason::UnspecifiedError
+            | PubAckReason::ImplementationSpecificError
+            | PubAckReason::QuotaExceeded
+            | PubAckReason::PacketIdentifierInUse
+    )
+}
+
+fn retry_delay(attempt: u32) -> Duration {
+    Duration::from_secs(1u64 << attempt.min(6)).min(Duration::from_secs(60))
 }
 
 impl Publisher {
+    pub fn new(
+        cfg: MqttConfig,
+        metrics: Arc<Metrics>,
+        connected: Arc<AtomicBool>,
+        drain: Duration,
+        max_pending: usize,
+    ) -> Publisher {
+        Publisher {
+            cfg,
+            metrics,
+            connected,
+            drain,
+            max_pending,
+            attempts: Default::default(),
+        }
+    }
+
     pub async fn run(
         self,
         mut events: mpsc::Receiver<Event>,
@@ -198,7 +239,7 @@ impl Publisher {
         opts.set_outgoing_inflight_upper_limit(self.cfg.max_inflight);
         // Our own bound (the bridge's max_pending) keeps the request channel from filling; a margin for
         // the republish after reconnect, which sends every unacknowledged event at once.
-        let cap = unacked.len() + 4096;
+        let cap = unacked.len().max(self.max_pending) + 1024;
         let (client, eventloop) = AsyncClient::new(opts, cap);
         let (loop_tx, mut loop_rx) = mpsc::unbounded_channel();
         let driver = tokio::spawn(drive(eventloop, loop_tx));
@@ -227,6 +268,8 @@ impl Publisher {
 
         let mut pending_out: VecDeque<i64> = VecDeque::new();
         let mut inflight: HashMap<u16, VecDeque<i64>> = HashMap::new();
+        // Events refused for now, to be sent again at the given time.
+        let mut retry_at: Vec<(tokio::time::Instant, i64)> = Vec::new();
         let seqs: Vec<i64> = unacked.keys().copied().collect();
         for seq in seqs {
             if let Some(ev) = unacked.get(&seq) {
@@ -247,6 +290,11 @@ impl Publisher {
                 let _ = client.try_disconnect();
                 return SessionEnd::Done;
             }
+            let next_retry = retry_at
+                .iter()
+                .map(|(t, _)| *t)
+                .min()
+                .unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 biased;
                 ev = loop_rx.recv() => match ev {
@@ -257,7 +305,20 @@ impl Publisher {
                     }
                     Some(Ok(MqttEvent::Incoming(Packet::PubAck(ack)))) => {
                         let seq = inflight.get_mut(&ack.pkid).and_then(VecDeque::pop_front);
+                        let refused_for_now = transient(&ack.reason);
+                        if let Some(s) = seq.filter(|s| refused_for_now && unacked.contains_key(s)) {
+                            let n = self.attempts.lock().map(|mut a| { let n = a.entry(s).or_insert(0); *n += 1; *n }).unwrap_or(TRANSIENT_ATTEMPTS);
+                            if n < TRANSIENT_ATTEMPTS {
+                                self.metrics.failure("retried");
+                                tracing::warn!(seq = s, reason = ?ack.reason, attempt = n, "broker refused a publish for now; retrying");
+                                retry_at.push((tokio::time::Instant::now() + retry_delay(n), s));
+                                continue;
+                            }
+                        }
                         if let Some(event) = seq.and_then(|s| unacked.remove(&s)) {
+                            if let Ok(mut a) = self.attempts.lock() {
+                                a.remove(&event.seq);
+                            }
                             let outcome = match ack.reason {
                                 PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Outcome::Acked(event),
                                 other => {
@@ -284,6 +345,19 @@ impl Publisher {
                     *draining = true;
                     drain_armed = true;
                     drain_deadline.as_mut().reset(tokio::time::Instant::now() + self.drain);
+                }
+                _ = tokio::time::sleep_until(next_retry), if !retry_at.is_empty() => {
+                    let now = tokio::time::Instant::now();
+                    let (due, later): (Vec<_>, Vec<_>) = retry_at.drain(..).partition(|(t, _)| *t <= now);
+                    retry_at = later;
+                    for (_, s) in due {
+                        if let Some(ev) = unacked.get(&s) {
+                            if let Err(e) = send(&client, ev) {
+                                return SessionEnd::Failed(e);
+                            }
+                            pending_out.push_back(s);
+                        }
+                    }
                 }
                 _ = &mut drain_deadline, if drain_armed => {
                     let _ = client.try_disconnect();
@@ -426,6 +500,21 @@ mod tests {
         );
         assert!(BrokerAddress::parse("http://x").is_err());
         assert!(BrokerAddress::parse("nonsense").is_err());
+    }
+
+    #[test]
+    fn only_refusals_that_can_change_are_retried() {
+        assert!(transient(&PubAckReason::QuotaExceeded));
+        assert!(transient(&PubAckReason::UnspecifiedError));
+        assert!(transient(&PubAckReason::ImplementationSpecificError));
+        assert!(!transient(&PubAckReason::NotAuthorized));
+        assert!(!transient(&PubAckReason::TopicNameInvalid));
+        assert!(!transient(&PubAckReason::PayloadFormatInvalid));
+        let total: Duration = (1..TRANSIENT_ATTEMPTS).map(retry_delay).sum();
+        assert!(
+            total >= Duration::from_secs(60) && total <= Duration::from_secs(300),
+            "{total:?}"
+        );
     }
 
     #[test]
