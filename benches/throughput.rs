@@ -8,6 +8,7 @@
 //! BENCH_DURATION=20s BENCH_RATES=250,500 cargo bench --bench throughput
 //! ```
 //!
+//! Each rate runs with durable commits and with synchronous_commit off (BENCH_COMMIT=durable|async for one).
 //! Rates are database transactions per second; the mix averages ~4 events per transaction.
 
 use std::process::{Command, Stdio};
@@ -47,6 +48,13 @@ fn main() -> anyhow::Result<()> {
         .split(',')
         .filter_map(|r| r.trim().parse().ok())
         .collect();
+    // durable: COMMIT waits for the WAL flush (the latency includes the disk); async: synchronous_commit off,
+    // which leaves the bridge's own share of the latency.
+    let commits: Vec<&str> = match std::env::var("BENCH_COMMIT").as_deref() {
+        Ok("durable") => vec!["on"],
+        Ok("async") => vec!["off"],
+        _ => vec!["on", "off"],
+    };
     let dir = std::env::temp_dir().join(format!("delta-bridge-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let pg = Postgres::start(&dir.join("pg"), true)?;
@@ -79,13 +87,13 @@ fn main() -> anyhow::Result<()> {
         .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         .unwrap_or_default();
     println!(
-        "machine: {} cores, {cpus}; PostgreSQL durable (fsync on), Mosquitto 127.0.0.1, bridge release build",
+        "machine: {} cores, {cpus}; PostgreSQL fsync on, Mosquitto 127.0.0.1, bridge release build",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     println!("duration per rate: {duration:?}\n");
     println!(
-        "{:>8} {:>9} {:>9} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>9}",
-        "tx/s", "events/s", "received", "lost", "dup", "p50 ms", "p99 ms", "max ms", "cpu %", "rss MiB"
+        "{:>8} {:>7} {:>9} {:>9} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>9}",
+        "tx/s", "commit", "events/s", "received", "lost", "dup", "p50 ms", "p99 ms", "max ms", "cpu %", "rss MiB"
     );
     let mut failed = false;
     rt.block_on(async {
@@ -97,7 +105,10 @@ fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-        for rate in &rates {
+        for (rate, commit) in rates.iter().flat_map(|r| commits.iter().map(move |c| (r, *c))) {
+            // synchronous_commit is reloadable: the same server, side by side.
+            let _ = pg.psql("postgres", &format!("ALTER SYSTEM SET synchronous_commit = {commit}"));
+            let _ = pg.psql("postgres", "SELECT pg_reload_conf()");
             let opts = LoadOptions {
                 rate: *rate,
                 duration,
@@ -117,8 +128,9 @@ fn main() -> anyhow::Result<()> {
                     };
                     let dup: u64 = r.streams.values().map(|s| s.duplicated).sum();
                     println!(
-                        "{:>8.0} {:>9.0} {:>9} {:>6} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>9.1}",
+                        "{:>8.0} {:>7} {:>9.0} {:>9} {:>6} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>9.1}",
                         rate,
+                        if commit == "on" { "durable" } else { "async" },
                         r.events_per_second,
                         r.received(),
                         r.lost(),
