@@ -6,6 +6,7 @@
 //! ```sh
 //! cargo bench --bench throughput                       # 60 s at ~250 and ~1,000 events/s
 //! BENCH_DURATION=20s BENCH_RATES=250,500 cargo bench --bench throughput
+//! BENCH_PG="wal_writer_delay=10ms" BENCH_COMMIT=async cargo bench --bench throughput
 //! ```
 //!
 //! Each rate runs with durable commits and with synchronous_commit off (BENCH_COMMIT=durable|async for one).
@@ -61,6 +62,17 @@ fn main() -> anyhow::Result<()> {
     let mqtt = Mosquitto::start(&dir.join("mqtt"))?;
     pg.psql("postgres", "CREATE DATABASE mstore")?;
     pg.psql("mstore", REFERENCE_SCHEMA)?;
+    // Extra server settings to compare (e.g. BENCH_PG="wal_writer_delay=10ms"), applied with ALTER SYSTEM.
+    if let Ok(extra) = std::env::var("BENCH_PG") {
+        for kv in extra.split(',').filter(|s| !s.trim().is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("BENCH_PG: {kv} is not key=value"))?;
+            pg.psql("postgres", &format!("ALTER SYSTEM SET {} = '{}'", k.trim(), v.trim()))?;
+        }
+        pg.psql("postgres", "SELECT pg_reload_conf()")?;
+        println!("server settings: {extra}");
+    }
     let port = free_port()?;
     let toml = format!(
         "env = \"bench\"\n[postgres]\nurl = \"{}\"\n[mqtt]\nurl = \"{}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n[log]\nlevel = \"warn\"\n",
