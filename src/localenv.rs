@@ -237,20 +237,8 @@ impl Postgres {
 
     /// Stops the server: `immediate` is a crash (SIGQUIT, recovery at next start), else a fast shutdown.
     pub fn stop(&mut self, immediate: bool) {
-        if let Some(mut child) = self.child.take() {
-            let sig = if immediate { "QUIT" } else { "INT" };
-            let _ = Command::new("kill")
-                .args([&format!("-{sig}"), &child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            stop_child(child, if immediate { "QUIT" } else { "INT" }, Duration::from_secs(30));
         }
     }
 
@@ -443,21 +431,8 @@ impl Mosquitto {
 
     /// Stops the broker: gracefully (SIGTERM: it saves its persistence file), or by SIGKILL.
     pub fn stop(&mut self, kill: bool) {
-        if let Some(mut child) = self.child.take() {
-            if kill {
-                let _ = child.kill();
-            } else {
-                let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            }
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            stop_child(child, if kill { "KILL" } else { "TERM" }, Duration::from_secs(20));
         }
     }
 
@@ -484,6 +459,22 @@ pub fn dynsec_plugin() -> Option<PathBuf> {
         .unwrap_or_default();
     candidates.push(PathBuf::from("/usr/lib/mosquitto_dynamic_security.so"));
     candidates.into_iter().find(|p| p.exists())
+}
+
+/// Sends `signal` to a server and waits up to `limit` for it to exit, then kills it.
+fn stop_child(mut child: Child, signal: &str, limit: Duration) {
+    let _ = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn which(bin: &str) -> Option<PathBuf> {
