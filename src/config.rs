@@ -104,6 +104,7 @@ impl fmt::Debug for PostgresConfig {
 #[derive(Debug, Clone, Serialize)]
 pub struct MqttConfig {
     /// `mqtt://host:port` or `mqtts://host:port` (TLS).
+    #[serde(serialize_with = "ser_redacted_url")]
     pub url: String,
     pub client_id: String,
     pub username: Option<String>,

@@ -264,7 +264,7 @@ impl Publisher {
         };
         self.set_connected(true);
         backoff.reset();
-        tracing::info!(url = %self.cfg.url, unacked = unacked.len(), "mqtt connected");
+        tracing::info!(url = %crate::config::redact_url(&self.cfg.url), unacked = unacked.len(), "mqtt connected");
 
         let mut pending_out: VecDeque<i64> = VecDeque::new();
         let mut inflight: HashMap<u16, VecDeque<i64>> = HashMap::new();
