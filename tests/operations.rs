@@ -418,3 +418,34 @@ async fn two_replicas_publish_each_event_once_and_the_standby_takes_over() {
     sub.stop().await;
     standby.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_started_before_its_database_waits_and_then_works() {
+    let mut env = Env::start("late-db");
+    env.pg.stop(false);
+    let bridge = env.bridge_process("early");
+    // Alive but not ready while the database is missing.
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = reqwest::get(format!("{}/healthz", bridge.http)).await {
+            assert_eq!(r.status(), 200);
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "no /healthz while waiting for the database");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ready = reqwest::get(format!("{}/readyz", bridge.http)).await.expect("readyz");
+    assert_eq!(ready.status(), 503);
+
+    tokio::task::block_in_place(|| env.pg.restart(false)).expect("postgres comes up");
+    common::wait_ready_at(&bridge.http, Duration::from_secs(20)).await;
+    let sub = Subscriber::start(&env.mqtt.url(), "device-late", "dev/#").await;
+    env.client()
+        .await
+        .batch_execute("UPDATE products SET stock = 1 WHERE id = 1")
+        .await
+        .expect("write");
+    sub.wait_for(WAIT, "the first event", |m| !m.is_empty()).await;
+    sub.stop().await;
+}
