@@ -18,7 +18,6 @@ use axum::Router;
 use base64::Engine;
 use common::Env;
 use delta_bridge::config::Config;
-use jsonwebtoken::{decode, decode_header, jwk::JwkSet, DecodingKey, Validation};
 use serde_json::{json, Value};
 
 const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
@@ -151,22 +150,7 @@ async fn emqx_backend_speaks_the_documented_api() {
 
     // What EMQX checks: RS256 signature through the JWKS, exp/nbf, clientid = username, the acl claim.
     let token = creds["password"].as_str().expect("password");
-    let jwks: JwkSet = reqwest::get(format!("{}/.well-known/jwks.json", bridge.http))
-        .await
-        .expect("jwks")
-        .json()
-        .await
-        .expect("json");
-    let header = decode_header(token).expect("header");
-    assert_eq!(header.alg, jsonwebtoken::Algorithm::RS256, "RSA key -> RS256");
-    let jwk = jwks.find(header.kid.as_deref().expect("kid")).expect("published");
-    let mut v = Validation::new(jsonwebtoken::Algorithm::RS256);
-    v.set_audience(&["mqtt"]);
-    v.set_issuer(&["delta-bridge"]);
-    v.validate_nbf = true;
-    let claims = decode::<Value>(token, &DecodingKey::from_jwk(jwk).expect("key"), &v)
-        .expect("verifies")
-        .claims;
+    let claims = common::verify_with_jwks(&bridge.http, token, jsonwebtoken::Algorithm::RS256).await;
     assert_eq!(claims["clientid"], "tab-01");
     assert_eq!(claims["username"], "tab-01");
     assert_eq!(

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use common::{Env, InProcessBridge};
 use delta_bridge::config::Config;
 use delta_bridge::localenv::Mosquitto;
-use jsonwebtoken::{decode, decode_header, jwk::JwkSet, DecodingKey, Validation};
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Filter, Packet, PubAckReason, Publish, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
@@ -315,24 +314,7 @@ async fn refused(env: &Env, client_id: &str, username: &str, password: &str) -> 
 
 /// Verifies the token against the bridge's JWKS with jsonwebtoken (independent of the bridge's signer).
 async fn verify_with_jwks(api: &Api, token: &str) -> Value {
-    let jwks: JwkSet = reqwest::get(format!("{}/.well-known/jwks.json", api.http))
-        .await
-        .expect("jwks")
-        .json()
-        .await
-        .expect("jwks json");
-    let header = decode_header(token).expect("header");
-    assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256, "ES256 by default");
-    let kid = header.kid.expect("kid in the header");
-    let jwk = jwks.find(&kid).expect("the kid is published");
-    let mut v = Validation::new(jsonwebtoken::Algorithm::ES256);
-    v.set_audience(&["mqtt"]);
-    v.set_issuer(&["delta-bridge"]);
-    v.validate_nbf = true;
-    v.leeway = 0;
-    decode::<Value>(token, &DecodingKey::from_jwk(jwk).expect("decoding key"), &v)
-        .expect("the token verifies")
-        .claims
+    common::verify_with_jwks(&api.http, token, jsonwebtoken::Algorithm::ES256).await
 }
 
 fn metric(text: &str, name: &str) -> f64 {

@@ -355,3 +355,28 @@ impl Drop for Env {
         }
     }
 }
+
+/// Verifies a device token against the bridge's /.well-known/jwks.json with jsonwebtoken, a JWT implementation
+/// independent of the bridge's own signer (audience "mqtt", issuer "delta-bridge", nbf checked, no leeway);
+/// returns the claims.
+pub async fn verify_with_jwks(http: &str, token: &str, alg: jsonwebtoken::Algorithm) -> Value {
+    use jsonwebtoken::{decode, decode_header, jwk::JwkSet, DecodingKey, Validation};
+    let jwks: JwkSet = reqwest::get(format!("{http}/.well-known/jwks.json"))
+        .await
+        .expect("jwks")
+        .json()
+        .await
+        .expect("jwks json");
+    let header = decode_header(token).expect("header");
+    assert_eq!(header.alg, alg, "signing algorithm");
+    let kid = header.kid.expect("kid in the header");
+    let jwk = jwks.find(&kid).expect("the kid is published");
+    let mut v = Validation::new(alg);
+    v.set_audience(&["mqtt"]);
+    v.set_issuer(&["delta-bridge"]);
+    v.validate_nbf = true;
+    v.leeway = 0;
+    decode::<Value>(token, &DecodingKey::from_jwk(jwk).expect("decoding key"), &v)
+        .expect("the token verifies")
+        .claims
+}
