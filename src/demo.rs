@@ -6,15 +6,13 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet, SubscribeReasonCode};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event as MqttEvent};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::deliver::mqtt_options;
 use crate::loadgen::{self, LoadOptions, LOAD_MERCHANT};
 use crate::localenv::{Mosquitto, Postgres, REFERENCE_SCHEMA};
+use crate::subscriber::{self, Subscription};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct DemoArgs {
@@ -173,7 +171,7 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
     match demo_device(&cfg, user, pass, other).await {
         Err(_) => println!("      subscribing to {other}: refused by the broker, as it must be"),
         Ok((probe, _)) => {
-            probe.abort();
+            probe.stop().await;
             anyhow::bail!("the broker let the device subscribe to another branch");
         }
     }
@@ -224,15 +222,15 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
     while device_rx.try_recv().is_ok() {
         foreign += 1;
     }
-    device.abort();
+    device.stop().await;
 
     step(6, "report (latency from COMMIT sent to the subscriber's receipt)");
     print!("{}", report.render());
     println!("tablet-osaka-01 received {foreign} events during the load of another merchant (must be 0)");
-    let metrics = http_get(&format!("{http}/metrics"))
-        .await
-        .map(|(_, body)| body)
-        .unwrap_or_default();
+    let metrics = match reqwest::get(format!("{http}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
     for line in metrics.lines().filter(|l| {
         l.starts_with("delta_bridge_events_published_total")
             || l.starts_with("delta_bridge_outbox_backlog")
@@ -258,63 +256,26 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
 type DeviceRx = tokio::sync::mpsc::UnboundedReceiver<(String, String)>;
 
 /// An MQTT 5 device session subscribed to `filter`; an error if the broker refuses the subscription.
-async fn demo_device(
-    cfg: &Config,
-    user: &str,
-    pass: &str,
-    filter: &str,
-) -> anyhow::Result<(tokio::task::JoinHandle<()>, DeviceRx)> {
+async fn demo_device(cfg: &Config, user: &str, pass: &str, filter: &str) -> anyhow::Result<(Subscription, DeviceRx)> {
     let mut opts = mqtt_options(&cfg.mqtt, user, Some(user), Some(pass)).map_err(anyhow::Error::msg)?;
     opts.set_max_packet_size(Some(16 * 1024 * 1024));
-    let (client, mut eventloop) = AsyncClient::new(opts, 10);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let (sub_tx, sub_rx) = tokio::sync::oneshot::channel();
-    let wanted = filter.to_string();
-    let task = tokio::spawn(async move {
-        let mut sub_tx = Some(sub_tx);
-        loop {
-            match eventloop.poll().await {
-                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                    let _ = client
-                        .subscribe_many(vec![Filter::new(wanted.clone(), QoS::AtLeastOnce)])
-                        .await;
-                }
-                Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
-                    let ok = ack
-                        .return_codes
-                        .iter()
-                        .all(|c| matches!(c, SubscribeReasonCode::Success(_)));
-                    if let Some(t) = sub_tx.take() {
-                        let _ = t.send(ok);
-                    }
-                }
-                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                    let _ = tx.send((
-                        String::from_utf8_lossy(&p.topic).into_owned(),
-                        String::from_utf8_lossy(&p.payload).into_owned(),
-                    ));
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
-    });
-    let granted = tokio::time::timeout(Duration::from_secs(10), sub_rx)
-        .await
-        .map_err(|_| anyhow::anyhow!("demo device: no SUBACK"))??;
-    if !granted {
-        task.abort();
-        anyhow::bail!("subscription to {filter} refused");
-    }
-    Ok((task, rx))
+    let device = subscriber::subscribe(opts, filter, Duration::from_secs(10), move |p| {
+        let _ = tx.send((
+            String::from_utf8_lossy(&p.topic).into_owned(),
+            String::from_utf8_lossy(&p.payload).into_owned(),
+        ));
+    })
+    .await?;
+    Ok((device, rx))
 }
 
 async fn wait_ready(http: &str) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
-        if http_get(&format!("{http}/readyz"))
+        if reqwest::get(format!("{http}/readyz"))
             .await
-            .is_ok_and(|(code, _)| code == 200)
+            .is_ok_and(|r| r.status() == reqwest::StatusCode::OK)
         {
             return Ok(());
         }
@@ -323,26 +284,4 @@ async fn wait_ready(http: &str) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// A minimal HTTP/1.0 GET (the demo needs no HTTP client dependency for two local requests).
-async fn http_get(url: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").ok_or_else(|| anyhow::anyhow!("not http"))?;
-    let (host, path) = rest
-        .split_once('/')
-        .map(|(h, p)| (h, format!("/{p}")))
-        .unwrap_or((rest, "/".into()));
-    let mut s = tokio::net::TcpStream::connect(host).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
 }

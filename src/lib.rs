@@ -11,7 +11,8 @@
 //! Beside it: [`provision`] (device credentials, ACLs and broker accounts, behind the device API),
 //! [`config`] (file + environment, validated), [`http`] (health, readiness, metrics),
 //! [`metrics`], [`localenv`] (private PostgreSQL and Mosquitto for the demo and tests), [`loadgen`]
-//! (the load harness behind `delta-load` and `demo`), [`demo`].
+//! (the load harness behind `delta-load` and `demo`), [`subscriber`] (a device-like MQTT subscription for
+//! both and the tests), [`demo`].
 
 pub mod bridge;
 pub mod capture;
@@ -25,3 +26,4 @@ pub mod localenv;
 pub mod metrics;
 pub mod provision;
 pub mod service;
+pub mod subscriber;

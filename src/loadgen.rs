@@ -13,9 +13,6 @@ use std::io::{IsTerminal, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event as MqttEvent};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -24,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::capture::pg;
 use crate::config::Config;
 use crate::deliver::mqtt_options;
+use crate::subscriber;
 
 pub const LOAD_MERCHANT: &str = "MCH-LOAD";
 
@@ -265,65 +263,21 @@ pub async fn run(cfg: &Config, opts: &LoadOptions, cancel: CancellationToken) ->
     .map_err(anyhow::Error::msg)?;
     mopts.set_clean_start(false);
     mopts.set_session_expiry_interval(Some(3600));
-    let (client, mut eventloop) = AsyncClient::new(mopts, 100);
     let got: Arc<Mutex<Vec<Got>>> = Arc::new(Mutex::new(Vec::new()));
-    let (suback_tx, suback_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
     let filter = format!("{}/#", cfg.env);
-    let rx_task = {
-        let got = got.clone();
-        let client = client.clone();
-        tokio::spawn(async move {
-            let mut suback_tx = Some(suback_tx);
-            loop {
-                match eventloop.poll().await {
-                    Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
-                        if !ack.session_present {
-                            let _ = client
-                                .subscribe_many(vec![Filter::new(filter.clone(), QoS::AtLeastOnce)])
-                                .await;
-                        } else if let Some(tx) = suback_tx.take() {
-                            let _ = tx.send(Ok(()));
-                        }
-                    }
-                    Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
-                        if let Some(tx) = suback_tx.take() {
-                            let ok = ack
-                                .return_codes
-                                .iter()
-                                .all(|c| matches!(c, rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)));
-                            let _ = tx.send(if ok {
-                                Ok(())
-                            } else {
-                                Err(format!("subscription refused: {:?}", ack.return_codes))
-                            });
-                        }
-                    }
-                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                        let at = Instant::now();
-                        if let Ok(v) = serde_json::from_slice::<Value>(&p.payload) {
-                            if let Some(g) = classify(run_id, v, at) {
-                                if let Ok(mut sink) = got.lock() {
-                                    sink.push(g);
-                                }
-                            }
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        if let Some(tx) = suback_tx.take() {
-                            let _ = tx.send(Err(e.to_string()));
-                        }
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
+    let sink = got.clone();
+    let subscription = subscriber::subscribe(mopts, &filter, Duration::from_secs(20), move |p| {
+        let at = Instant::now();
+        if let Ok(v) = serde_json::from_slice::<Value>(&p.payload) {
+            if let Some(g) = classify(run_id, v, at) {
+                if let Ok(mut sink) = sink.lock() {
+                    sink.push(g);
                 }
             }
-        })
-    };
-    match tokio::time::timeout(Duration::from_secs(20), suback_rx).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => anyhow::bail!("cannot subscribe to {}/#: {e}", cfg.env),
-        _ => anyhow::bail!("no SUBACK from the broker within 20 s"),
-    }
+        }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot subscribe to {filter}: {e}"))?;
 
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let (op_tx, op_rx) = mpsc::unbounded_channel::<(u64, Instant)>();
@@ -382,8 +336,7 @@ pub async fn run(cfg: &Config, opts: &LoadOptions, cancel: CancellationToken) ->
     if opts.progress {
         progress(start, &ledger, &got, true);
     }
-    rx_task.abort();
-    let _ = client.disconnect().await;
+    subscription.stop().await;
 
     let got = got.lock().map(|g| g.clone()).unwrap_or_default();
     let ledger = Arc::try_unwrap(ledger)

@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 
 use delta_bridge::config::Config;
 use delta_bridge::localenv::{Mosquitto, Postgres, REFERENCE_SCHEMA};
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use delta_bridge::subscriber::{self, Subscription};
+use rumqttc::v5::MqttOptions;
 use serde_json::Value;
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
@@ -227,8 +226,7 @@ pub struct Received {
 /// restart (persistence on) does not lose what was queued for it.
 pub struct Subscriber {
     pub messages: Arc<Mutex<Vec<Received>>>,
-    client: AsyncClient,
-    task: tokio::task::JoinHandle<()>,
+    subscription: Subscription,
 }
 
 impl Subscriber {
@@ -243,51 +241,24 @@ impl Subscriber {
         opts.set_clean_start(false);
         opts.set_session_expiry_interval(Some(3600));
         opts.set_max_packet_size(Some(64 * 1024 * 1024));
-        let (client, mut eventloop) = AsyncClient::new(opts, 100);
         let messages = Arc::new(Mutex::new(Vec::new()));
-        let (subacked_tx, subacked_rx) = tokio::sync::oneshot::channel();
-        let mut subacked_tx = Some(subacked_tx);
         let sink = messages.clone();
-        let c2 = client.clone();
-        let filter_s = filter.to_string();
-        let task = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        if !ack.session_present {
-                            let _ = c2
-                                .subscribe_many(vec![Filter::new(filter_s.clone(), QoS::AtLeastOnce)])
-                                .await;
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(tx) = subacked_tx.take() {
-                            let _ = tx.send(());
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let props = p.properties.clone().unwrap_or_default();
-                        let raw = p.payload.to_vec();
-                        let payload = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-                        sink.lock().expect("lock").push(Received {
-                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                            payload,
-                            raw,
-                            content_type: props.content_type,
-                            user_properties: props.user_properties,
-                            at: Instant::now(),
-                        });
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(15), subacked_rx)
-            .await
-            .expect("SUBACK in time")
-            .expect("suback");
-        Subscriber { messages, client, task }
+        let subscription = subscriber::subscribe(opts, filter, Duration::from_secs(15), move |p| {
+            let props = p.properties.clone().unwrap_or_default();
+            let raw = p.payload.to_vec();
+            let payload = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+            sink.lock().expect("lock").push(Received {
+                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                payload,
+                raw,
+                content_type: props.content_type,
+                user_properties: props.user_properties,
+                at: Instant::now(),
+            });
+        })
+        .await
+        .expect("subscribed (SUBACK granted in time)");
+        Subscriber { messages, subscription }
     }
 
     pub fn snapshot(&self) -> Vec<Received> {
@@ -319,8 +290,7 @@ impl Subscriber {
     }
 
     pub async fn stop(self) {
-        let _ = self.client.disconnect().await;
-        self.task.abort();
+        self.subscription.stop().await;
     }
 }
 
