@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::deliver::mqtt_options;
-use crate::loadgen::{self, LoadOptions, LOAD_MERCHANT};
+use crate::loadgen::{self, LoadOptions, LOAD_MERCHANT_PREFIX};
 use crate::localenv::{Mosquitto, Postgres, REFERENCE_SCHEMA};
 use crate::subscriber::{self, Subscription};
 
@@ -204,7 +204,7 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
     step(
         5,
         &format!(
-            "load: {} writes/s for {:?} on merchant {LOAD_MERCHANT} (sales, restocks, price changes, voids, aborted sales)",
+            "load: {} writes/s for {:?} on merchant {LOAD_MERCHANT_PREFIX}000 (sales, restocks, price changes, voids, aborted sales)",
             args.rate, args.duration
         ),
     );
@@ -212,6 +212,7 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
         rate: args.rate,
         duration: args.duration,
         writers: 8,
+        merchants: 1,
         branches: 4,
         products_per_branch: 50,
         grace: Duration::from_secs(30),

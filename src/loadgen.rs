@@ -23,7 +23,9 @@ use crate::config::Config;
 use crate::deliver::mqtt_options;
 use crate::subscriber;
 
-pub const LOAD_MERCHANT: &str = "MCH-LOAD";
+/// Merchant codes the harness writes to: `MCH-LOAD-000`, `MCH-LOAD-001`, ... Their branches share codes
+/// (`BRN-LOAD-0000`, ...) across merchants, as real branch codes may, so topic scoping by merchant is exercised.
+pub const LOAD_MERCHANT_PREFIX: &str = "MCH-LOAD-";
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -32,6 +34,8 @@ pub struct LoadOptions {
     pub duration: Duration,
     /// Concurrent writer connections.
     pub writers: usize,
+    pub merchants: usize,
+    /// Branches per merchant.
     pub branches: usize,
     pub products_per_branch: usize,
     /// How long to wait for stragglers after the last write.
@@ -45,6 +49,7 @@ impl Default for LoadOptions {
             rate: 100.0,
             duration: Duration::from_secs(60),
             writers: 8,
+            merchants: 1,
             branches: 4,
             products_per_branch: 50,
             grace: Duration::from_secs(30),
@@ -169,7 +174,7 @@ impl Report {
     }
 }
 
-/// The rows the harness writes to: one merchant, `branches` branches, products with inventory each.
+/// The rows the harness writes to: `merchants` merchants with `branches` branches each, products with inventory.
 #[derive(Clone, Debug)]
 struct Fixture {
     /// (branch id, [(product id, inventory id)])
@@ -177,58 +182,69 @@ struct Fixture {
 }
 
 async fn fixture(client: &tokio_postgres::Client, opts: &LoadOptions) -> anyhow::Result<Fixture> {
-    client
-        .execute(
-            "INSERT INTO merchants (code, name) VALUES ($1, 'Load test merchant') ON CONFLICT (code) DO NOTHING",
-            &[&LOAD_MERCHANT],
-        )
-        .await?;
-    let merchant: i64 = client
-        .query_one("SELECT id FROM merchants WHERE code = $1", &[&LOAD_MERCHANT])
-        .await?
-        .get(0);
     let mut branches = Vec::new();
-    for b in 0..opts.branches {
-        let code = format!("BRN-LOAD-{b:04}");
+    for m in 0..opts.merchants {
+        let mcode = format!("{LOAD_MERCHANT_PREFIX}{m:03}");
         client
             .execute(
-                "INSERT INTO branches (merchant_id, code, name) VALUES ($1, $2, $2) ON CONFLICT (merchant_id, code) DO NOTHING",
-                &[&merchant, &code],
+                "INSERT INTO merchants (code, name) VALUES ($1, 'Load test merchant') ON CONFLICT (code) DO NOTHING",
+                &[&mcode],
             )
             .await?;
-        let branch: i64 = client
-            .query_one(
-                "SELECT id FROM branches WHERE merchant_id = $1 AND code = $2",
-                &[&merchant, &code],
-            )
+        let merchant: i64 = client
+            .query_one("SELECT id FROM merchants WHERE code = $1", &[&mcode])
             .await?
             .get(0);
-        let have: i64 = client
-            .query_one("SELECT count(*) FROM products WHERE branch_id = $1", &[&branch])
-            .await?
-            .get(0);
-        let missing = (opts.products_per_branch as i64 - have) as i32;
-        if missing > 0 {
-            client
-                .execute(
-                    "WITH p AS (INSERT INTO products (branch_id, name, price, stock)
-                                SELECT $1, 'Load product ' || g, 5 + g % 50, 1000000 FROM generate_series(1, $2) g
-                                RETURNING id, branch_id)
-                     INSERT INTO inventory (branch_id, product_id, quantity) SELECT branch_id, id, 1000000 FROM p",
-                    &[&branch, &missing],
-                )
-                .await?;
+        for b in 0..opts.branches {
+            branches.push(fixture_branch(client, opts, merchant, &format!("BRN-LOAD-{b:04}")).await?);
         }
-        let rows = client
-            .query(
-                "SELECT p.id, i.id FROM products p JOIN inventory i ON i.product_id = p.id
-                  WHERE p.branch_id = $1 ORDER BY p.id LIMIT $2",
-                &[&branch, &(opts.products_per_branch as i64)],
-            )
-            .await?;
-        branches.push((branch, rows.iter().map(|r| (r.get(0), r.get(1))).collect()));
     }
     Ok(Fixture { branches })
+}
+
+async fn fixture_branch(
+    client: &tokio_postgres::Client,
+    opts: &LoadOptions,
+    merchant: i64,
+    code: &str,
+) -> anyhow::Result<(i64, Vec<(i64, i64)>)> {
+    client
+        .execute(
+            "INSERT INTO branches (merchant_id, code, name) VALUES ($1, $2, $2) ON CONFLICT (merchant_id, code) DO NOTHING",
+            &[&merchant, &code],
+        )
+        .await?;
+    let branch: i64 = client
+        .query_one(
+            "SELECT id FROM branches WHERE merchant_id = $1 AND code = $2",
+            &[&merchant, &code],
+        )
+        .await?
+        .get(0);
+    let have: i64 = client
+        .query_one("SELECT count(*) FROM products WHERE branch_id = $1", &[&branch])
+        .await?
+        .get(0);
+    let missing = (opts.products_per_branch as i64 - have) as i32;
+    if missing > 0 {
+        client
+            .execute(
+                "WITH p AS (INSERT INTO products (branch_id, name, price, stock)
+                            SELECT $1, 'Load product ' || g, 5 + g % 50, 1000000 FROM generate_series(1, $2) g
+                            RETURNING id, branch_id)
+                 INSERT INTO inventory (branch_id, product_id, quantity) SELECT branch_id, id, 1000000 FROM p",
+                &[&branch, &missing],
+            )
+            .await?;
+    }
+    let rows = client
+        .query(
+            "SELECT p.id, i.id FROM products p JOIN inventory i ON i.product_id = p.id
+              WHERE p.branch_id = $1 ORDER BY p.id LIMIT $2",
+            &[&branch, &(opts.products_per_branch as i64)],
+        )
+        .await?;
+    Ok((branch, rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
 }
 
 fn marker(run: u32, op: u64) -> String {

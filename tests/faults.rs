@@ -27,6 +27,7 @@ async fn no_loss_and_no_phantoms_through_bridge_broker_and_database_restarts() {
         rate: 200.0,
         duration: Duration::from_secs(36),
         writers: 8,
+        merchants: 2,
         branches: 3,
         products_per_branch: 40,
         grace: Duration::from_secs(60),

@@ -29,8 +29,13 @@ struct Cli {
     /// Concurrent writer connections.
     #[arg(long, default_value_t = 8)]
     writers: usize,
+    /// Merchants to spread the load over (codes MCH-LOAD-000, ...).
+    #[arg(long, default_value_t = 1)]
+    merchants: usize,
+    /// Branches per merchant (the same branch codes under every merchant, as real chains may have).
     #[arg(long, default_value_t = 4)]
     branches: usize,
+    /// Products (each with an inventory row) per branch.
     #[arg(long, default_value_t = 50)]
     products: usize,
     /// How long to wait for late events after the last write.
@@ -40,8 +45,14 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !cli.rate.is_finite() || cli.rate <= 0.0 || cli.writers == 0 || cli.branches == 0 || cli.products == 0 {
-        eprintln!("delta-load: --rate, --writers, --branches and --products must be positive");
+    if !cli.rate.is_finite()
+        || cli.rate <= 0.0
+        || cli.writers == 0
+        || cli.merchants == 0
+        || cli.branches == 0
+        || cli.products == 0
+    {
+        eprintln!("delta-load: --rate, --writers, --merchants, --branches and --products must be positive");
         return ExitCode::from(2);
     }
     let cfg = match Config::load(cli.config.as_deref()) {
@@ -55,6 +66,7 @@ fn main() -> ExitCode {
         rate: cli.rate,
         duration: cli.duration,
         writers: cli.writers,
+        merchants: cli.merchants,
         branches: cli.branches,
         products_per_branch: cli.products,
         grace: cli.grace,
