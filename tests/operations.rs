@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Env, Subscriber};
+use common::{metric, Env, Subscriber};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -351,14 +351,6 @@ async fn migrate_is_idempotent_on_a_database_with_data_and_sigterm_exits_0() {
     let mut p = env.bridge_process("term");
     common::wait_ready_at(&p.http, Duration::from_secs(30)).await;
     assert_eq!(p.terminate(), Some(0));
-}
-
-async fn metric(http: &str, name: &str) -> Option<f64> {
-    let text = reqwest::get(format!("{http}/metrics")).await.ok()?.text().await.ok()?;
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

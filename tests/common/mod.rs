@@ -119,9 +119,11 @@ impl Env {
     pub fn bridge_process(&self, tag: &str) -> BridgeProcess {
         let cfg_path = self.dir.join(format!("bridge-{tag}.toml"));
         let port = delta_bridge::localenv::free_port().expect("port");
+        // Each process its own MQTT client id: replicas sharing one would take each other's connection.
         let toml = self
             .config_toml("")
-            .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+            .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+            .replace("client_id = \"bridge-", &format!("client_id = \"bridge-{tag}-"));
         std::fs::write(&cfg_path, toml).expect("write config");
         let log = std::fs::File::create(self.dir.join(format!("bridge-{tag}.log"))).expect("log");
         let child = Command::new(env!("CARGO_BIN_EXE_delta-bridge"))
@@ -160,6 +162,16 @@ pub async fn wait_ready_at(http: &str, limit: Duration) {
         assert!(start.elapsed() < limit, "bridge at {http} not ready after {limit:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The value of the first sample on /metrics whose line starts with `name` (include the space or `{` to
+/// pin a series), or None when the bridge does not answer.
+pub async fn metric(http: &str, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("{http}/metrics")).await.ok()?.text().await.ok()?;
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 pub struct InProcessBridge {
