@@ -28,6 +28,9 @@ pub struct DemoArgs {
     /// Keep the working directory (logs, data) after the demo.
     #[arg(long)]
     pub keep: bool,
+    /// After the report, keep PostgreSQL, Mosquitto and the bridge running until Ctrl-C (for delta-load).
+    #[arg(long)]
+    pub stay: bool,
 }
 
 const SAMPLE: &str = "
@@ -123,17 +126,27 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
         mqtt.url(),
         key_path.display()
     );
-    std::fs::write(dir.join("delta-bridge.toml"), &toml)?;
-    let secrets: Vec<(String, String)> = [
-        ("DELTA_BRIDGE__MQTT__PASSWORD", &bridge_pw),
-        ("DELTA_BRIDGE__BROKER__ADMIN_PASSWORD", &admin_pw),
-        ("DELTA_BRIDGE__HTTP__ADMIN_TOKEN", &admin_token),
-        ("DELTA_BRIDGE__LOAD__PASSWORD", &load_pw),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    let cfg = Config::parse(&toml, std::path::Path::new("demo.toml"), &secrets)?;
+    // Secrets in owner-only files beside the config (the way a deployment mounts them), so that the same
+    // file drives `delta-load --config` from another terminal while `--stay` keeps the demo up.
+    let secrets_dir = dir.join("secrets");
+    std::fs::create_dir_all(&secrets_dir)?;
+    let mut toml = toml;
+    for (section, key, value) in [
+        ("mqtt", "password", &bridge_pw),
+        ("broker", "admin_password", &admin_pw),
+        ("http", "admin_token", &admin_token),
+        ("load", "password", &load_pw),
+    ] {
+        let path = secrets_dir.join(format!("{section}-{key}"));
+        write_private(&path, value)?;
+        toml = toml.replace(
+            &format!("[{section}]\n"),
+            &format!("[{section}]\n{key}_file = \"{}\"\n", path.display()),
+        );
+    }
+    let config_path = dir.join("delta-bridge.toml");
+    std::fs::write(&config_path, &toml)?;
+    let cfg = Config::parse(&toml, &config_path, &[])?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let bridge_cancel = cancel.child_token();
     let running = crate::service::start(cfg.clone(), true, listener, bridge_cancel.clone()).await?;
@@ -239,6 +252,17 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
     }) {
         println!("      {line}");
     }
+    if args.stay && !cancel.is_cancelled() {
+        println!(
+            "\nthe demo stays up (Ctrl-C to stop): bridge {http}, PostgreSQL 127.0.0.1:{}, Mosquitto 127.0.0.1:{}\n\
+             run the load harness against it from another terminal:\n  \
+             target/release/delta-load --config {} --rate 100 --duration 60s",
+            pg.port,
+            mqtt.port,
+            config_path.display()
+        );
+        cancel.cancelled().await;
+    }
     bridge_cancel.cancel();
     running.wait().await;
     drop(mqtt);
@@ -252,6 +276,17 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
     }
     println!("\nno event lost, none phantom, no foreign traffic on the device. Done.");
     Ok(())
+}
+
+fn write_private(path: &std::path::Path, value: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    o.mode(0o600);
+    o.open(path)?.write_all(value.as_bytes())
 }
 
 type DeviceRx = tokio::sync::mpsc::UnboundedReceiver<(String, String)>;
