@@ -238,7 +238,10 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
     }
     device.stop().await;
 
-    step(6, "report (latency from COMMIT sent to the subscriber's receipt)");
+    step(
+        6,
+        "report (latency from each COMMIT's scheduled time to the subscriber's receipt)",
+    );
     print!("{}", report.render());
     println!("tablet-osaka-01 received {foreign} events during the load of another merchant (must be 0)");
     let metrics = match reqwest::get(format!("{http}/metrics")).await {

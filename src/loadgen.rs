@@ -1,7 +1,9 @@
 //! The load harness behind `delta-load`, `delta-bridge demo`, the benchmark and the fault test: writes a
 //! realistic retail mix to PostgreSQL at a fixed open-loop rate, subscribes to the broker like a device, and
 //! accounts for every event: written, received, lost, duplicated, out of order per row, phantom (from a
-//! transaction that did not commit), and commit-to-receive latency.
+//! transaction that did not commit), and commit-to-receive latency. Latency starts at the COMMIT's scheduled
+//! time (the operation's due time on the open-loop schedule plus its own statements), so a writer that falls
+//! behind shows up as latency instead of silently sending later (no coordinated omission).
 //!
 //! Every write carries a marker (`L<run>-<op>` in `updated_by` or `transaction_code`) so a received event is
 //! matched to the operation that caused it. Operations whose commit outcome is unknown (the connection broke
@@ -417,7 +419,7 @@ async fn writer(
     let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(run) * 1000 + w as u64);
     loop {
         let next = { ops.lock().await.recv().await };
-        let Some((op, _due)) = next else { return };
+        let Some((op, due)) = next else { return };
         if session.is_none() {
             match pg::connect(&url, timeout, "delta-load").await {
                 Ok(s) => session = Some(s),
@@ -436,8 +438,12 @@ async fn writer(
             l.written_ops += 1;
         }
         let result = async {
+            let began = Instant::now();
             s.client.batch_execute(&body).await.map_err(|e| (false, e))?;
-            let t = Instant::now();
+            // Latency starts at the moment this COMMIT was *scheduled*: the operation's due time plus the
+            // transaction's own statements. A writer that started late (all writers busy, the database slow)
+            // adds its lag instead of hiding it (no coordinated omission); on time, it is the COMMIT's send time.
+            let t = due + began.elapsed();
             if kind == Kind::Aborted {
                 s.client.batch_execute("ROLLBACK").await.map_err(|e| (false, e))?;
                 return Ok(None);
