@@ -7,6 +7,7 @@
 //! cargo bench --bench throughput                       # 60 s at ~250 and ~1,000 events/s
 //! BENCH_DURATION=20s BENCH_RATES=250,500 cargo bench --bench throughput
 //! BENCH_PG="wal_writer_delay=10ms" BENCH_COMMIT=async cargo bench --bench throughput
+//! BENCH_INFLIGHT=100,500 BENCH_RATES=1000,1250 cargo bench --bench throughput   # mqtt.max_inflight side by side
 //! ```
 //!
 //! Each rate runs with durable commits and with synchronous_commit off (BENCH_COMMIT=durable|async for one).
@@ -82,15 +83,12 @@ fn main() -> anyhow::Result<()> {
     let cfg_path = dir.join("bench.toml");
     std::fs::write(&cfg_path, &toml)?;
     let cfg = Config::parse(&toml, &cfg_path, &[])?;
-    let log = std::fs::File::create(dir.join("bridge.log"))?;
-    let mut bridge = Command::new(env!("CARGO_BIN_EXE_delta-bridge"))
-        .arg("--config")
-        .arg(&cfg_path)
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?;
-    let pid = bridge.id();
+    // Bridge settings to compare side by side on the same servers: the bridge is restarted for each value.
+    let inflights: Vec<String> = std::env::var("BENCH_INFLIGHT")
+        .unwrap_or_else(|_| "default".into())
+        .split(',')
+        .map(|v| v.trim().to_string())
+        .collect();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let cpus = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -104,10 +102,11 @@ fn main() -> anyhow::Result<()> {
     );
     println!("duration per rate: {duration:?}\n");
     println!(
-        "{:>8} {:>8} {:>7} {:>9} {:>9} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>9}",
+        "{:>8} {:>8} {:>7} {:>8} {:>9} {:>9} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>9}",
         "tx/s",
         "done/s",
         "commit",
+        "inflight",
         "events/s",
         "received",
         "lost",
@@ -119,69 +118,84 @@ fn main() -> anyhow::Result<()> {
         "rss MiB"
     );
     let mut failed = false;
-    rt.block_on(async {
-        // Wait for the bridge to be ready (it migrates first).
-        for _ in 0..300 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    for inflight in &inflights {
+        let log = std::fs::File::create(dir.join(format!("bridge-{inflight}.log")))?;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_delta-bridge"));
+        cmd.arg("--config")
+            .arg(&cfg_path)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if inflight != "default" {
+            cmd.env("DELTA_BRIDGE__MQTT__MAX_INFLIGHT", inflight);
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        for (rate, commit) in rates.iter().flat_map(|r| commits.iter().map(move |c| (r, *c))) {
-            // synchronous_commit is reloadable: the same server, side by side.
-            let _ = pg.psql("postgres", &format!("ALTER SYSTEM SET synchronous_commit = {commit}"));
-            let _ = pg.psql("postgres", "SELECT pg_reload_conf()");
-            let opts = LoadOptions {
-                rate: *rate,
-                duration,
-                writers: 16,
-                merchants: 2,
-                branches: 4,
-                products_per_branch: 100,
-                grace: Duration::from_secs(30),
-                progress: false,
-            };
-            let (cpu0, _) = proc_stats(pid);
-            let report = loadgen::run(&cfg, &opts, CancellationToken::new()).await;
-            let (cpu1, rss) = proc_stats(pid);
-            match report {
-                Ok(r) => {
-                    let p = |f: fn(&loadgen::Latency) -> f64| {
-                        r.streams.values().map(|s| f(&s.latency_ms)).fold(0.0, f64::max)
-                    };
-                    let dup: u64 = r.streams.values().map(|s| s.duplicated).sum();
-                    println!(
-                        "{:>8.0} {:>8.0} {:>7} {:>9.0} {:>9} {:>6} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>9.1}",
-                        rate,
-                        (r.ops_committed + r.ops_failed + r.ops_unknown) as f64 / r.duration_s,
-                        if commit == "on" { "durable" } else { "async" },
-                        r.events_per_second,
-                        r.received(),
-                        r.lost(),
-                        dup,
-                        p(|l| l.p50),
-                        p(|l| l.p99),
-                        p(|l| l.max),
-                        (cpu1 - cpu0) / r.duration_s * 100.0,
-                        rss as f64 / 1024.0
-                    );
-                    failed |= r.lost() > 0 || r.phantom > 0;
+        let mut bridge = cmd.spawn()?;
+        let pid = bridge.id();
+        rt.block_on(async {
+            // Wait for the bridge to be ready (it migrates first).
+            for _ in 0..300 {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    break;
                 }
-                Err(e) => {
-                    println!("{rate:>8.0} failed: {e:#}");
-                    failed = true;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for (rate, commit) in rates.iter().flat_map(|r| commits.iter().map(move |c| (r, *c))) {
+                // synchronous_commit is reloadable: the same server, side by side.
+                let _ = pg.psql("postgres", &format!("ALTER SYSTEM SET synchronous_commit = {commit}"));
+                let _ = pg.psql("postgres", "SELECT pg_reload_conf()");
+                let opts = LoadOptions {
+                    rate: *rate,
+                    duration,
+                    writers: 16,
+                    merchants: 2,
+                    branches: 4,
+                    products_per_branch: 100,
+                    grace: Duration::from_secs(30),
+                    progress: false,
+                };
+                let (cpu0, _) = proc_stats(pid);
+                let report = loadgen::run(&cfg, &opts, CancellationToken::new()).await;
+                let (cpu1, rss) = proc_stats(pid);
+                match report {
+                    Ok(r) => {
+                        let p = |f: fn(&loadgen::Latency) -> f64| {
+                            r.streams.values().map(|s| f(&s.latency_ms)).fold(0.0, f64::max)
+                        };
+                        let dup: u64 = r.streams.values().map(|s| s.duplicated).sum();
+                        println!(
+                            "{:>8.0} {:>8.0} {:>7} {:>8} {:>9.0} {:>9} {:>6} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>9.1}",
+                            rate,
+                            (r.ops_committed + r.ops_failed + r.ops_unknown) as f64 / r.duration_s,
+                            if commit == "on" { "durable" } else { "async" },
+                            inflight,
+                            r.events_per_second,
+                            r.received(),
+                            r.lost(),
+                            dup,
+                            p(|l| l.p50),
+                            p(|l| l.p99),
+                            p(|l| l.max),
+                            (cpu1 - cpu0) / r.duration_s * 100.0,
+                            rss as f64 / 1024.0
+                        );
+                        failed |= r.lost() > 0 || r.phantom > 0;
+                    }
+                    Err(e) => {
+                        println!("{rate:>8.0} failed: {e:#}");
+                        failed = true;
+                    }
                 }
             }
-        }
-    });
+        });
+        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let _ = bridge.wait();
+    }
     println!(
         "\n(tx/s: the schedule; done/s: transactions the writers finished per second of the run, below the schedule \
          when the database cannot keep up; p50/p99/max: the worst stream's figure, from each write's scheduled time \
          to the subscriber's receipt, so a writer falling behind shows as latency)"
     );
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-    let _ = bridge.wait();
     drop(mqtt);
     drop(pg);
     let _ = std::fs::remove_dir_all(&dir);

@@ -523,6 +523,8 @@ fn build_op(
 ) -> (Kind, String, Vec<Key>) {
     let m = marker(run, op);
     let (branch, products) = &fix.branches[rng.random_range(0..fix.branches.len())];
+    // Basket sizes 1-20, most of them small as at a real till (mean ~5.5): 1 + floor(20 u^3).
+    let basket = 1 + (rng.random::<f64>().powi(3) * 20.0) as usize;
     let mut pick = |n: usize| -> Vec<(i64, i64)> {
         let mut chosen: Vec<(i64, i64)> = Vec::new();
         while chosen.len() < n.min(products.len()) {
@@ -537,13 +539,12 @@ fn build_op(
     };
     match kind {
         Kind::Sale | Kind::Aborted => {
-            let n = 1 + (op as usize % 5);
-            let items = pick(n);
+            let items = pick(basket);
             let mut sql = format!(
                 "BEGIN; INSERT INTO transactions (branch_id, transaction_code, offline_id, status, grand_total, created_by, device_id)
                  VALUES ({branch}, '{m}', gen_random_uuid(), 'paid', {}, 'load', 'load-device');
                  INSERT INTO transaction_items (transaction_id, product_id, quantity, price) VALUES ",
-                10 * n
+                10 * items.len()
             );
             let values: Vec<String> = items
                 .iter()

@@ -1,6 +1,6 @@
-//! Nothing committed is lost, nothing uncommitted is sent — under a steady 200 writes/s while, in one run,
-//! the bridge is SIGKILLed and restarted, the broker restarts and PostgreSQL restarts. A device that drops
-//! stale `seq` ends with exactly the database's values.
+//! Nothing committed is lost, nothing uncommitted is sent — under a steady 120 writes/s (~800 events/s) while,
+//! in one run, the bridge is SIGKILLed and restarted, the broker restarts and PostgreSQL restarts. A device
+//! that drops stale `seq` ends with exactly the database's values.
 
 mod common;
 
@@ -24,7 +24,7 @@ async fn no_loss_and_no_phantoms_through_bridge_broker_and_database_restarts() {
 
     let cfg = env.config();
     let opts = LoadOptions {
-        rate: 200.0,
+        rate: 120.0,
         duration: Duration::from_secs(36),
         writers: 8,
         merchants: 2,
@@ -55,7 +55,7 @@ async fn no_loss_and_no_phantoms_through_bridge_broker_and_database_restarts() {
     common::wait_ready_at(&bridge.http, Duration::from_secs(30)).await;
 
     assert!(
-        report.ops_committed > 4000,
+        report.ops_committed > 2500,
         "the load really ran: {} committed",
         report.ops_committed
     );

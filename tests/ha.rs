@@ -1,5 +1,5 @@
-//! Several replicas, one publisher: two bridge processes against one database under a steady 200 writes/s.
-//! First the leader is SIGKILLed (and restarted, as Kubernetes would), then the new leader's database session
+//! Several replicas, one publisher: two bridge processes against one database under a steady 120 writes/s
+//! (~800 events/s). First the leader is SIGKILLed (and restarted, as Kubernetes would), then the new leader's database session
 //! is terminated. Each time a standby takes over within 5 s, nothing committed is lost, nothing uncommitted
 //! arrives, a device that drops stale `seq` ends with the database's values, and every duplicate is an
 //! at-least-once redelivery of an event that was in flight when a fault struck.
@@ -69,7 +69,7 @@ async fn a_standby_takes_over_within_5s_of_a_sigkill_or_a_lost_session_without_l
 
     let cfg = env.config();
     let opts = LoadOptions {
-        rate: 200.0,
+        rate: 120.0,
         duration: Duration::from_secs(26),
         writers: 8,
         merchants: 2,
@@ -118,7 +118,7 @@ async fn a_standby_takes_over_within_5s_of_a_sigkill_or_a_lost_session_without_l
     let report = load.await.expect("load task").expect("load runs");
     eprintln!("{}", report.render());
     assert!(
-        report.ops_committed > 3000,
+        report.ops_committed > 2000,
         "the load really ran: {}",
         report.ops_committed
     );
