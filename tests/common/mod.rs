@@ -164,6 +164,20 @@ pub async fn wait_ready_at(http: &str, limit: Duration) {
     }
 }
 
+/// What a load run under faults must show: every committed change received, nothing uncommitted, and a device
+/// that drops stale `seq` ending with the database's values.
+pub fn assert_nothing_lost_or_invented(report: &delta_bridge::loadgen::Report) {
+    assert_eq!(report.lost(), 0, "every committed change arrives");
+    assert_eq!(report.phantom, 0, "nothing that was not committed arrives");
+    assert_eq!(
+        report.device_mismatches, 0,
+        "a device dropping stale seq ends with the database's values"
+    );
+    for (name, s) in &report.streams {
+        assert!(s.written > 0 && s.received == s.written, "{name}: {s:?}");
+    }
+}
+
 /// The value of the first sample on /metrics whose line starts with `name` (include the space or `{` to
 /// pin a series), or None when the bridge does not answer.
 pub async fn metric(http: &str, name: &str) -> Option<f64> {
