@@ -210,12 +210,7 @@ async fn emqx_backend_speaks_the_documented_api() {
     assert_eq!(rec["revoked"], false, "not recorded as revoked when EMQX did not ban");
     stub.fail.store(false, Ordering::SeqCst);
 
-    let metrics = reqwest::get(format!("{}/metrics", bridge.http))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = common::scrape(&bridge.http).await;
     assert!(metrics.contains("delta_bridge_devices_issued_total 2"), "{metrics}");
     assert!(metrics.contains("delta_bridge_devices_revoked_total 1"));
     bridge.stop().await;

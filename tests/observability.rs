@@ -392,12 +392,7 @@ fn series_names(text: &str) -> BTreeSet<String> {
 async fn every_metric_the_dashboard_and_alerts_use_is_exposed_by_the_bridge() {
     let env = Env::start("observability");
     let bridge = env.bridge().await;
-    let text = reqwest::get(format!("{}/metrics", bridge.http))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("body");
+    let text = common::scrape(&bridge.http).await;
     let exposed = series_names(&text);
 
     let dash: Value = serde_json::from_str(&repo_file("grafana/dashboards/delta-bridge.json")).expect("dashboard JSON");

@@ -105,12 +105,7 @@ async fn unconvertible_rows_are_dead_lettered_without_blocking_and_can_be_replay
         .get(0);
     assert_eq!(dead, 0);
 
-    let metrics = reqwest::get(format!("{}/metrics", bridge.http))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("body");
+    let metrics = common::scrape(&bridge.http).await;
     assert!(
         metrics.contains("delta_bridge_publish_failures_total{reason=\"unconvertible\"} 1"),
         "{metrics}"

@@ -317,12 +317,6 @@ async fn verify_with_jwks(api: &Api, token: &str) -> Value {
     common::verify_with_jwks(&api.http, token, jsonwebtoken::Algorithm::ES256).await
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("{name} missing"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provisioned_device_hears_its_own_branch_only() {
     let (env, bridge) = start("prov-acl").await;
@@ -439,13 +433,11 @@ async fn a_provisioned_device_hears_its_own_branch_only() {
     refused(&env, "pos-01", "pos-01", "wrong-password").await;
     refused(&env, "pos-99", "pos-01", token).await;
 
-    let metrics = reqwest::get(format!("{}/metrics", bridge.http))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    assert_eq!(metric(&metrics, "delta_bridge_devices_issued_total"), 1.0);
+    let metrics = common::scrape(&bridge.http).await;
+    assert_eq!(
+        common::sample(&metrics, "delta_bridge_devices_issued_total "),
+        Some(1.0)
+    );
     bridge.stop().await;
 }
 
@@ -535,14 +527,15 @@ async fn rotation_revocation_and_expiry_lock_the_device_out() {
         .collect();
     assert_eq!(events, ["issued", "rotated", "revoked", "revoked", "rotated"]);
 
-    let metrics = reqwest::get(format!("{}/metrics", bridge.http))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    assert_eq!(metric(&metrics, "delta_bridge_devices_issued_total"), 4.0);
-    assert_eq!(metric(&metrics, "delta_bridge_devices_revoked_total"), 1.0);
+    let metrics = common::scrape(&bridge.http).await;
+    assert_eq!(
+        common::sample(&metrics, "delta_bridge_devices_issued_total "),
+        Some(4.0)
+    );
+    assert_eq!(
+        common::sample(&metrics, "delta_bridge_devices_revoked_total "),
+        Some(1.0)
+    );
     bridge.stop().await;
 }
 

@@ -178,14 +178,29 @@ pub fn assert_nothing_lost_or_invented(report: &delta_bridge::loadgen::Report) {
     }
 }
 
-/// The value of the first sample on /metrics whose line starts with `name` (include the space or `{` to
-/// pin a series), or None when the bridge does not answer.
-pub async fn metric(http: &str, name: &str) -> Option<f64> {
-    let text = reqwest::get(format!("{http}/metrics")).await.ok()?.text().await.ok()?;
+/// The bridge's /metrics text; panics if the bridge does not answer.
+pub async fn scrape(http: &str) -> String {
+    reqwest::get(format!("{http}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("/metrics body")
+}
+
+/// The value of the first sample in a /metrics text whose line starts with `name` (include the space or `{`
+/// to pin a series).
+pub fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(name))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Like [`sample`] on a fresh scrape, or None when the bridge does not answer (a killed replica).
+pub async fn metric(http: &str, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("{http}/metrics")).await.ok()?.text().await.ok()?;
+    sample(&text, name)
 }
 
 pub struct InProcessBridge {
