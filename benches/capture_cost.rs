@@ -12,10 +12,12 @@
 //! BENCH_DURATION=30s cargo bench --bench capture_cost
 //! ```
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use delta_bridge::localenv::{free_port, postgres_bin_dir, Mosquitto, Postgres, REFERENCE_SCHEMA};
+use delta_bridge::localenv::{free_port, postgres_bin_dir, Postgres};
 
 const NAIVE: &str = "
 CREATE FUNCTION naive_notify() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -51,19 +53,11 @@ fn pgbench(pg: &Postgres, script: &std::path::Path, duration: Duration) -> anyho
 }
 
 fn main() -> anyhow::Result<()> {
-    if !std::env::args().any(|a| a == "--bench") {
+    if !common::benchmarking() {
         return Ok(());
     }
-    let duration = std::env::var("BENCH_DURATION")
-        .ok()
-        .and_then(|d| humantime::parse_duration(&d).ok())
-        .unwrap_or(Duration::from_secs(15));
-    let dir = std::env::temp_dir().join(format!("delta-bridge-capture-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let pg = Postgres::start(&dir.join("pg"), true)?;
-    let mqtt = Mosquitto::start(&dir.join("mqtt"))?;
-    pg.psql("postgres", "CREATE DATABASE mstore")?;
-    pg.psql("mstore", REFERENCE_SCHEMA)?;
+    let duration = common::duration(Duration::from_secs(15));
+    let (dir, pg, mqtt) = common::servers("capture-bench")?;
     pg.psql(
         "mstore",
         "INSERT INTO merchants (code, name) VALUES ('M', 'M');

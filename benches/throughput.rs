@@ -13,12 +13,14 @@
 //! Each rate runs with durable commits and with synchronous_commit off (BENCH_COMMIT=durable|async for one).
 //! Rates are database transactions per second; the mix averages ~4 events per transaction.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use delta_bridge::config::Config;
 use delta_bridge::loadgen::{self, LoadOptions};
-use delta_bridge::localenv::{free_port, Mosquitto, Postgres, REFERENCE_SCHEMA};
+use delta_bridge::localenv::free_port;
 use tokio_util::sync::CancellationToken;
 
 fn proc_stats(pid: u32) -> (f64, u64) {
@@ -37,14 +39,10 @@ fn proc_stats(pid: u32) -> (f64, u64) {
 }
 
 fn main() -> anyhow::Result<()> {
-    // `cargo bench` passes --bench; `cargo test --benches` would pass nothing: run only when benchmarking.
-    if !std::env::args().any(|a| a == "--bench") {
+    if !common::benchmarking() {
         return Ok(());
     }
-    let duration = std::env::var("BENCH_DURATION")
-        .ok()
-        .and_then(|d| humantime::parse_duration(&d).ok())
-        .unwrap_or(Duration::from_secs(60));
+    let duration = common::duration(Duration::from_secs(60));
     let rates: Vec<f64> = std::env::var("BENCH_RATES")
         .unwrap_or_else(|_| "60,250".into())
         .split(',')
@@ -57,12 +55,7 @@ fn main() -> anyhow::Result<()> {
         Ok("async") => vec!["off"],
         _ => vec!["on", "off"],
     };
-    let dir = std::env::temp_dir().join(format!("delta-bridge-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let pg = Postgres::start(&dir.join("pg"), true)?;
-    let mqtt = Mosquitto::start(&dir.join("mqtt"))?;
-    pg.psql("postgres", "CREATE DATABASE mstore")?;
-    pg.psql("mstore", REFERENCE_SCHEMA)?;
+    let (dir, pg, mqtt) = common::servers("bench")?;
     // Extra server settings to compare (e.g. BENCH_PG="wal_writer_delay=10ms"), applied with ALTER SYSTEM.
     if let Ok(extra) = std::env::var("BENCH_PG") {
         for kv in extra.split(',').filter(|s| !s.trim().is_empty()) {
