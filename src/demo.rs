@@ -118,32 +118,30 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
     step(3, "starting the bridge (installs its outbox and capture triggers)");
     let key_path = dir.join("device-signing-key.pem");
     std::fs::write(&key_path, crate::provision::credentials::generate_es256_pem()?)?;
-    let toml = format!(
-        "env = \"dev\"\n[postgres]\nurl = \"{}\"\n[mqtt]\nurl = \"{}\"\nusername = \"bridge\"\n\
-         [http]\nlisten = \"127.0.0.1:0\"\n[credentials]\nsigning_key_file = \"{}\"\n\
-         [broker]\nkind = \"mosquitto\"\nadmin_username = \"admin\"\n[load]\nusername = \"loadgen\"\n",
-        pg.url("mstore"),
-        mqtt.url(),
-        key_path.display()
-    );
     // Secrets in owner-only files beside the config (the way a deployment mounts them), so that the same
     // file drives `delta-load --config` from another terminal while `--stay` keeps the demo up.
     let secrets_dir = dir.join("secrets");
     std::fs::create_dir_all(&secrets_dir)?;
-    let mut toml = toml;
-    for (section, key, value) in [
-        ("mqtt", "password", &bridge_pw),
-        ("broker", "admin_password", &admin_pw),
-        ("http", "admin_token", &admin_token),
-        ("load", "password", &load_pw),
-    ] {
-        let path = secrets_dir.join(format!("{section}-{key}"));
+    let secret_file = |name: &str, value: &str| -> std::io::Result<String> {
+        let path = secrets_dir.join(name);
         write_private(&path, value)?;
-        toml = toml.replace(
-            &format!("[{section}]\n"),
-            &format!("[{section}]\n{key}_file = \"{}\"\n", path.display()),
-        );
-    }
+        Ok(path.display().to_string())
+    };
+    let toml = format!(
+        "env = \"dev\"\n[postgres]\nurl = \"{}\"\n\
+         [mqtt]\nurl = \"{}\"\nusername = \"bridge\"\npassword_file = \"{}\"\n\
+         [http]\nlisten = \"127.0.0.1:0\"\nadmin_token_file = \"{}\"\n\
+         [credentials]\nsigning_key_file = \"{}\"\n\
+         [broker]\nkind = \"mosquitto\"\nadmin_username = \"admin\"\nadmin_password_file = \"{}\"\n\
+         [load]\nusername = \"loadgen\"\npassword_file = \"{}\"\n",
+        pg.url("mstore"),
+        mqtt.url(),
+        secret_file("mqtt-password", &bridge_pw)?,
+        secret_file("http-admin-token", &admin_token)?,
+        key_path.display(),
+        secret_file("broker-admin-password", &admin_pw)?,
+        secret_file("load-password", &load_pw)?,
+    );
     let config_path = dir.join("delta-bridge.toml");
     std::fs::write(&config_path, &toml)?;
     let cfg = Config::parse(&toml, &config_path, &[])?;
