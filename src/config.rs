@@ -317,6 +317,35 @@ fn ser_redacted_url<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::E
     s.serialize_str(&redact_url(url))
 }
 
+/// Where the broker is, from `mqtt://host:port` or `mqtts://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddress {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl BrokerAddress {
+    pub fn parse(raw: &str) -> Result<BrokerAddress, String> {
+        let url = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL ({e})"))?;
+        let (tls, default_port) = match url.scheme() {
+            "mqtt" | "tcp" => (false, 1883),
+            "mqtts" | "ssl" => (true, 8883),
+            other => return Err(format!("scheme {other:?} is not mqtt:// or mqtts://")),
+        };
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| format!("{raw:?} has no host"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        Ok(BrokerAddress {
+            host,
+            port: url.port().unwrap_or(default_port),
+            tls,
+        })
+    }
+}
+
 /// Replaces the password of a URL with `<redacted>`; unparsable URLs are redacted whole if they contain '@'.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
@@ -463,7 +492,7 @@ impl Raw {
         };
 
         let mqtt_url = self.non_empty("mqtt.url", "mqtt://127.0.0.1:1883")?;
-        crate::deliver::BrokerAddress::parse(&mqtt_url).map_err(|reason| ConfigError::invalid("mqtt.url", reason))?;
+        BrokerAddress::parse(&mqtt_url).map_err(|reason| ConfigError::invalid("mqtt.url", reason))?;
         // Replicas sharing one configuration need distinct client ids (the broker disconnects the older of two
         // sessions with the same id): `{hostname}` and `{pid}` are expanded.
         let client_id = expand_client_id(&self.non_empty("mqtt.client_id", "delta-bridge-{hostname}-{pid}")?);
@@ -609,6 +638,24 @@ impl Raw {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_broker_urls() {
+        assert_eq!(
+            BrokerAddress::parse("mqtt://127.0.0.1:1883"),
+            Ok(BrokerAddress {
+                host: "127.0.0.1".into(),
+                port: 1883,
+                tls: false
+            })
+        );
+        assert_eq!(
+            BrokerAddress::parse("mqtts://emqx").map(|a| (a.port, a.tls)),
+            Ok((8883, true))
+        );
+        assert!(BrokerAddress::parse("http://x").is_err());
+        assert!(BrokerAddress::parse("nonsense").is_err());
+    }
 
     fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();

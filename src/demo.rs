@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::deliver::mqtt_options;
 use crate::loadgen::{self, LoadOptions, LOAD_MERCHANT_PREFIX};
 use crate::localenv::{Mosquitto, Postgres, REFERENCE_SCHEMA};
+use crate::mqtt::mqtt_options;
 use crate::subscriber::{self, Subscription};
 
 #[derive(Clone, Debug, clap::Args)]

@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::bridge::Health;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::provision::api::DeviceApi;
 

@@ -14,16 +14,21 @@
 //! (the load harness behind `delta-load` and `demo`), [`subscriber`] (a device-like MQTT subscription for
 //! both and the tests), [`demo`].
 
-pub mod bridge;
+pub mod backoff;
 pub mod capture;
 pub mod config;
 pub mod convert;
 pub mod deliver;
 pub mod demo;
+pub mod health;
 pub mod http;
 pub mod loadgen;
 pub mod localenv;
 pub mod metrics;
+pub mod mqtt;
+pub mod pg;
+pub mod pipeline;
 pub mod provision;
+pub mod schema;
 pub mod service;
 pub mod subscriber;

@@ -20,9 +20,9 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::capture::pg;
 use crate::config::Config;
-use crate::deliver::mqtt_options;
+use crate::mqtt::mqtt_options;
+use crate::pg;
 use crate::subscriber;
 
 /// Merchant codes the harness writes to: `MCH-LOAD-000`, `MCH-LOAD-001`, ... Their branches share codes

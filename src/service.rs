@@ -8,14 +8,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bridge::{self, Health};
-use crate::capture::{migrate, pg};
+use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::deliver::Backoff;
+use crate::health::Health;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
+use crate::pipeline;
 use crate::provision::api::DeviceApi;
 use crate::provision::Provisioner;
+use crate::{pg, schema};
 
 /// Connects and applies migrations; returns the versions applied now.
 pub async fn migrate_once(cfg: &Config) -> anyhow::Result<Vec<i32>> {
@@ -25,7 +26,7 @@ pub async fn migrate_once(cfg: &Config) -> anyhow::Result<Vec<i32>> {
         "delta-bridge-migrate",
     )
     .await?;
-    Ok(migrate::migrate(&mut s.client, &cfg.postgres.schema).await?)
+    Ok(schema::migrate(&mut s.client, &cfg.postgres.schema).await?)
 }
 
 /// A running bridge: its real HTTP address, and the handle to wait for it.
@@ -80,8 +81,8 @@ pub async fn start(
                     break;
                 }
                 Err(e)
-                    if e.downcast_ref::<migrate::MigrateError>()
-                        .is_some_and(|m| !matches!(m, migrate::MigrateError::Pg(_))) =>
+                    if e.downcast_ref::<schema::MigrateError>()
+                        .is_some_and(|m| !matches!(m, schema::MigrateError::Pg(_))) =>
                 {
                     cancel.cancel();
                     tracker.close();
@@ -102,7 +103,7 @@ pub async fn start(
     if provisioner.needs_expiry_sweep() && provisioner.has_keys() {
         tracker.spawn(provisioner.run_expiry_sweep(cancel.clone()));
     }
-    tracker.spawn(bridge::run(cfg, metrics, health, cancel));
+    tracker.spawn(pipeline::run(cfg, metrics, health, cancel));
     tracker.close();
     Ok(Running { http_addr, tracker })
 }

@@ -1,10 +1,10 @@
 //! Queries on the outbox and the dead-letter table. Every function is one statement, bounded by
-//! [`super::pg::QUERY_TIMEOUT`]; the pipeline decides what to read when.
+//! [`crate::pg::QUERY_TIMEOUT`]; the pipeline decides what to read when.
 
 use tokio_postgres::{Client, Row, Statement};
 
-use super::pg::{timed, PgError};
 use crate::convert::Captured;
+use crate::pg::{timed, PgError};
 
 const COLUMNS: &str =
     "id, captured_at, kind, op, merchant_code, branch_code, product_name, old_row, new_row, items, ctx";

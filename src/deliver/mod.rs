@@ -14,43 +14,16 @@ use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop};
 use rumqttc::Outgoing;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::config::MqttConfig;
 use crate::convert::Event;
 use crate::metrics::Metrics;
-
-/// Where the broker is, from `mqtt://host:port` or `mqtts://host:port`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerAddress {
-    pub host: String,
-    pub port: u16,
-    pub tls: bool,
-}
-
-impl BrokerAddress {
-    pub fn parse(raw: &str) -> Result<BrokerAddress, String> {
-        let url = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL ({e})"))?;
-        let (tls, default_port) = match url.scheme() {
-            "mqtt" | "tcp" => (false, 1883),
-            "mqtts" | "ssl" => (true, 8883),
-            other => return Err(format!("scheme {other:?} is not mqtt:// or mqtts://")),
-        };
-        let host = url
-            .host_str()
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| format!("{raw:?} has no host"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
-        Ok(BrokerAddress {
-            host,
-            port: url.port().unwrap_or(default_port),
-            tls,
-        })
-    }
-}
+use crate::mqtt::mqtt_options;
 
 /// What became of one event.
 #[derive(Debug)]
@@ -63,54 +36,6 @@ pub enum Outcome {
         reason: &'static str,
         detail: String,
     },
-}
-
-/// Builds MQTT options for any client of ours (the bridge's publisher, the load harness, tests).
-pub fn mqtt_options(
-    cfg: &MqttConfig,
-    client_id: &str,
-    username: Option<&str>,
-    password: Option<&str>,
-) -> Result<MqttOptions, String> {
-    let addr = BrokerAddress::parse(&cfg.url)?;
-    let mut opts = MqttOptions::new(client_id, addr.host.clone(), addr.port);
-    opts.set_keep_alive(cfg.keep_alive);
-    opts.set_clean_start(true);
-    opts.set_connection_timeout(10);
-    opts.set_max_packet_size(Some(256 * 1024 * 1024));
-    if let Some(u) = username {
-        opts.set_credentials(u, password.unwrap_or(""));
-    }
-    if addr.tls {
-        opts.set_transport(rumqttc::Transport::tls_with_config(tls_config(cfg)?.into()));
-    }
-    Ok(opts)
-}
-
-fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    match &cfg.ca_file {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| format!("mqtt.ca_file {}: {e}", path.display()))?;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|e| format!("mqtt.ca_file {}: {e}", path.display()))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("mqtt.ca_file {}: {e}", path.display()))?;
-            }
-        }
-        None => {
-            for cert in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(cert);
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }
 
 /// The publishing side of the bridge: runs until cancelled, then drains (waits up to `drain` for PUBACKs of
@@ -452,55 +377,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Exponential backoff with jitter, 100 ms to 5 s: a restarted broker or database sees a spread of retries.
-pub struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Backoff {
-    pub fn new() -> Self {
-        Backoff {
-            next: Duration::from_millis(100),
-        }
-    }
-    pub fn reset(&mut self) {
-        self.next = Duration::from_millis(100);
-    }
-    pub fn next_delay(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(Duration::from_secs(5));
-        let jitter = rand::random::<f64>() * 0.3 + 0.85;
-        base.mul_f64(jitter)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_broker_urls() {
-        assert_eq!(
-            BrokerAddress::parse("mqtt://127.0.0.1:1883"),
-            Ok(BrokerAddress {
-                host: "127.0.0.1".into(),
-                port: 1883,
-                tls: false
-            })
-        );
-        assert_eq!(
-            BrokerAddress::parse("mqtts://emqx").map(|a| (a.port, a.tls)),
-            Ok((8883, true))
-        );
-        assert!(BrokerAddress::parse("http://x").is_err());
-        assert!(BrokerAddress::parse("nonsense").is_err());
-    }
 
     #[test]
     fn only_refusals_that_can_change_are_retried() {
@@ -515,13 +394,5 @@ mod tests {
             total >= Duration::from_secs(60) && total <= Duration::from_secs(300),
             "{total:?}"
         );
-    }
-
-    #[test]
-    fn backoff_grows_and_caps() {
-        let mut b = Backoff::new();
-        let waits: Vec<Duration> = (0..10).map(|_| b.next_delay()).collect();
-        assert!(waits[0] < Duration::from_millis(150));
-        assert!(waits[9] <= Duration::from_millis(5750) && waits[9] >= Duration::from_millis(4250));
     }
 }

@@ -20,9 +20,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::capture::pg;
 use crate::config::{Config, CredentialsConfig, Secret};
 use crate::metrics::Metrics;
+use crate::pg;
 
 pub mod acl;
 pub mod api;

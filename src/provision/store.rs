@@ -6,8 +6,8 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use tokio_postgres::{GenericClient, Row};
 
-use crate::capture::migrate::quote_ident;
-use crate::capture::pg::{timed, PgError};
+use crate::pg::{timed, PgError};
+use crate::schema::quote_ident;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -94,7 +94,7 @@ impl Mosquitto {
 
     async fn exchange(&self, payload: &str, correlation: &str, expected: usize) -> Result<Vec<Value>, BrokerError> {
         let client_id = format!("delta-bridge-admin-{}", &correlation[..8]);
-        let opts = crate::deliver::mqtt_options(
+        let opts = crate::mqtt::mqtt_options(
             &self.mqtt,
             &client_id,
             Some(&self.username),

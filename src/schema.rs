@@ -5,15 +5,15 @@
 
 use tokio_postgres::Client;
 
-use super::pg::PgError;
+use crate::pg::PgError;
 
 /// Advisory lock key serialising migrations (per database).
 const MIGRATE_LOCK: i64 = 7_234_298_723_003;
 
 /// The migrations, in order. Append only: an applied migration is never edited.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
-    (1, "capture", include_str!("../../sql/001_capture.sql")),
-    (2, "devices", include_str!("../../sql/002_devices.sql")),
+    (1, "capture", include_str!("../sql/001_capture.sql")),
+    (2, "devices", include_str!("../sql/002_devices.sql")),
 ];
 
 /// The business tables the capture triggers attach to.

@@ -9,32 +9,21 @@
 //! wait in `ready` while the session keeps serving acknowledgements and health checks.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::capture::outbox::{self, Statements, LEADER_LOCK, WAKE_CHANNEL, WAKE_LOCK};
-use crate::capture::pg::{self, timed, PgError};
 use crate::config::Config;
 use crate::convert::{self, Captured, Event};
-use crate::deliver::{Backoff, Outcome, Publisher};
+use crate::deliver::{Outcome, Publisher};
+use crate::health::Health;
 use crate::metrics::Metrics;
-
-/// Connection states for /readyz. Written by the tasks that own the connections.
-#[derive(Default)]
-pub struct Health {
-    pub postgres: AtomicBool,
-    pub mqtt: Arc<AtomicBool>,
-}
-
-impl Health {
-    pub fn ready(&self) -> bool {
-        self.postgres.load(Ordering::SeqCst) && self.mqtt.load(Ordering::SeqCst)
-    }
-}
+use crate::pg::{self, timed, PgError};
 
 /// How long a skipped id is re-read quickly (a concurrent writer about to commit), then slowly.
 const GAP_FAST: Duration = Duration::from_secs(2);
