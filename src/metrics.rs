@@ -9,11 +9,41 @@ use prometheus::{
 
 use crate::convert::Stream;
 
-/// Why an event was not (yet) delivered. `connection`: the broker connection failed with events in flight
-/// (they are republished); `rejected`: PUBACK >= 0x80 (dead-lettered); `unconvertible`: dead-lettered before
-/// publishing; `too_large`: over the broker's maximum packet size (dead-lettered); `retried`: a refusal the
-/// broker may not repeat (0x80, 0x83, 0x91, 0x97), sent again with backoff.
-pub const FAILURE_REASONS: [&str; 5] = ["connection", "rejected", "unconvertible", "too_large", "retried"];
+/// Why an event was not (yet) delivered: the `reason` label of `delta_bridge_publish_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FailureReason {
+    /// The broker connection failed with events in flight (they are republished).
+    Connection,
+    /// PUBACK >= 0x80 that will not change, or a topic the broker cannot take (dead-lettered).
+    Rejected,
+    /// The captured row cannot be converted into an event (dead-lettered before publishing).
+    Unconvertible,
+    /// Over the broker's maximum packet size (dead-lettered).
+    TooLarge,
+    /// A refusal the broker may not repeat (0x80, 0x83, 0x91, 0x97): sent again with backoff.
+    Retried,
+}
+
+impl FailureReason {
+    pub(crate) const ALL: [FailureReason; 5] = [
+        FailureReason::Connection,
+        FailureReason::Rejected,
+        FailureReason::Unconvertible,
+        FailureReason::TooLarge,
+        FailureReason::Retried,
+    ];
+
+    /// The label value, also the `reason` column of `delta_bridge.dead_letter`.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::Connection => "connection",
+            FailureReason::Rejected => "rejected",
+            FailureReason::Unconvertible => "unconvertible",
+            FailureReason::TooLarge => "too_large",
+            FailureReason::Retried => "retried",
+        }
+    }
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -27,7 +57,7 @@ pub struct Metrics {
     pub leader: IntGauge,
     pub devices_issued: IntCounter,
     pub devices_revoked: IntCounter,
-    pub publish_batch_latency: Histogram,
+    pub outbox_poll_seconds: Histogram,
 }
 
 impl Metrics {
@@ -70,7 +100,7 @@ impl Metrics {
         let leader = IntGauge::new("delta_bridge_leader", "1 on the replica that publishes")?;
         let devices_issued = IntCounter::new("delta_bridge_devices_issued_total", "Device credentials issued")?;
         let devices_revoked = IntCounter::new("delta_bridge_devices_revoked_total", "Device credentials revoked")?;
-        let publish_batch_latency = Histogram::with_opts(
+        let outbox_poll_seconds = Histogram::with_opts(
             HistogramOpts::new("delta_bridge_outbox_poll_seconds", "Duration of one outbox read")
                 .buckets(exponential_buckets(0.0001, 4.0, 9)?),
         )?;
@@ -84,7 +114,7 @@ impl Metrics {
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(devices_issued.clone()))?;
         registry.register(Box::new(devices_revoked.clone()))?;
-        registry.register(Box::new(publish_batch_latency.clone()))?;
+        registry.register(Box::new(outbox_poll_seconds.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
 
@@ -93,8 +123,8 @@ impl Metrics {
             end_to_end_latency.with_label_values(&[s.as_str()]);
             payload_bytes.with_label_values(&[s.as_str()]);
         }
-        for r in FAILURE_REASONS {
-            publish_failures.with_label_values(&[r]);
+        for r in FailureReason::ALL {
+            publish_failures.with_label_values(&[r.as_str()]);
         }
         Ok(Metrics {
             registry,
@@ -108,12 +138,12 @@ impl Metrics {
             leader,
             devices_issued,
             devices_revoked,
-            publish_batch_latency,
+            outbox_poll_seconds,
         })
     }
 
-    pub fn failure(&self, reason: &'static str) {
-        self.publish_failures.with_label_values(&[reason]).inc();
+    pub(crate) fn failure(&self, reason: FailureReason) {
+        self.publish_failures.with_label_values(&[reason.as_str()]).inc();
     }
 
     /// The text exposition format served on /metrics.

@@ -22,18 +22,18 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::config::MqttConfig;
 use crate::convert::Event;
-use crate::metrics::Metrics;
+use crate::metrics::{FailureReason, Metrics};
 use crate::mqtt::mqtt_options;
 
 /// What became of one event.
 #[derive(Debug)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// PUBACK with a success code (0x00, or 0x10 "no matching subscribers").
     Acked(Event),
     /// Refused for good: PUBACK >= 0x80, an invalid topic, or larger than the broker accepts.
     Rejected {
         event: Event,
-        reason: &'static str,
+        reason: FailureReason,
         detail: String,
     },
 }
@@ -118,7 +118,7 @@ impl Publisher {
                 SessionEnd::Failed(why) => {
                     self.set_connected(false);
                     if !unacked.is_empty() {
-                        self.metrics.failure("connection");
+                        self.metrics.failure(FailureReason::Connection);
                     }
                     if draining {
                         break;
@@ -234,7 +234,7 @@ impl Publisher {
                         if let Some(s) = seq.filter(|s| refused_for_now && unacked.contains_key(s)) {
                             let n = self.attempts.lock().map(|mut a| { let n = a.entry(s).or_insert(0); *n += 1; *n }).unwrap_or(TRANSIENT_ATTEMPTS);
                             if n < TRANSIENT_ATTEMPTS {
-                                self.metrics.failure("retried");
+                                self.metrics.failure(FailureReason::Retried);
                                 tracing::warn!(seq = s, reason = ?ack.reason, attempt = n, "broker refused a publish for now; retrying");
                                 retry_at.push((tokio::time::Instant::now() + retry_delay(n), s));
                                 continue;
@@ -251,7 +251,7 @@ impl Publisher {
                                         Some(s) => format!("broker refused the publish: {other:?} ({s})"),
                                         None => format!("broker refused the publish: {other:?}"),
                                     };
-                                    Outcome::Rejected { event, reason: "rejected", detail }
+                                    Outcome::Rejected { event, reason: FailureReason::Rejected, detail }
                                 }
                             };
                             if outcomes.send(outcome).is_err() {
@@ -299,7 +299,7 @@ impl Publisher {
                             let size = event.payload.len() + event.topic.len() + event.event_id.len() + 64;
                             if size > max as usize {
                                 let detail = format!("payload of {size} bytes exceeds the broker's maximum packet size {max}");
-                                if outcomes.send(Outcome::Rejected { event, reason: "too_large", detail }).is_err() {
+                                if outcomes.send(Outcome::Rejected { event, reason: FailureReason::TooLarge, detail }).is_err() {
                                     return SessionEnd::Done;
                                 }
                                 continue;
@@ -308,7 +308,7 @@ impl Publisher {
                         if let Err(e) = send(&client, &event) {
                             let detail = e.clone();
                             if e.starts_with("invalid topic") {
-                                if outcomes.send(Outcome::Rejected { event, reason: "rejected", detail }).is_err() {
+                                if outcomes.send(Outcome::Rejected { event, reason: FailureReason::Rejected, detail }).is_err() {
                                     return SessionEnd::Done;
                                 }
                                 continue;

@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::convert::{self, Captured, Event};
 use crate::deliver::{Outcome, Publisher};
 use crate::health::Health;
-use crate::metrics::Metrics;
+use crate::metrics::{FailureReason, Metrics};
 use crate::pg::{self, timed, PgError};
 
 /// How long a skipped id is re-read quickly (a concurrent writer about to commit), then slowly.
@@ -95,7 +95,7 @@ struct Pipeline {
     /// Converted, waiting for room in the publisher's channel.
     ready: VecDeque<Event>,
     to_delete: Vec<i64>,
-    to_dead: Vec<(i64, &'static str, String)>,
+    to_dead: Vec<(i64, FailureReason, String)>,
     /// Skipped ids, with when they were first skipped.
     gaps: BTreeMap<i64, Instant>,
     last_gap_check: Instant,
@@ -202,7 +202,7 @@ impl Pipeline {
                 let rows = stmts
                     .fetch_after(&s.client, self.cursor, i64::from(self.cfg.bridge.batch_size))
                     .await?;
-                self.metrics.publish_batch_latency.observe(t.elapsed().as_secs_f64());
+                self.metrics.outbox_poll_seconds.observe(t.elapsed().as_secs_f64());
                 drained = rows.len() < self.cfg.bridge.batch_size as usize;
                 if !rows.is_empty() {
                     self.last_rows = Some(Instant::now());
@@ -337,8 +337,8 @@ impl Pipeline {
                 Ok(None) => self.to_delete.push(id),
                 Err(e) => {
                     tracing::warn!(id, error = %e, "cannot convert captured row; moved to delta_bridge.dead_letter");
-                    self.metrics.failure("unconvertible");
-                    self.to_dead.push((id, "unconvertible", e.0));
+                    self.metrics.failure(FailureReason::Unconvertible);
+                    self.to_dead.push((id, FailureReason::Unconvertible, e.0));
                 }
             }
         }
@@ -424,7 +424,7 @@ impl Pipeline {
             self.first_ack_pending = None;
         }
         while let Some((id, reason, detail)) = self.to_dead.first().cloned() {
-            outbox::dead_letter(client, id, reason, &detail).await?;
+            outbox::dead_letter(client, id, reason.as_str(), &detail).await?;
             self.outstanding.remove(&id);
             self.to_dead.remove(0);
         }
