@@ -3,7 +3,7 @@
 //! fsync speed on these machines varies between runs, so only compare figures within a run):
 //!
 //! - `none`: no trigger at all (the ceiling);
-//! - `naive notify`: a row trigger calling pg_notify with the row as payload (the usual glue, FIELD-NOTES);
+//! - `naive notify`: a row trigger calling pg_notify with the row as payload (the usual glue);
 //! - `bridge, running`: delta-bridge's capture with the release bridge publishing to Mosquitto meanwhile;
 //! - `bridge, stopped`: the same triggers with no bridge (outbox rows only, nobody to wake).
 //!
@@ -17,7 +17,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use delta_bridge::localenv::{free_port, postgres_bin_dir, Postgres};
+use delta_harness::servers::{postgres_bin_dir, Postgres};
 
 const NAIVE: &str = "
 CREATE FUNCTION naive_notify() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -57,7 +57,8 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let duration = common::duration(Duration::from_secs(15));
-    let (dir, pg, mqtt) = common::servers("capture-bench")?;
+    let (stack, cfg_path, _port) = common::servers("capture-bench")?;
+    let (dir, pg) = (&stack.dir, &stack.pg);
     pg.psql(
         "mstore",
         "INSERT INTO merchants (code, name) VALUES ('M', 'M');
@@ -68,16 +69,6 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(
         &script,
         "\\set id random(1, 10000)\nUPDATE products SET stock = stock - 1 WHERE id = :id;\n",
-    )?;
-    let port = free_port()?;
-    let cfg_path = dir.join("bench.toml");
-    std::fs::write(
-        &cfg_path,
-        format!(
-            "env = \"bench\"\n[postgres]\nurl = \"{}\"\n[mqtt]\nurl = \"{}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n[log]\nlevel = \"warn\"\n",
-            pg.url("mstore"),
-            mqtt.url()
-        ),
     )?;
     let bridge = |args: &[&str]| -> anyhow::Result<std::process::Child> {
         Ok(Command::new(env!("CARGO_BIN_EXE_delta-bridge"))
@@ -134,8 +125,6 @@ fn main() -> anyhow::Result<()> {
         println!("{name:<40} {tps:>10.0} {:>11.0}%", tps / base * 100.0);
     }
     println!("\noutbox rows left after the running bridge caught up: {drained} (every captured change published)");
-    drop(mqtt);
-    drop(pg);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(stack);
     Ok(())
 }

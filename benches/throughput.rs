@@ -18,9 +18,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use delta_bridge::config::Config;
-use delta_bridge::loadgen::{self, LoadOptions};
-use delta_bridge::localenv::free_port;
+use delta_harness::loadgen::{self, LoadOptions};
 use tokio_util::sync::CancellationToken;
 
 fn proc_stats(pid: u32) -> (f64, u64) {
@@ -55,7 +53,9 @@ fn main() -> anyhow::Result<()> {
         Ok("async") => vec!["off"],
         _ => vec!["on", "off"],
     };
-    let (dir, pg, mqtt) = common::servers("bench")?;
+    let (stack, cfg_path, port) = common::servers("bench")?;
+    let (dir, pg) = (&stack.dir, &stack.pg);
+    let target = stack.load_target("bench");
     // Extra server settings to compare (e.g. BENCH_PG="wal_writer_delay=10ms"), applied with ALTER SYSTEM.
     if let Ok(extra) = std::env::var("BENCH_PG") {
         for kv in extra.split(',').filter(|s| !s.trim().is_empty()) {
@@ -67,15 +67,6 @@ fn main() -> anyhow::Result<()> {
         pg.psql("postgres", "SELECT pg_reload_conf()")?;
         println!("server settings: {extra}");
     }
-    let port = free_port()?;
-    let toml = format!(
-        "env = \"bench\"\n[postgres]\nurl = \"{}\"\n[mqtt]\nurl = \"{}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n[log]\nlevel = \"warn\"\n",
-        pg.url("mstore"),
-        mqtt.url()
-    );
-    let cfg_path = dir.join("bench.toml");
-    std::fs::write(&cfg_path, &toml)?;
-    let cfg = Config::parse(&toml, &cfg_path, &[])?;
     // Bridge settings to compare side by side on the same servers: the bridge is restarted for each value.
     let inflights: Vec<String> = std::env::var("BENCH_INFLIGHT")
         .unwrap_or_else(|_| "default".into())
@@ -148,7 +139,7 @@ fn main() -> anyhow::Result<()> {
                     progress: false,
                 };
                 let (cpu0, _) = proc_stats(pid);
-                let report = loadgen::run(&cfg, &opts, CancellationToken::new()).await;
+                let report = loadgen::run(&target, &opts, CancellationToken::new()).await;
                 let (cpu1, rss) = proc_stats(pid);
                 match report {
                     Ok(r) => {
@@ -189,9 +180,7 @@ fn main() -> anyhow::Result<()> {
          when the database cannot keep up; p50/p99/max: the worst stream's figure, from each write's scheduled time \
          to the subscriber's receipt, so a writer falling behind shows as latency)"
     );
-    drop(mqtt);
-    drop(pg);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(stack);
     if failed {
         anyhow::bail!("events were lost");
     }

@@ -39,7 +39,8 @@ enum Command {
     #[command(subcommand)]
     Device(DeviceCommand),
     /// The one-command tour: private PostgreSQL and Mosquitto, sample data, bridge, load, report.
-    Demo(delta_bridge::demo::DemoArgs),
+    #[cfg(feature = "demo")]
+    Demo(delta_harness::demo::DemoArgs),
 }
 
 #[derive(Subcommand)]
@@ -62,9 +63,14 @@ enum DeviceCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    #[cfg(feature = "demo")]
     if let Command::Demo(args) = &cli.command {
         init_logging(LogFormat::Text, "warn,rumqttc=error");
-        return run_async(delta_bridge::demo::run(args.clone()));
+        return run_async(async {
+            // The tour starts this very binary as its bridge, the way it is deployed.
+            let exe = std::env::current_exe()?;
+            delta_harness::demo::run(args.clone(), exe).await
+        });
     }
     let cfg = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
@@ -120,6 +126,7 @@ fn main() -> ExitCode {
             };
             device_issue(&cfg, &req)
         }
+        #[cfg(feature = "demo")]
         Command::Demo(_) => ExitCode::SUCCESS,
     }
 }

@@ -9,7 +9,7 @@ use rumqttc::v5::MqttOptions;
 use crate::config::{BrokerAddress, MqttConfig};
 
 /// Builds MQTT options for any client of ours (the bridge's publisher, the load harness, tests).
-pub(crate) fn mqtt_options(
+pub fn mqtt_options(
     cfg: &MqttConfig,
     client_id: &str,
     username: Option<&str>,

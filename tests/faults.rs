@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::Env;
-use delta_bridge::loadgen::{self, LoadOptions};
+use delta_harness::loadgen::{self, LoadOptions};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -22,7 +22,7 @@ async fn no_loss_and_no_phantoms_through_bridge_broker_and_database_restarts() {
     let mut bridge = env.bridge_process("a");
     common::wait_ready_at(&bridge.http, Duration::from_secs(30)).await;
 
-    let cfg = env.config();
+    let target = env.load_target();
     let opts = LoadOptions {
         rate: 120.0,
         duration: Duration::from_secs(36),
@@ -34,7 +34,7 @@ async fn no_loss_and_no_phantoms_through_bridge_broker_and_database_restarts() {
         progress: false,
     };
     let cancel = CancellationToken::new();
-    let load = tokio::spawn(async move { loadgen::run(&cfg, &opts, cancel).await });
+    let load = tokio::spawn(async move { loadgen::run(&target, &opts, cancel).await });
 
     tokio::time::sleep(Duration::from_secs(6)).await;
     eprintln!("fault 1: SIGKILL the bridge, restart it 2 s later");

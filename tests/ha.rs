@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{metric, BridgeProcess, Env, Subscriber};
 use delta_bridge::capture::outbox::LEADER_LOCK;
-use delta_bridge::loadgen::{self, LoadOptions};
+use delta_harness::loadgen::{self, LoadOptions};
 use tokio_util::sync::CancellationToken;
 
 /// The backend holding the leader lock, from PostgreSQL's own lock table (the truth, not a replica's view).
@@ -67,7 +67,7 @@ async fn a_standby_takes_over_within_5s_of_a_sigkill_or_a_lost_session_without_l
     let mut replicas = [Some(a), Some(b)];
     let device = Subscriber::start(&env.mqtt.url(), "device-ha", "dev/#").await;
 
-    let cfg = env.config();
+    let target = env.load_target();
     let opts = LoadOptions {
         rate: 120.0,
         duration: Duration::from_secs(26),
@@ -78,7 +78,7 @@ async fn a_standby_takes_over_within_5s_of_a_sigkill_or_a_lost_session_without_l
         grace: Duration::from_secs(60),
         progress: false,
     };
-    let load = tokio::spawn(async move { loadgen::run(&cfg, &opts, CancellationToken::new()).await });
+    let load = tokio::spawn(async move { loadgen::run(&target, &opts, CancellationToken::new()).await });
     let mut faults = Vec::new();
 
     // Fault 1: SIGKILL the leader.

@@ -128,7 +128,7 @@ async fn a_publish_the_broker_refuses_is_dead_lettered_and_does_not_block() {
     .expect("acl");
     let mut env = Env::start("refused");
     env.mqtt.stop(true);
-    env.mqtt = delta_bridge::localenv::Mosquitto::start_with(
+    env.mqtt = delta_harness::servers::Mosquitto::start_with(
         &mqtt_dir,
         &format!("allow_anonymous true\nacl_file {}/acl\n", mqtt_dir.display()),
     )

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{Env, InProcessBridge};
 use delta_bridge::config::Config;
-use delta_bridge::localenv::Mosquitto;
+use delta_harness::servers::Mosquitto;
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Filter, Packet, PubAckReason, Publish, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};

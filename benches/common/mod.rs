@@ -1,10 +1,11 @@
-//! What both benchmarks start the same way: the `--bench` gate, BENCH_DURATION, and a private PostgreSQL
-//! (durable) with the reference schema in database `mstore`, plus Mosquitto, in a fresh directory.
+//! What both benchmarks start the same way: the `--bench` gate, BENCH_DURATION, and the harness's private
+//! servers (PostgreSQL with durable commits and the reference schema, Mosquitto) with a bridge config file.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use delta_bridge::localenv::{Mosquitto, Postgres, REFERENCE_SCHEMA};
+use delta_harness::servers::free_port;
+use delta_harness::stack::{Stack, StackOptions};
 
 /// `cargo bench` passes --bench; `cargo test --benches` passes nothing: run only when benchmarking.
 pub fn benchmarking() -> bool {
@@ -19,13 +20,19 @@ pub fn duration(default: Duration) -> Duration {
         .unwrap_or(default)
 }
 
-/// The servers under `{temp}/delta-bridge-{tag}-{pid}`; the caller removes the directory when done.
-pub fn servers(tag: &str) -> anyhow::Result<(PathBuf, Postgres, Mosquitto)> {
-    let dir = std::env::temp_dir().join(format!("delta-bridge-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let pg = Postgres::start(&dir.join("pg"), true)?;
-    let mqtt = Mosquitto::start(&dir.join("mqtt"))?;
-    pg.psql("postgres", "CREATE DATABASE mstore")?;
-    pg.psql("mstore", REFERENCE_SCHEMA)?;
-    Ok((dir, pg, mqtt))
+/// The servers (removed with the stack) and a bridge config file for them, topic root `bench`, HTTP on the
+/// returned port, warnings only.
+pub fn servers(tag: &str) -> anyhow::Result<(Stack, PathBuf, u16)> {
+    let stack = Stack::start(StackOptions {
+        durable: true,
+        ..StackOptions::new(tag)
+    })?;
+    let port = free_port()?;
+    let toml = format!(
+        "{}[log]\nlevel = \"warn\"\n",
+        stack.bridge_toml("bench", "delta-bridge", &format!("127.0.0.1:{port}"))
+    );
+    let cfg_path = stack.dir.join("bench.toml");
+    std::fs::write(&cfg_path, toml)?;
+    Ok((stack, cfg_path, port))
 }

@@ -1,4 +1,4 @@
-//! `delta-load`: the load harness of PRODUCT.md §7. Writes a realistic retail mix at a fixed open-loop rate,
+//! `delta-load`: the load harness (see the README, "Load harness"). Writes a realistic retail mix at a fixed open-loop rate,
 //! subscribes like a device, and reports per stream: written, received, lost, duplicated, out of order,
 //! commit-to-receive latency. Exit codes: 0 no loss, 1 loss (or phantom events), 2 bad usage or config.
 
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use delta_bridge::config::Config;
-use delta_bridge::loadgen::{self, LoadOptions};
+use delta_harness::loadgen::{self, LoadOptions, Target};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -62,6 +62,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let target = match target(&cfg) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("delta-load: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let opts = LoadOptions {
         rate: cli.rate,
         duration: cli.duration,
@@ -86,7 +93,7 @@ fn main() -> ExitCode {
             let _ = tokio::signal::ctrl_c().await;
             c.cancel();
         });
-        loadgen::run(&cfg, &opts, cancel).await
+        loadgen::run(&target, &opts, cancel).await
     });
     let report = match result {
         Ok(r) => r,
@@ -115,4 +122,23 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// The broker and database as the bridge's own configuration reaches them (TLS included). The load listens
+/// with the `[load]` account when there is one, else with the bridge's.
+fn target(cfg: &Config) -> Result<Target, String> {
+    let (user, pass) = match &cfg.load.username {
+        Some(u) => (Some(u.as_str()), cfg.load.password.as_ref().map(|s| s.expose())),
+        None => (
+            cfg.mqtt.username.as_deref(),
+            cfg.mqtt.password.as_ref().map(|s| s.expose()),
+        ),
+    };
+    let mqtt = delta_bridge::mqtt::mqtt_options(&cfg.mqtt, "delta-load", user, pass)?;
+    let (url, timeout) = (cfg.postgres_url(), cfg.postgres.connect_timeout);
+    let postgres: loadgen::PgConnect = std::sync::Arc::new(move || {
+        let url = url.clone();
+        Box::pin(async move { Ok(delta_bridge::pg::connect(&url, timeout, "delta-load").await?.client) })
+    });
+    Ok(Target::new(&cfg.env, mqtt, postgres))
 }

@@ -1,11 +1,11 @@
-//! `delta-load` as users run it (PRODUCT.md §7): against a private PostgreSQL and Mosquitto with the bridge
+//! `delta-load` as users run it: against a private PostgreSQL and Mosquitto with the bridge
 //! running it reports zero loss and writes the JSON report with the documented keys; with no bridge to
 //! deliver, it reports the loss and exits non-zero.
 
 use std::process::Command;
 
 use delta_bridge::config::Config;
-use delta_bridge::localenv::{Mosquitto, Postgres, REFERENCE_SCHEMA};
+use delta_harness::stack::{Stack, StackOptions};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -20,18 +20,9 @@ fn delta_load(cfg: &std::path::Path, args: &[&str]) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_per_stream_as_documented_and_exits_non_zero_on_loss() {
-    let dir = std::env::temp_dir().join(format!("delta-load-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let pg = Postgres::start(&dir.join("pg"), false).expect("postgres");
-    let mqtt = Mosquitto::start(&dir.join("mqtt")).expect("mosquitto");
-    pg.psql("postgres", "CREATE DATABASE mstore").expect("db");
-    pg.psql("mstore", REFERENCE_SCHEMA).expect("schema");
-    let toml = format!(
-        "env = \"dev\"\n[postgres]\nurl = \"{}\"\n[mqtt]\nurl = \"{}\"\nclient_id = \"load-cli-bridge\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
-        pg.url("mstore"),
-        mqtt.url()
-    );
-    let cfg_path = dir.join("c.toml");
+    let stack = Stack::start(StackOptions::new("load-cli")).expect("private servers");
+    let toml = stack.bridge_toml("dev", "load-cli-bridge", "127.0.0.1:0");
+    let cfg_path = stack.dir.join("c.toml");
     std::fs::write(&cfg_path, &toml).expect("config");
     let cfg = Config::parse(&toml, &cfg_path, &[]).expect("valid");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -40,7 +31,7 @@ async fn reports_per_stream_as_documented_and_exits_non_zero_on_loss() {
         .await
         .expect("bridge");
 
-    let json = dir.join("report.json");
+    let json = stack.dir.join("report.json");
     let out = tokio::task::block_in_place(|| {
         delta_load(
             &cfg_path,
@@ -92,7 +83,5 @@ async fn reports_per_stream_as_documented_and_exits_non_zero_on_loss() {
     // Bad usage is exit 2.
     let out = delta_load(&cfg_path, &["--rate", "0"]);
     assert_eq!(out.status.code(), Some(2));
-    drop(mqtt);
-    drop(pg);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(stack);
 }

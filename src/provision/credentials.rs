@@ -292,24 +292,6 @@ fn pem_blocks(text: &str) -> Vec<(String, String)> {
     out
 }
 
-/// A fresh EC P-256 private key as PKCS#8 PEM (for the demo and tests; production keys come from a file).
-pub fn generate_es256_pem() -> Result<String, KeyError> {
-    use p256::pkcs8::EncodePrivateKey;
-    use rand::RngCore;
-    // A uniformly random 32-byte string is a valid scalar except with probability ~2^-32; retry then.
-    for _ in 0..8 {
-        let mut bytes = p256::FieldBytes::default();
-        rand::rng().fill_bytes(&mut bytes);
-        if let Ok(sk) = p256::SecretKey::from_bytes(&bytes) {
-            return sk
-                .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
-                .map(|pem| pem.to_string())
-                .map_err(|e| KeyError::Generate(e.to_string()));
-        }
-    }
-    Err(KeyError::Generate("no valid scalar drawn".into()))
-}
-
 /// The claims of a device token, PRODUCT.md §6. Field order is the serialised order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
@@ -448,7 +430,7 @@ mod tests {
         let pem = openssl(&["ecparam", "-name", "prime256v1", "-genkey"]);
         assert!(pem.contains("EC PARAMETERS"));
         SigningKeys::from_pem(&pem).expect("parameters block skipped");
-        let generated = generate_es256_pem().expect("generate");
+        let generated = delta_harness::demo::es256_pem().expect("generate");
         let keys = SigningKeys::from_pem(&generated).expect("pkcs8 key");
         let token = keys.sign(&claims(chrono::Utc::now().timestamp())).expect("sign");
         verify(&keys, &token, jsonwebtoken::Algorithm::ES256);
@@ -466,8 +448,8 @@ mod tests {
 
     #[test]
     fn extra_keys_are_published_for_rotation() {
-        let new_key = generate_es256_pem().expect("generate");
-        let old_private = generate_es256_pem().expect("generate");
+        let new_key = delta_harness::demo::es256_pem().expect("generate");
+        let old_private = delta_harness::demo::es256_pem().expect("generate");
         let old_public = openssl_pubout(&old_private);
         let keys = SigningKeys::from_pem(&format!("{new_key}\n{old_public}\n{old_private}")).expect("keys");
         let set = keys.jwks();

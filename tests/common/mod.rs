@@ -4,28 +4,25 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::ops::{Deref, DerefMut};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use delta_bridge::config::Config;
-use delta_bridge::localenv::{Mosquitto, Postgres, REFERENCE_SCHEMA};
-use delta_bridge::subscriber::{self, Subscription};
+use delta_harness::loadgen::{Report, Target};
+use delta_harness::servers::{LocalEnvError, Mosquitto};
+use delta_harness::stack::{Stack, StackOptions, DATABASE};
+use delta_harness::subscriber::{self, Subscription};
 use rumqttc::v5::MqttOptions;
 use serde_json::Value;
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
+/// A new, empty directory for a test's own files.
 pub fn temp_dir(tag: &str) -> PathBuf {
-    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let dir = std::env::temp_dir().join(format!("delta-bridge-test-{}-{tag}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+    delta_harness::stack::temp_dir(&format!("test-{tag}")).expect("temp dir")
 }
 
 pub const SAMPLE_DATA: &str = "
@@ -37,48 +34,74 @@ INSERT INTO products (branch_id, name, price, stock)
 INSERT INTO inventory (branch_id, product_id, quantity) SELECT branch_id, id, 50 FROM products;
 ";
 
+/// A test's private servers (the harness's [`Stack`] with the sample data), plus the ways a test starts
+/// bridges against them. Dereferences to the stack: `env.pg`, `env.mqtt`, `env.dir`.
 pub struct Env {
-    pub dir: PathBuf,
-    pub pg: Postgres,
-    pub mqtt: Mosquitto,
+    stack: Stack,
+    /// The database name, for `env.pg.psql(&env.db, ..)`.
     pub db: String,
 }
 
+impl Deref for Env {
+    type Target = Stack;
+    fn deref(&self) -> &Stack {
+        &self.stack
+    }
+}
+
+impl DerefMut for Env {
+    fn deref_mut(&mut self) -> &mut Stack {
+        &mut self.stack
+    }
+}
+
 impl Env {
-    /// PostgreSQL with the reference schema and sample data (migrated or not), and Mosquitto.
+    /// PostgreSQL with the reference schema and sample data, and Mosquitto.
     pub fn start(tag: &str) -> Env {
-        Self::start_with_mqtt(tag, |d| Mosquitto::start(d).expect("mosquitto"))
+        Self::start_with(StackOptions::new(tag))
     }
 
     /// Like [`Env::start`], with the broker started by `start_mqtt` in the given directory.
-    pub fn start_with_mqtt(tag: &str, start_mqtt: impl FnOnce(&std::path::Path) -> Mosquitto) -> Env {
-        let dir = temp_dir(tag);
-        let pg = Postgres::start(&dir.join("pg"), false).expect("postgres");
-        let mqtt = start_mqtt(&dir.join("mqtt"));
-        let db = "mstore".to_string();
-        pg.psql("postgres", &format!("CREATE DATABASE {db}"))
-            .expect("create db");
-        pg.psql(&db, REFERENCE_SCHEMA).expect("schema");
-        pg.psql(&db, SAMPLE_DATA).expect("data");
-        Env { dir, pg, mqtt, db }
+    pub fn start_with_mqtt(tag: &str, start_mqtt: impl FnOnce(&Path) -> Mosquitto + 'static) -> Env {
+        let start = move |d: &Path| -> Result<Mosquitto, LocalEnvError> { Ok(start_mqtt(d)) };
+        Self::start_with(StackOptions {
+            mqtt: Some(Box::new(start)),
+            ..StackOptions::new(tag)
+        })
     }
 
-    pub fn pg_url(&self) -> String {
-        self.pg.url(&self.db)
+    fn start_with(opts: StackOptions<'_>) -> Env {
+        let stack = Stack::start(StackOptions {
+            tag: &format!("test-{}", opts.tag),
+            seed: Some(SAMPLE_DATA),
+            ..opts
+        })
+        .expect("private PostgreSQL and Mosquitto");
+        Env {
+            stack,
+            db: DATABASE.to_string(),
+        }
     }
 
     /// Config pointing at this environment; `extra` is TOML appended (sections after the defaults).
     pub fn config_toml(&self, extra: &str) -> String {
+        let client_id = format!(
+            "bridge-{}",
+            self.dir.file_name().and_then(|s| s.to_str()).unwrap_or("x")
+        );
         format!(
-            "env = \"dev\"\n[postgres]\nurl = \"{}\"\n[mqtt]\nurl = \"{}\"\nclient_id = \"bridge-{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n[bridge]\npoll_interval = \"200ms\"\n{extra}",
-            self.pg_url(),
-            self.mqtt.url(),
-            self.dir.file_name().and_then(|s| s.to_str()).unwrap_or("x"),
+            "{}[bridge]\npoll_interval = \"200ms\"\n{extra}",
+            self.bridge_toml("dev", &client_id, "127.0.0.1:0")
         )
     }
 
     pub fn config(&self) -> Config {
-        Config::parse(&self.config_toml(""), std::path::Path::new("test.toml"), &[]).expect("config")
+        Config::parse(&self.config_toml(""), Path::new("test.toml"), &[]).expect("config")
+    }
+
+    /// What the load engine drives: this environment, topic root `dev`.
+    pub fn load_target(&self) -> Target {
+        self.stack.load_target("dev")
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {
@@ -95,7 +118,7 @@ impl Env {
         let toml = self
             .config_toml("")
             .replace("client_id = \"bridge-", &format!("client_id = \"{name}-"));
-        let cfg = Config::parse(&toml, std::path::Path::new("test.toml"), &[]).expect("config");
+        let cfg = Config::parse(&toml, Path::new("test.toml"), &[]).expect("config");
         self.bridge_with(cfg).await
     }
 
@@ -118,7 +141,7 @@ impl Env {
     /// Starts the bridge binary as a child process with this environment's config file.
     pub fn bridge_process(&self, tag: &str) -> BridgeProcess {
         let cfg_path = self.dir.join(format!("bridge-{tag}.toml"));
-        let port = delta_bridge::localenv::free_port().expect("port");
+        let port = delta_harness::servers::free_port().expect("port");
         // Each process its own MQTT client id: replicas sharing one would take each other's connection.
         let toml = self
             .config_toml("")
@@ -166,7 +189,7 @@ pub async fn wait_ready_at(http: &str, limit: Duration) {
 
 /// What a load run under faults must show: every committed change received, nothing uncommitted, and a device
 /// that drops stale `seq` ending with the database's values.
-pub fn assert_nothing_lost_or_invented(report: &delta_bridge::loadgen::Report) {
+pub fn assert_nothing_lost_or_invented(report: &Report) {
     assert_eq!(report.lost(), 0, "every committed change arrives");
     assert_eq!(report.phantom, 0, "nothing that was not committed arrives");
     assert_eq!(
@@ -353,18 +376,6 @@ pub fn by_event_id(msgs: &[Received]) -> HashMap<String, Vec<&Received>> {
             .push(r);
     }
     m
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        self.pg.stop(true);
-        self.mqtt.stop(true);
-        if std::thread::panicking() {
-            eprintln!("test environment kept for inspection: {}", self.dir.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
 }
 
 /// Verifies a device token against the bridge's /.well-known/jwks.json with jsonwebtoken, a JWT implementation

@@ -1,6 +1,6 @@
 //! Private PostgreSQL and Mosquitto servers on free loopback ports, in a directory of their own, started from
-//! the system's binaries (Debian's `postgresql` and `mosquitto` packages). Used by `delta-bridge demo`, the
-//! integration tests and the benchmark; never touches servers already running on the standard ports.
+//! the system's binaries (Debian's `postgresql` and `mosquitto` packages). Used through [`crate::stack`] by the
+//! demo, the integration tests and the benchmarks; never touches servers already running on the standard ports.
 //!
 //! When run as root (CI, containers) the servers run as the `postgres` / `mosquitto` users, since `initdb`
 //! refuses root. Dropping a server kills it.
@@ -292,7 +292,8 @@ impl Drop for Postgres {
 }
 
 /// A private Mosquitto broker (MQTT 5 capable), with persistence so that a restart keeps queued messages and
-/// `max_queued_messages 0` so that it never drops QoS 1 messages for a slow subscriber (FIELD-NOTES).
+/// `max_queued_messages 0` so that it never drops QoS 1 messages for a slow subscriber (the default, 1000,
+/// drops QoS 1 messages it already acknowledged to the publisher once a subscriber falls that far behind).
 pub struct Mosquitto {
     pub port: u16,
     dir: PathBuf,
@@ -462,7 +463,8 @@ pub fn dynsec_plugin() -> Option<PathBuf> {
 }
 
 /// Sends `signal` to a server and waits up to `limit` for it to exit, then kills it.
-fn stop_child(mut child: Child, signal: &str, limit: Duration) {
+/// Sends `signal` (a `kill` name: TERM, INT, QUIT) and waits up to `limit` for the exit, then kills.
+pub(crate) fn stop_child(mut child: Child, signal: &str, limit: Duration) {
     let _ = Command::new("kill")
         .args([&format!("-{signal}"), &child.id().to_string()])
         .status();
@@ -484,6 +486,3 @@ fn which(bin: &str) -> Option<PathBuf> {
         .map(|d| d.join(bin))
         .find(|p| p.exists())
 }
-
-/// The reference schema of PRODUCT.md §3.
-pub const REFERENCE_SCHEMA: &str = include_str!("../sql/reference_schema.sql");

@@ -1,17 +1,19 @@
 //! `delta-bridge demo`: the whole path on one machine. Starts a private PostgreSQL and Mosquitto on free
-//! loopback ports (from the system's binaries), loads the reference schema with sample data, runs the bridge,
-//! connects a demo device to its branch, drives the load harness, then prints the latency and loss report.
-//! Touches nothing outside its own directory; stops everything it started on exit (also on Ctrl-C).
+//! loopback ports (from the system's binaries), loads the reference schema with sample data, runs the bridge
+//! binary as a child process (exactly as it is deployed: a config file and secret files), provisions a demo
+//! device through the API, drives the load engine, then prints the latency and loss report.
+//! Deletes only what it created: in a `--dir` of the user's, its own files and nothing else.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rumqttc::v5::MqttOptions;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::loadgen::{self, LoadOptions, LOAD_MERCHANT_PREFIX};
-use crate::localenv::{Mosquitto, Postgres, REFERENCE_SCHEMA};
-use crate::mqtt::mqtt_options;
+use crate::loadgen::{self, LoadOptions, Target, LOAD_MERCHANT_PREFIX};
+use crate::servers::{free_port, stop_child, Mosquitto};
+use crate::stack::{Stack, StackOptions, DATABASE};
 use crate::subscriber::{self, Subscription};
 
 #[derive(Clone, Debug, clap::Args)]
@@ -45,13 +47,29 @@ fn step(n: u32, text: &str) {
     println!("\n[{n}/6] {text}");
 }
 
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let dir = match &args.dir {
-        Some(d) => d.clone(),
-        None => std::env::temp_dir().join(format!("delta-bridge-demo-{}", std::process::id())),
+/// What the demo writes into its directory, besides the stack's own `pg/` and `mqtt/`: removed at exit.
+const OWN_FILES: [&str; 4] = ["secrets", "device-signing-key.pem", "delta-bridge.toml", "bridge.log"];
+
+/// Runs the tour. `bridge` is the `delta-bridge` binary to start (the running one, for `delta-bridge demo`).
+pub async fn run(args: DemoArgs, bridge: PathBuf) -> anyhow::Result<()> {
+    // A directory of the user's is used only when it is new or empty, so that removing what the demo
+    // created can never touch anything else.
+    let (dir, created) = match &args.dir {
+        Some(d) if d.exists() => {
+            if std::fs::read_dir(d)?.next().is_some() {
+                anyhow::bail!(
+                    "--dir {}: not empty; give a new or empty directory (the demo removes what it creates there)",
+                    d.display()
+                );
+            }
+            (d.clone(), false)
+        }
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            (d.clone(), true)
+        }
+        None => (crate::stack::temp_dir("demo")?, true),
     };
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
     let cancel = CancellationToken::new();
     {
         let c = cancel.clone();
@@ -60,16 +78,39 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             c.cancel();
         });
     }
-    let result = tour(&args, &dir, cancel).await;
-    if args.keep || result.is_err() {
+    let result = tour(&args, &dir, &bridge, cancel).await;
+    let keep = args.keep || result.is_err();
+    if keep {
         println!("\nworking directory kept: {}", dir.display());
     } else {
-        let _ = std::fs::remove_dir_all(&dir);
+        for name in OWN_FILES {
+            let path = dir.join(name);
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+        }
+        if created {
+            // Empty by now unless someone else wrote into it meanwhile: then it stays.
+            let _ = std::fs::remove_dir(&dir);
+        }
     }
     result
 }
 
-async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken) -> anyhow::Result<()> {
+/// The bridge as a child process; stopped with SIGTERM (graceful) when dropped.
+struct BridgeChild(Option<Child>);
+
+impl Drop for BridgeChild {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.take() {
+            stop_child(child, "TERM", Duration::from_secs(15));
+        }
+    }
+}
+
+async fn tour(args: &DemoArgs, dir: &Path, bridge: &Path, cancel: CancellationToken) -> anyhow::Result<()> {
     // Throwaway secrets for this run only.
     let secret = || format!("{:032x}", rand::random::<u128>());
     let (admin_pw, bridge_pw, load_pw, admin_token) = (secret(), secret(), secret(), secret());
@@ -78,16 +119,22 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
         1,
         "starting a private PostgreSQL and Mosquitto (dynamic security) on free loopback ports",
     );
-    let (pg, mqtt) = {
-        let (d1, d2, admin_pw) = (dir.join("postgres"), dir.join("mosquitto"), admin_pw.clone());
-        tokio::task::spawn_blocking(move || -> anyhow::Result<(Postgres, Mosquitto)> {
-            Ok((
-                Postgres::start(&d1, false)?,
-                Mosquitto::start_dynsec(&d2, "admin", &admin_pw, "")?,
-            ))
+    let mut stack = {
+        let (dir, admin_pw) = (dir.to_path_buf(), admin_pw.clone());
+        tokio::task::spawn_blocking(move || {
+            Stack::start(StackOptions {
+                seed: Some(SAMPLE),
+                mqtt: Some(Box::new(move |d: &Path| {
+                    Mosquitto::start_dynsec(d, "admin", &admin_pw, "")
+                })),
+                dir: Some(dir),
+                ..StackOptions::new("demo")
+            })
         })
         .await??
     };
+    // Kept for inspection if anything below fails; removed at the end unless --keep.
+    stack.keep = true;
     // The bridge publishes under dev/#; the load harness listens to dev/#; devices get their own rules.
     for args in [
         vec!["createRole", "bridge-publisher"],
@@ -99,25 +146,17 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
         vec!["createClient", "loadgen", "-p", load_pw.as_str()],
         vec!["addClientRole", "loadgen", "load-listener"],
     ] {
-        mqtt.dynsec("admin", &admin_pw, &args)?;
+        stack.mqtt.dynsec("admin", &admin_pw, &args)?;
     }
-    println!(
-        "      PostgreSQL on 127.0.0.1:{} (fsync off: a demo, not a durability test)",
-        pg.port
-    );
-    println!(
-        "      Mosquitto  on 127.0.0.1:{} (no anonymous access; accounts: bridge, loadgen)",
-        mqtt.port
-    );
+    let (pg_port, mqtt_port) = (stack.pg.port, stack.mqtt.port);
+    println!("      PostgreSQL on 127.0.0.1:{pg_port} (fsync off: a demo, not a durability test)");
+    println!("      Mosquitto  on 127.0.0.1:{mqtt_port} (no anonymous access; accounts: bridge, loadgen)");
 
-    step(2, "creating the reference schema with sample data");
-    pg.psql("postgres", "CREATE DATABASE mstore")?;
-    pg.psql("mstore", REFERENCE_SCHEMA)?;
-    pg.psql("mstore", SAMPLE)?;
+    step(2, "the reference schema with sample data is loaded");
 
     step(3, "starting the bridge (installs its outbox and capture triggers)");
     let key_path = dir.join("device-signing-key.pem");
-    std::fs::write(&key_path, crate::provision::credentials::generate_es256_pem()?)?;
+    std::fs::write(&key_path, es256_pem()?)?;
     // Secrets in owner-only files beside the config (the way a deployment mounts them), so that the same
     // file drives `delta-load --config` from another terminal while `--stay` keeps the demo up.
     let secrets_dir = dir.join("secrets");
@@ -127,15 +166,17 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
         write_private(&path, value)?;
         Ok(path.display().to_string())
     };
+    let http_port = free_port()?;
     let toml = format!(
         "env = \"dev\"\n[postgres]\nurl = \"{}\"\n\
          [mqtt]\nurl = \"{}\"\nusername = \"bridge\"\npassword_file = \"{}\"\n\
-         [http]\nlisten = \"127.0.0.1:0\"\nadmin_token_file = \"{}\"\n\
+         [http]\nlisten = \"127.0.0.1:{http_port}\"\nadmin_token_file = \"{}\"\n\
          [credentials]\nsigning_key_file = \"{}\"\n\
          [broker]\nkind = \"mosquitto\"\nadmin_username = \"admin\"\nadmin_password_file = \"{}\"\n\
-         [load]\nusername = \"loadgen\"\npassword_file = \"{}\"\n",
-        pg.url("mstore"),
-        mqtt.url(),
+         [load]\nusername = \"loadgen\"\npassword_file = \"{}\"\n\
+         [log]\nformat = \"text\"\n",
+        stack.pg_url(),
+        stack.mqtt.url(),
         secret_file("mqtt-password", &bridge_pw)?,
         secret_file("http-admin-token", &admin_token)?,
         key_path.display(),
@@ -144,13 +185,23 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
     );
     let config_path = dir.join("delta-bridge.toml");
     std::fs::write(&config_path, &toml)?;
-    let cfg = Config::parse(&toml, &config_path, &[])?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let bridge_cancel = cancel.child_token();
-    let running = crate::service::start(cfg.clone(), true, listener, bridge_cancel.clone()).await?;
-    let http = format!("http://{}", running.http_addr);
-    wait_ready(&http).await?;
-    println!("      bridge ready: {http}/readyz, {http}/metrics");
+    let log = std::fs::File::create(dir.join("bridge.log"))?;
+    let child = Command::new(bridge)
+        .arg("--config")
+        .arg(&config_path)
+        .arg("run")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", bridge.display()))?;
+    let mut running = BridgeChild(Some(child));
+    let http = format!("http://127.0.0.1:{http_port}");
+    wait_ready(&http, &mut running).await?;
+    println!(
+        "      bridge ready: {http}/readyz, {http}/metrics (log: {})",
+        dir.join("bridge.log").display()
+    );
 
     step(
         4,
@@ -179,7 +230,7 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
     // First a session that tries another branch (the broker must refuse), then the device's real session:
     // one at a time, since the broker binds the client id to the device.
     let other = "dev/MCH-MST-001/BRN-MST-OSK00002/#";
-    match demo_device(&cfg, user, pass, other).await {
+    match demo_device(mqtt_port, user, pass, other).await {
         Err(_) => println!("      subscribing to {other}: refused by the broker, as it must be"),
         Ok((probe, _)) => {
             probe.stop().await;
@@ -187,10 +238,10 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
         }
     }
     let own = "dev/MCH-MST-001/BRN-MST-OSK00001/#";
-    let (device, mut device_rx) = demo_device(&cfg, user, pass, own).await?;
+    let (device, mut device_rx) = demo_device(mqtt_port, user, pass, own).await?;
     println!("      subscribed to {own}");
-    pg.psql(
-        "mstore",
+    stack.pg.psql(
+        DATABASE,
         "BEGIN;
          INSERT INTO transactions (branch_id, transaction_code, offline_id, status, grand_total, created_by, device_id)
            VALUES (1, 'TX-DEMO-0001', gen_random_uuid(), 'paid', 36000, 'kasir-demo', 'tablet-osaka-01');
@@ -229,7 +280,15 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
         grace: Duration::from_secs(30),
         progress: true,
     };
-    let report = loadgen::run(&cfg, &opts, cancel.clone()).await?;
+    let mut load_mqtt = MqttOptions::new("delta-load", "127.0.0.1", mqtt_port);
+    load_mqtt.set_keep_alive(Duration::from_secs(5));
+    load_mqtt.set_credentials("loadgen", load_pw.as_str());
+    let target = Target::new(
+        "dev",
+        load_mqtt,
+        Target::plain_postgres(stack.pg_url(), Duration::from_secs(10)),
+    );
+    let report = loadgen::run(&target, &opts, cancel.clone()).await?;
     let mut foreign = 0usize;
     while device_rx.try_recv().is_ok() {
         foreign += 1;
@@ -255,19 +314,16 @@ async fn tour(args: &DemoArgs, dir: &std::path::Path, cancel: CancellationToken)
     }
     if args.stay && !cancel.is_cancelled() {
         println!(
-            "\nthe demo stays up (Ctrl-C to stop): bridge {http}, PostgreSQL 127.0.0.1:{}, Mosquitto 127.0.0.1:{}\n\
+            "\nthe demo stays up (Ctrl-C to stop): bridge {http}, PostgreSQL 127.0.0.1:{pg_port}, Mosquitto 127.0.0.1:{mqtt_port}\n\
              run the load harness against it from another terminal:\n  \
              target/release/delta-load --config {} --rate 100 --duration 60s",
-            pg.port,
-            mqtt.port,
             config_path.display()
         );
         cancel.cancelled().await;
     }
-    bridge_cancel.cancel();
-    running.wait().await;
-    drop(mqtt);
-    drop(pg);
+    drop(running); // SIGTERM, and wait for the bridge's graceful exit
+    stack.keep = args.keep;
+    drop(stack);
     if report.lost() > 0 || report.phantom > 0 || foreign > 0 {
         anyhow::bail!(
             "{} events lost, {} phantom, {foreign} foreign",
@@ -293,8 +349,10 @@ fn write_private(path: &std::path::Path, value: &str) -> std::io::Result<()> {
 type DeviceRx = tokio::sync::mpsc::UnboundedReceiver<(String, String)>;
 
 /// An MQTT 5 device session subscribed to `filter`; an error if the broker refuses the subscription.
-async fn demo_device(cfg: &Config, user: &str, pass: &str, filter: &str) -> anyhow::Result<(Subscription, DeviceRx)> {
-    let mut opts = mqtt_options(&cfg.mqtt, user, Some(user), Some(pass)).map_err(anyhow::Error::msg)?;
+async fn demo_device(port: u16, user: &str, pass: &str, filter: &str) -> anyhow::Result<(Subscription, DeviceRx)> {
+    let mut opts = MqttOptions::new(user, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_credentials(user, pass);
     opts.set_max_packet_size(Some(16 * 1024 * 1024));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let device = subscriber::subscribe(opts, filter, Duration::from_secs(10), move |p| {
@@ -307,9 +365,13 @@ async fn demo_device(cfg: &Config, user: &str, pass: &str, filter: &str) -> anyh
     Ok((device, rx))
 }
 
-async fn wait_ready(http: &str) -> anyhow::Result<()> {
+/// Waits for /readyz; fails at once if the bridge exits (its log says why).
+async fn wait_ready(http: &str, bridge: &mut BridgeChild) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
+        if let Some(status) = bridge.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            anyhow::bail!("the bridge exited ({status}) before it was ready; see bridge.log");
+        }
         if reqwest::get(format!("{http}/readyz"))
             .await
             .is_ok_and(|r| r.status() == reqwest::StatusCode::OK)
@@ -321,4 +383,22 @@ async fn wait_ready(http: &str) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A new EC P-256 private key (PKCS#8 PEM) to sign the demo's device tokens.
+pub fn es256_pem() -> anyhow::Result<String> {
+    use p256::pkcs8::EncodePrivateKey;
+    use rand::RngCore;
+    // A uniformly random 32-byte string is a valid scalar except with probability ~2^-32; retry then.
+    for _ in 0..8 {
+        let mut bytes = p256::FieldBytes::default();
+        rand::rng().fill_bytes(&mut bytes);
+        if let Ok(sk) = p256::SecretKey::from_bytes(&bytes) {
+            let pem = sk
+                .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
+                .map_err(|e| anyhow::anyhow!("cannot encode the key: {e}"))?;
+            return Ok(pem.to_string());
+        }
+    }
+    anyhow::bail!("no valid P-256 scalar drawn")
 }

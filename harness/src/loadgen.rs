@@ -20,9 +20,10 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::mqtt::mqtt_options;
-use crate::pg;
+use futures_util::future::BoxFuture;
+use rumqttc::v5::MqttOptions;
+use tokio_postgres::Client;
+
 use crate::subscriber;
 
 /// Merchant codes the harness writes to: `MCH-LOAD-000`, `MCH-LOAD-001`, ... Their branches share codes
@@ -259,30 +260,59 @@ fn parse_marker(run: u32, s: &str) -> Option<u64> {
     (r.parse::<u32>().ok()? == run).then(|| op.parse().ok()).flatten()
 }
 
+/// Opens a PostgreSQL session for the load's writers and checks (the caller decides TLS and the like).
+pub type PgConnect = Arc<dyn Fn() -> BoxFuture<'static, anyhow::Result<Client>> + Send + Sync>;
+
+/// What the load runs against: the topic root (`env`), how to reach the broker (the client id is set per
+/// run) and how to open a database session. `delta-load` builds it from the bridge's own configuration.
+#[derive(Clone)]
+pub struct Target {
+    pub env: String,
+    pub mqtt: MqttOptions,
+    pub postgres: PgConnect,
+}
+
+impl Target {
+    pub fn new(env: &str, mqtt: MqttOptions, postgres: PgConnect) -> Target {
+        Target {
+            env: env.to_string(),
+            mqtt,
+            postgres,
+        }
+    }
+
+    /// Plain TCP sessions to `url` (the private servers of [`crate::stack`]).
+    pub fn plain_postgres(url: String, timeout: Duration) -> PgConnect {
+        Arc::new(move || {
+            let url = url.clone();
+            Box::pin(async move {
+                let mut cfg: tokio_postgres::Config = url.parse()?;
+                cfg.application_name("delta-load").connect_timeout(timeout);
+                let (client, conn) = tokio::time::timeout(timeout, cfg.connect(tokio_postgres::NoTls))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("PostgreSQL connection attempt timed out"))??;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                Ok(client)
+            })
+        })
+    }
+}
+
 /// Runs the load and returns the report. The caller decides what to do with loss (delta-load exits 1).
-pub async fn run(cfg: &Config, opts: &LoadOptions, cancel: CancellationToken) -> anyhow::Result<Report> {
+pub async fn run(target: &Target, opts: &LoadOptions, cancel: CancellationToken) -> anyhow::Result<Report> {
     let run_id: u32 = rand::random::<u32>() % 1_000_000_000;
-    let url = cfg.postgres_url();
-    let setup = pg::connect(&url, cfg.postgres.connect_timeout, "delta-load").await?;
-    let fix = fixture(&setup.client, opts).await?;
+    let setup = (target.postgres)().await?;
+    let fix = fixture(&setup, opts).await?;
 
     // Subscribe first (and wait for SUBACK) so that nothing written is missed.
-    let user = cfg.load.username.clone().or_else(|| cfg.mqtt.username.clone());
-    let pass = match &cfg.load.username {
-        Some(_) => cfg.load.password.as_ref().map(|s| s.expose().to_string()),
-        None => cfg.mqtt.password.as_ref().map(|s| s.expose().to_string()),
-    };
-    let mut mopts = mqtt_options(
-        &cfg.mqtt,
-        &format!("delta-load-{run_id}"),
-        user.as_deref(),
-        pass.as_deref(),
-    )
-    .map_err(anyhow::Error::msg)?;
+    let mut mopts = target.mqtt.clone();
+    mopts.set_client_id(format!("delta-load-{run_id}"));
     mopts.set_clean_start(false);
     mopts.set_session_expiry_interval(Some(3600));
     let got: Arc<Mutex<Vec<Got>>> = Arc::new(Mutex::new(Vec::new()));
-    let filter = format!("{}/#", cfg.env);
+    let filter = format!("{}/#", target.env);
     let sink = got.clone();
     let subscription = subscriber::subscribe(mopts, &filter, Duration::from_secs(20), move |p| {
         let at = Instant::now();
@@ -302,11 +332,15 @@ pub async fn run(cfg: &Config, opts: &LoadOptions, cancel: CancellationToken) ->
     let op_rx = Arc::new(tokio::sync::Mutex::new(op_rx));
     let mut writers = Vec::new();
     for w in 0..opts.writers {
-        let (url, fix, ledger, op_rx, cancel) =
-            (url.clone(), fix.clone(), ledger.clone(), op_rx.clone(), cancel.clone());
-        let timeout = cfg.postgres.connect_timeout;
+        let (connect, fix, ledger, op_rx, cancel) = (
+            target.postgres.clone(),
+            fix.clone(),
+            ledger.clone(),
+            op_rx.clone(),
+            cancel.clone(),
+        );
         writers.push(tokio::spawn(async move {
-            writer(w, run_id, url, timeout, fix, ledger, op_rx, cancel).await
+            writer(w, run_id, connect, fix, ledger, op_rx, cancel).await
         }));
     }
 
@@ -362,8 +396,8 @@ pub async fn run(cfg: &Config, opts: &LoadOptions, cancel: CancellationToken) ->
         .and_then(|m| m.into_inner().ok())
         .unwrap_or_default();
     drop(setup); // the database may have restarted meanwhile: compare on a fresh session
-    let check = pg::connect(&url, cfg.postgres.connect_timeout, "delta-load").await?;
-    let device_mismatches = Device::apply_all(&got).compare(&check.client).await?;
+    let check = (target.postgres)().await?;
+    let device_mismatches = Device::apply_all(&got).compare(&check).await?;
     Ok(account(opts.rate, written_for, &ledger, &got, device_mismatches))
 }
 
@@ -404,24 +438,22 @@ fn classify(run: u32, v: Value, at: Instant) -> Option<Got> {
     })
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn writer(
     w: usize,
     run: u32,
-    url: String,
-    timeout: Duration,
+    connect: PgConnect,
     fix: Fixture,
     ledger: Arc<Mutex<Ledger>>,
     ops: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<(u64, Instant)>>>,
     cancel: CancellationToken,
 ) {
-    let mut session: Option<pg::Session> = None;
+    let mut session: Option<Client> = None;
     let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(run) * 1000 + w as u64);
     loop {
         let next = { ops.lock().await.recv().await };
         let Some((op, due)) = next else { return };
         if session.is_none() {
-            match pg::connect(&url, timeout, "delta-load").await {
+            match connect().await {
                 Ok(s) => session = Some(s),
                 Err(_) => {
                     record(&ledger, op, Outcome::RolledBack, None);
@@ -439,16 +471,16 @@ async fn writer(
         }
         let result = async {
             let began = Instant::now();
-            s.client.batch_execute(&body).await.map_err(|e| (false, e))?;
+            s.batch_execute(&body).await.map_err(|e| (false, e))?;
             // Latency starts at the moment this COMMIT was *scheduled*: the operation's due time plus the
             // transaction's own statements. A writer that started late (all writers busy, the database slow)
             // adds its lag instead of hiding it (no coordinated omission); on time, it is the COMMIT's send time.
             let t = due + began.elapsed();
             if kind == Kind::Aborted {
-                s.client.batch_execute("ROLLBACK").await.map_err(|e| (false, e))?;
+                s.batch_execute("ROLLBACK").await.map_err(|e| (false, e))?;
                 return Ok(None);
             }
-            s.client.batch_execute("COMMIT").await.map_err(|e| (true, e))?;
+            s.batch_execute("COMMIT").await.map_err(|e| (true, e))?;
             Ok(Some(t))
         }
         .await;
@@ -463,7 +495,7 @@ async fn writer(
             }
             Ok(None) => record(&ledger, op, Outcome::RolledBack, None),
             Err((during_commit, e)) => {
-                let closed = s.client.is_closed();
+                let closed = s.is_closed();
                 record(
                     &ledger,
                     op,
@@ -477,7 +509,7 @@ async fn writer(
                 if closed {
                     session = None;
                 } else {
-                    let _ = s.client.batch_execute("ROLLBACK").await;
+                    let _ = s.batch_execute("ROLLBACK").await;
                 }
                 tracing::debug!(op, error = %e, "load write failed");
                 if cancel.is_cancelled() {

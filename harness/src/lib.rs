@@ -1,0 +1,16 @@
+//! delta-harness: the tools around delta-bridge that are not the service. Nothing here ships in the service
+//! binary built without its default `demo` feature, and nothing here uses the service's internals: it talks
+//! to a bridge the way users and devices do (its config file, HTTP, MQTT, the database).
+//!
+//! - [`servers`]: private PostgreSQL and Mosquitto servers on free loopback ports, from the system's binaries.
+//! - [`stack`]: the one set-up of "private servers + reference schema + bridge config" that the tests, the
+//!   benchmarks, `delta-load`'s tests and the demo share.
+//! - [`subscriber`]: an MQTT 5 subscription held the way a device holds one.
+//! - [`loadgen`]: the load engine behind `delta-load`, the benchmarks and the fault tests.
+//! - [`demo`]: `delta-bridge demo`, the one-command tour (runs the bridge binary as a child process).
+
+pub mod demo;
+pub mod loadgen;
+pub mod servers;
+pub mod stack;
+pub mod subscriber;
