@@ -19,20 +19,24 @@ WORKDIR /src
 # own code does not rebuild the ~300 crates (a clean release build takes ~2.5 min on 2 cores).
 COPY Cargo.toml Cargo.lock ./
 COPY load/Cargo.toml load/Cargo.toml
-RUN mkdir -p src load/src benches \
+COPY harness/Cargo.toml harness/Cargo.toml
+RUN mkdir -p src load/src harness/src benches \
  && echo 'fn main() {}' > src/main.rs \
- && touch src/lib.rs \
+ && touch src/lib.rs harness/src/lib.rs \
  && echo 'fn main() {}' > load/src/main.rs \
  && echo 'fn main() {}' > benches/throughput.rs \
  && echo 'fn main() {}' > benches/capture_cost.rs \
  && cargo build --release --locked --workspace --bins \
- && rm -rf src load/src benches
+ && rm -rf src load/src harness/src benches
 
 # The real sources. `touch` makes sure cargo sees them as newer than the stub build above (COPY keeps the
 # build context's timestamps, which may be older).
 COPY . .
-RUN touch src/main.rs src/lib.rs load/src/main.rs \
- && cargo build --release --locked -p delta-bridge -p delta-load --bins \
+# The service binary is built without the default `demo` feature: it carries no code that starts servers or
+# generates load (delta-harness). delta-load, which is that harness, is built on its own before it.
+RUN touch src/main.rs src/lib.rs load/src/main.rs harness/src/lib.rs \
+ && cargo build --release --locked -p delta-load --bins \
+ && cargo build --release --locked -p delta-bridge --no-default-features --bins \
  && install -D -m 0755 target/release/delta-bridge /out/delta-bridge \
  && install -D -m 0755 target/release/delta-load /out/delta-load
 

@@ -6,13 +6,13 @@ use std::sync::Arc;
 
 /// Connection states for /readyz. Written by the tasks that own the connections.
 #[derive(Default)]
-pub struct Health {
+pub(crate) struct Health {
     pub postgres: AtomicBool,
     pub mqtt: Arc<AtomicBool>,
 }
 
 impl Health {
-    pub fn ready(&self) -> bool {
+    pub(crate) fn ready(&self) -> bool {
         self.postgres.load(Ordering::SeqCst) && self.mqtt.load(Ordering::SeqCst)
     }
 }

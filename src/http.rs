@@ -1,6 +1,6 @@
-//! The HTTP surface: /healthz, /readyz, /metrics (and, beside them, the provisioning API). Binds the
-//! listener it is given, so tests can bind port 0; serves until the cancellation token fires. Never returns a
-//! database or broker error text to a client.
+//! The HTTP surface: /healthz, /readyz, /metrics, and the device API's routes (their handlers live with
+//! provisioning). Serves on the listener it is given, so tests can bind port 0, until the cancellation
+//! token fires. Never returns a database or broker error text to a client.
 
 use std::sync::Arc;
 
@@ -18,23 +18,23 @@ use crate::metrics::Metrics;
 use crate::provision::api::DeviceApi;
 
 #[derive(Clone)]
-pub struct AppState {
+pub(crate) struct AppState {
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
     pub devices: Arc<DeviceApi>,
 }
 
-pub fn router(state: AppState) -> Router {
+pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .merge(crate::provision::api::routes())
         .fallback(not_found)
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(crate::provision::api::routes(state.devices))
 }
 
-pub async fn serve(listener: TcpListener, state: AppState, cancel: CancellationToken) -> std::io::Result<()> {
+pub(crate) async fn serve(listener: TcpListener, state: AppState, cancel: CancellationToken) -> std::io::Result<()> {
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await

@@ -1,30 +1,43 @@
 //! delta-bridge: committed PostgreSQL row changes to per-branch MQTT delta topics, at least once.
 //!
-//! The data path, one module each:
-//! - [`capture`]: triggers write each committed change to an outbox table in the writer's own transaction;
-//!   the leader replica reads it (woken by NOTIFY only when idle).
-//! - [`convert`]: an outbox row becomes a device event (topic + JSON payload) — pure functions.
-//! - [`deliver`]: QoS 1 publishing over MQTT 5 with our own record of what the broker acknowledged.
-//! - [`bridge`]: the pipeline tying them together: deletes a row only after its PUBACK, dead-letters what
-//!   cannot be converted or is refused.
+//! The data path, in the order a change travels:
+//! - [`capture`]: triggers (installed by [`schema`]) write each committed change to an outbox table in the
+//!   writer's own transaction; this module reads, deletes and dead-letters outbox rows.
+//! - [`convert`]: an outbox row becomes a device event (topic + JSON payload). Pure functions.
+//! - [`deliver`]: QoS 1 publishing over MQTT 5, with our own record of what the broker acknowledged.
+//! - [`pipeline`]: ties them together on the leader replica; deletes a row only after its PUBACK,
+//!   dead-letters what cannot be converted or is refused.
 //!
-//! Beside it: [`provision`] (device credentials, ACLs and broker accounts, behind the device API),
-//! [`config`] (file + environment, validated), [`http`] (health, readiness, metrics),
-//! [`metrics`], [`localenv`] (private PostgreSQL and Mosquitto for the demo and tests), [`loadgen`]
-//! (the load harness behind `delta-load` and `demo`), [`subscriber`] (a device-like MQTT subscription for
-//! both and the tests), [`demo`].
+//! Beside it, the provisioning side: [`provision`] (device credentials, ACLs, broker accounts, and the device
+//! API's handlers). The surface: [`http`] (routes: health, readiness, metrics, the device API), [`metrics`],
+//! [`health`]. Wiring: [`service`] (what the binary calls), [`config`] (file + environment, validated).
+//!
+//! Plumbing, imported by the domain modules and importing none of them: [`pg`] (PostgreSQL sessions),
+//! [`schema`] (migrations of the bridge's own objects, from `sql/`), [`mqtt`] (client options, TLS),
+//! [`backoff`].
+//!
+//! The public API is what the `delta-bridge` binary, `delta-load` and the tests use: [`config`], [`service`],
+//! the device request and response types, the connection helpers [`pg::connect`] and
+//! [`mqtt::mqtt_options`], and [`LEADER_LOCK`] (for operators' and tests' look-ups in `pg_locks`).
 
-pub mod backoff;
-pub mod capture;
+// Narrowest visibility first: an item is `pub` only if the binary, delta-load or the tests use it.
+#![warn(unreachable_pub)]
+
+pub(crate) mod backoff;
+pub(crate) mod capture;
 pub mod config;
-pub mod convert;
-pub mod deliver;
-pub mod health;
-pub mod http;
-pub mod metrics;
+pub(crate) mod convert;
+pub(crate) mod deliver;
+pub(crate) mod health;
+pub(crate) mod http;
+pub(crate) mod metrics;
 pub mod mqtt;
 pub mod pg;
-pub mod pipeline;
-pub mod provision;
-pub mod schema;
+pub(crate) mod pipeline;
+pub(crate) mod provision;
+pub(crate) mod schema;
 pub mod service;
+
+pub use capture::outbox::LEADER_LOCK;
+pub use provision::{IssueRequest, IssuedCredentials, ProvisionError};
+pub use schema::MigrateError;

@@ -101,11 +101,19 @@ fn main() -> ExitCode {
             run_async(async move {
                 let listener = tokio::net::TcpListener::bind(cfg.http.listen).await?;
                 let cancel = CancellationToken::new();
+                // Listen for SIGTERM/SIGINT before anything starts: a signal while start-up is still retrying
+                // migrations must stop the process cleanly too.
+                {
+                    let cancel = cancel.clone();
+                    tokio::spawn(async move {
+                        delta_bridge::service::shutdown_signal().await;
+                        tracing::info!("shutting down");
+                        cancel.cancel();
+                    });
+                }
                 let running = delta_bridge::service::start(cfg, !no_migrate, listener, cancel.clone()).await?;
-                tracing::info!(http = %running.http_addr, "delta-bridge running");
-                tokio::select! {
-                    _ = delta_bridge::service::shutdown_signal() => { tracing::info!("shutting down"); cancel.cancel(); }
-                    _ = cancel.cancelled() => {}
+                if !cancel.is_cancelled() {
+                    tracing::info!(http = %running.http_addr, "delta-bridge running");
                 }
                 running.wait().await;
                 Ok(())
@@ -118,7 +126,7 @@ fn main() -> ExitCode {
             ttl,
         }) => {
             init_logging(cfg.log.format, "warn");
-            let req = delta_bridge::provision::IssueRequest {
+            let req = delta_bridge::IssueRequest {
                 device_id,
                 merchant_code: merchant,
                 branch_code: branch,
@@ -132,19 +140,18 @@ fn main() -> ExitCode {
 }
 
 /// `device issue`: exit 2 for a request the API would answer 400, 1 for anything else that fails.
-fn device_issue(cfg: &Config, req: &delta_bridge::provision::IssueRequest) -> ExitCode {
-    use delta_bridge::provision::{ProvisionError, Provisioner};
+fn device_issue(cfg: &Config, req: &delta_bridge::IssueRequest) -> ExitCode {
+    use delta_bridge::service::ServiceError;
+    use delta_bridge::ProvisionError;
     let mut invalid = false;
     let code = run_async(async {
-        let metrics = std::sync::Arc::new(delta_bridge::metrics::Metrics::new()?);
-        let provisioner = Provisioner::from_config(cfg, metrics)?;
-        match provisioner.issue(req).await {
+        match delta_bridge::service::issue_device(cfg, req).await {
             Ok(creds) => {
                 println!("{}", serde_json::to_string_pretty(&creds)?);
                 Ok(())
             }
             Err(e) => {
-                invalid = matches!(e, ProvisionError::Invalid(_));
+                invalid = matches!(e, ServiceError::Provision(ProvisionError::Invalid(_)));
                 Err(e.into())
             }
         }

@@ -1,4 +1,4 @@
-//! Prometheus metrics of PRODUCT.md §8, in one registry owned by the process. Every series exists from
+//! Prometheus metrics (docs/metrics.md), in one registry owned by the process. Every series exists from
 //! start-up (counters at 0 for each known label value) so dashboards and alerts never see "no data".
 //! Labels are low-cardinality by construction: streams, failure reasons; never a device, merchant or branch.
 
@@ -45,7 +45,7 @@ impl FailureReason {
     }
 }
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     pub events_published: IntCounterVec,
     pub publish_failures: IntCounterVec,
@@ -61,7 +61,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Result<Metrics, prometheus::Error> {
+    pub(crate) fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let events_published = IntCounterVec::new(
             Opts::new(
@@ -147,7 +147,7 @@ impl Metrics {
     }
 
     /// The text exposition format served on /metrics.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             return format!("# encode error: {e}\n");

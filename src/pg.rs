@@ -10,7 +10,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
-/// Every query of the bridge is bounded by this: a database that stops answering is a lost database.
+/// Bounds each statement run through [`timed`] (the pipeline's reads, deletes and lock probes, the device
+/// store's queries): a database that stops answering is a lost database. Migrations and the provisioning
+/// transactions as a whole are not bounded by it.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]

@@ -17,7 +17,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
 ];
 
 /// The business tables the capture triggers attach to.
-pub const BUSINESS_TABLES: [&str; 6] = [
+pub(crate) const BUSINESS_TABLES: [&str; 6] = [
     "merchants",
     "branches",
     "products",
@@ -30,7 +30,7 @@ pub const BUSINESS_TABLES: [&str; 6] = [
 pub enum MigrateError {
     #[error(transparent)]
     Pg(#[from] PgError),
-    #[error("table {schema}.{table} does not exist: delta-bridge attaches to the reference schema (README, \"Reference schema\")")]
+    #[error("table {schema}.{table} does not exist: delta-bridge attaches to the reference schema (sql/reference_schema.sql)")]
     MissingTable { schema: String, table: String },
     #[error("migration {version} ({name}) failed: {source}")]
     Failed {
@@ -41,6 +41,14 @@ pub enum MigrateError {
     },
 }
 
+impl MigrateError {
+    /// A database that cannot be reached or answered with an error may work on the next attempt; a missing
+    /// business table or a migration that failed will not.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, MigrateError::Pg(_))
+    }
+}
+
 impl From<tokio_postgres::Error> for MigrateError {
     fn from(e: tokio_postgres::Error) -> Self {
         MigrateError::Pg(PgError::Query(e))
@@ -48,12 +56,12 @@ impl From<tokio_postgres::Error> for MigrateError {
 }
 
 /// Quotes an identifier for SQL text.
-pub fn quote_ident(s: &str) -> String {
+pub(crate) fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 /// Applies every migration not yet applied. Returns the versions applied now (empty when up to date).
-pub async fn migrate(client: &mut Client, schema: &str) -> Result<Vec<i32>, MigrateError> {
+pub(crate) async fn migrate(client: &mut Client, schema: &str) -> Result<Vec<i32>, MigrateError> {
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK]).await?;
     for table in BUSINESS_TABLES {

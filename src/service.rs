@@ -1,5 +1,6 @@
-//! `delta-bridge run`: wires configuration, migrations, the pipeline and the HTTP server under one
-//! cancellation token. The listener is an argument so tests can bind port 0 and learn the real address.
+//! The service's entry points, what the binary calls: `run` (wires configuration, migrations, the pipeline and
+//! the HTTP server under one cancellation token), `migrate`, and `device issue`. The listener and the
+//! cancellation token are arguments, so tests bind port 0, learn the real address, and stop it at will.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,18 +16,40 @@ use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::pipeline;
 use crate::provision::api::DeviceApi;
-use crate::provision::Provisioner;
+use crate::provision::{IssueRequest, IssuedCredentials, ProvisionError, Provisioner};
+use crate::schema::MigrateError;
 use crate::{pg, schema};
 
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("HTTP listener: {0}")]
+    Listener(#[from] std::io::Error),
+    #[error(transparent)]
+    Provision(#[from] ProvisionError),
+    /// A migration failed or the business schema is missing: retrying would not help.
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
+}
+
 /// Connects and applies migrations; returns the versions applied now.
-pub async fn migrate_once(cfg: &Config) -> anyhow::Result<Vec<i32>> {
+pub async fn migrate_once(cfg: &Config) -> Result<Vec<i32>, MigrateError> {
     let mut s = pg::connect(
         &cfg.postgres_url(),
         cfg.postgres.connect_timeout,
         "delta-bridge-migrate",
     )
     .await?;
-    Ok(schema::migrate(&mut s.client, &cfg.postgres.schema).await?)
+    schema::migrate(&mut s.client, &cfg.postgres.schema).await
+}
+
+/// `delta-bridge device issue`: the same code path as `POST /api/v1/devices`.
+pub async fn issue_device(cfg: &Config, req: &IssueRequest) -> Result<IssuedCredentials, ServiceError> {
+    let metrics = Arc::new(Metrics::new()?);
+    let provisioner = Provisioner::from_config(cfg, metrics)?;
+    Ok(provisioner.issue(req).await?)
 }
 
 /// A running bridge: its real HTTP address, and the handle to wait for it.
@@ -42,13 +65,15 @@ impl Running {
 }
 
 /// Starts everything. With `migrate`, installs/upgrades the database objects first, retrying while the
-/// database is unreachable (a missing table or a failed migration is final and returned).
+/// database is unreachable (a missing table or a failed migration is final and returned). Cancelling
+/// `cancel` at any point, during those retries included, stops whatever was started; [`Running::wait`] then
+/// returns once it has.
 pub async fn start(
     cfg: Config,
     migrate: bool,
     listener: TcpListener,
     cancel: CancellationToken,
-) -> anyhow::Result<Running> {
+) -> Result<Running, ServiceError> {
     let cfg = Arc::new(cfg);
     let metrics = Arc::new(Metrics::new()?);
     let health = Arc::new(Health::default());
@@ -74,27 +99,34 @@ pub async fn start(
     if migrate {
         let mut backoff = Backoff::new();
         loop {
-            match migrate_once(&cfg).await {
+            let attempt = tokio::select! {
+                r = migrate_once(&cfg) => r,
+                _ = cancel.cancelled() => {
+                    tracker.close();
+                    return Ok(Running { http_addr, tracker });
+                }
+            };
+            match attempt {
                 Ok(v) if v.is_empty() => break,
                 Ok(v) => {
                     tracing::info!(versions = ?v, "database objects installed");
                     break;
                 }
-                Err(e)
-                    if e.downcast_ref::<schema::MigrateError>()
-                        .is_some_and(|m| !matches!(m, schema::MigrateError::Pg(_))) =>
-                {
+                Err(e) if !e.is_transient() => {
                     cancel.cancel();
                     tracker.close();
                     tracker.wait().await;
-                    return Err(e);
+                    return Err(e.into());
                 }
                 Err(e) => {
                     let wait = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?wait, "cannot migrate yet");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
-                        _ = cancel.cancelled() => { tracker.close(); tracker.wait().await; return Ok(Running { http_addr, tracker }); }
+                        _ = cancel.cancelled() => {
+                            tracker.close();
+                            return Ok(Running { http_addr, tracker });
+                        }
                     }
                 }
             }

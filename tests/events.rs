@@ -1,5 +1,5 @@
 //! The five event types, end to end: writes to a real PostgreSQL, messages read by a real MQTT subscriber
-//! from a real Mosquitto, every field checked against PRODUCT.md §4.
+//! from a real Mosquitto, every field checked against docs/events.md.
 
 mod common;
 

@@ -13,12 +13,12 @@ use tokio_util::sync::CancellationToken;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_loss_and_no_phantoms_through_bridge_broker_and_database_restarts() {
     let mut env = Env::start("faults");
-    // Install the capture objects before the load creates its fixture, so every change is captured.
-    env.pg.psql(&env.db, "SELECT 1").expect("db up");
+    // The postmaster's start time, to prove below that the database really restarted.
     let started_before = env
         .pg
         .psql(&env.db, "SELECT pg_postmaster_start_time()")
         .expect("start time");
+    // The bridge installs the capture triggers before it is ready: every change the load makes is captured.
     let mut bridge = env.bridge_process("a");
     common::wait_ready_at(&bridge.http, Duration::from_secs(30)).await;
 

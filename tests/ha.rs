@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::{metric, BridgeProcess, Env, Subscriber};
-use delta_bridge::capture::outbox::LEADER_LOCK;
+use delta_bridge::LEADER_LOCK;
 use delta_harness::loadgen::{self, LoadOptions};
 use tokio_util::sync::CancellationToken;
 

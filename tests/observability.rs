@@ -26,7 +26,7 @@ const REQUIRED_PANELS: [&str; 10] = [
     "Process memory (RSS)",
 ];
 
-/// Bridge series the dashboard must query: the PRODUCT.md §8 contract and the process metrics.
+/// Bridge series the dashboard must query: every metric of docs/metrics.md and the process metrics.
 const REQUIRED_SERIES: [&str; 12] = [
     "delta_bridge_events_published_total",
     "delta_bridge_publish_failures_total",

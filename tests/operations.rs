@@ -1,5 +1,5 @@
 //! What operators rely on: dead letters that do not block and can be replayed, readiness that follows the
-//! connections, the §8 metrics, config errors that exit 2 naming the key, idempotent migrations, SIGTERM.
+//! connections, the metrics, config errors that exit 2 naming the key, idempotent migrations, SIGTERM.
 
 mod common;
 
@@ -435,4 +435,26 @@ async fn a_bridge_started_before_its_database_waits_and_then_works() {
         .expect("write");
     sub.wait_for(WAIT, "the first event", |m| !m.is_empty()).await;
     sub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_start_up_still_waits_for_the_database_exits_cleanly() {
+    let mut env = Env::start("term-early");
+    env.pg.stop(false);
+    let mut bridge = env.bridge_process("early");
+    // Up (serving /healthz) and retrying its migrations against the missing database.
+    let start = Instant::now();
+    while reqwest::get(format!("{}/healthz", bridge.http)).await.is_err() {
+        assert!(start.elapsed() < WAIT, "no /healthz while waiting for the database");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let asked = Instant::now();
+    let code = tokio::task::block_in_place(|| bridge.terminate());
+    assert_eq!(code, Some(0), "a clean exit, not death by signal");
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "exited {:?} after SIGTERM",
+        asked.elapsed()
+    );
 }

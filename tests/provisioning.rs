@@ -1,4 +1,4 @@
-//! Device provisioning end to end (PRODUCT.md §6): a real Mosquitto with the dynamic-security plugin, a real
+//! Device provisioning end to end (docs/api.md, docs/provisioning.md): a real Mosquitto with the dynamic-security plugin, a real
 //! PostgreSQL and the bridge, all started here. Devices are provisioned through the HTTP API (and the CLI) and
 //! then connect over MQTT 5 with what they were given; tokens are verified with jsonwebtoken, an
 //! implementation independent of the bridge's own signing code.
@@ -335,7 +335,7 @@ async fn a_provisioned_device_hears_its_own_branch_only() {
             "topics",
             "username"
         ],
-        "exactly the fields of §6"
+        "exactly the fields docs/api.md lists"
     );
     assert_eq!(creds["device_id"], "pos-01");
     assert_eq!(creds["client_id"], "pos-01");
@@ -348,7 +348,7 @@ async fn a_provisioned_device_hears_its_own_branch_only() {
     assert_eq!(creds["acl"], acl);
     let token = creds["password"].as_str().expect("password");
 
-    // The claims of §6, checked by an independent implementation.
+    // The claims docs/provisioning.md lists, checked by an independent implementation.
     let claims = verify_with_jwks(&api, token).await;
     for k in ["sub", "clientid", "username"] {
         assert_eq!(claims[k], "pos-01", "{k}");

@@ -2,4 +2,4 @@
 //! `delta_bridge.outbox` (sql/), and reads, deletes and dead-letters outbox rows. Knows nothing of MQTT or of
 //! payload formats: it hands [`crate::convert::Captured`] rows to the pipeline and takes back ids.
 
-pub mod outbox;
+pub(crate) mod outbox;

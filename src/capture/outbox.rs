@@ -12,9 +12,9 @@ const COLUMNS: &str =
 /// Session-level advisory lock held by the publishing replica.
 pub const LEADER_LOCK: i64 = 7_234_298_723_002;
 /// Held exclusively by the leader while it idles: writers then NOTIFY (see sql/001_capture.sql).
-pub const WAKE_LOCK: i64 = 7_234_298_723_001;
+pub(crate) const WAKE_LOCK: i64 = 7_234_298_723_001;
 /// The NOTIFY channel writers use to wake the leader.
-pub const WAKE_CHANNEL: &str = "delta_bridge_wake";
+pub(crate) const WAKE_CHANNEL: &str = "delta_bridge_wake";
 
 fn captured(row: &Row) -> Captured {
     Captured {
@@ -34,7 +34,7 @@ fn captured(row: &Row) -> Captured {
 
 /// The statements the leader runs on every loop, prepared once per session so that each is a single round
 /// trip, and so that several can be pipelined on the session (the wake-lock and the fetch behind it).
-pub struct Statements {
+pub(crate) struct Statements {
     fetch_after: Statement,
     fetch_ids: Statement,
     delete: Statement,
@@ -43,7 +43,7 @@ pub struct Statements {
 }
 
 impl Statements {
-    pub async fn prepare(client: &Client) -> Result<Statements, PgError> {
+    pub(crate) async fn prepare(client: &Client) -> Result<Statements, PgError> {
         Ok(Statements {
             fetch_after: timed(client.prepare(&format!(
                 "SELECT {COLUMNS} FROM delta_bridge.outbox WHERE id > $1 ORDER BY id LIMIT $2"
@@ -60,7 +60,7 @@ impl Statements {
     }
 
     /// Rows with id > `after`, in id order.
-    pub async fn fetch_after(&self, client: &Client, after: i64, limit: i64) -> Result<Vec<Captured>, PgError> {
+    pub(crate) async fn fetch_after(&self, client: &Client, after: i64, limit: i64) -> Result<Vec<Captured>, PgError> {
         Ok(timed(client.query(&self.fetch_after, &[&after, &limit]))
             .await?
             .iter()
@@ -69,7 +69,7 @@ impl Statements {
     }
 
     /// Rows with id in `ids` (gaps that may have committed late), in id order.
-    pub async fn fetch_ids(&self, client: &Client, ids: &[i64]) -> Result<Vec<Captured>, PgError> {
+    pub(crate) async fn fetch_ids(&self, client: &Client, ids: &[i64]) -> Result<Vec<Captured>, PgError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -81,21 +81,21 @@ impl Statements {
     }
 
     /// Deletes delivered (or deliberately skipped) rows.
-    pub async fn delete(&self, client: &Client, ids: &[i64]) -> Result<u64, PgError> {
+    pub(crate) async fn delete(&self, client: &Client, ids: &[i64]) -> Result<u64, PgError> {
         timed(client.execute(&self.delete, &[&ids])).await
     }
 
-    pub async fn try_lock(&self, client: &Client, key: i64) -> Result<bool, PgError> {
+    pub(crate) async fn try_lock(&self, client: &Client, key: i64) -> Result<bool, PgError> {
         Ok(timed(client.query_one(&self.try_lock, &[&key])).await?.get(0))
     }
 
-    pub async fn unlock(&self, client: &Client, key: i64) -> Result<bool, PgError> {
+    pub(crate) async fn unlock(&self, client: &Client, key: i64) -> Result<bool, PgError> {
         Ok(timed(client.query_one(&self.unlock, &[&key])).await?.get(0))
     }
 }
 
 /// Ids in (after, upto], in id order: the sweep for anything the cursor passed by.
-pub async fn ids_between(client: &Client, after: i64, upto: i64, limit: i64) -> Result<Vec<i64>, PgError> {
+pub(crate) async fn ids_between(client: &Client, after: i64, upto: i64, limit: i64) -> Result<Vec<i64>, PgError> {
     let rows = timed(client.query(
         "SELECT id FROM delta_bridge.outbox WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3",
         &[&after, &upto, &limit],
@@ -105,7 +105,7 @@ pub async fn ids_between(client: &Client, after: i64, upto: i64, limit: i64) -> 
 }
 
 /// Moves one row to the dead-letter table with the reason and detail an operator will read.
-pub async fn dead_letter(client: &Client, id: i64, reason: &str, detail: &str) -> Result<u64, PgError> {
+pub(crate) async fn dead_letter(client: &Client, id: i64, reason: &str, detail: &str) -> Result<u64, PgError> {
     timed(client.execute(
         "WITH moved AS (DELETE FROM delta_bridge.outbox WHERE id = $1 RETURNING *)
          INSERT INTO delta_bridge.dead_letter (id, captured_at, kind, op, merchant_code, branch_code, product_name,
@@ -120,13 +120,13 @@ pub async fn dead_letter(client: &Client, id: i64, reason: &str, detail: &str) -
 }
 
 /// Rows waiting in the outbox (captured, not yet acknowledged).
-pub async fn backlog(client: &Client) -> Result<i64, PgError> {
+pub(crate) async fn backlog(client: &Client) -> Result<i64, PgError> {
     Ok(timed(client.query_one("SELECT count(*) FROM delta_bridge.outbox", &[]))
         .await?
         .get(0))
 }
 
-pub async fn install_id(client: &Client) -> Result<String, PgError> {
+pub(crate) async fn install_id(client: &Client) -> Result<String, PgError> {
     Ok(timed(client.query_one("SELECT install_id FROM delta_bridge.meta", &[]))
         .await?
         .get(0))

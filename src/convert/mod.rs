@@ -1,11 +1,11 @@
 //! Conversion: one captured outbox row -> at most one device event (topic + JSON payload), exactly as
-//! PRODUCT.md §4 describes. Pure: no I/O, no clock; the capture time comes from the database.
+//! docs/events.md describes. Pure: no I/O, no clock; the capture time comes from the database.
 //!
 //! What the triggers decided (which kind of change this is) arrives in `kind`; what the devices see (keys, their
 //! order, number types, the reason / transaction_id / updated_by rules) is decided here. A row that cannot be
 //! converted yields a [`ConvertError`] whose text goes to the dead-letter table for an operator.
 
-pub mod topic;
+pub(crate) mod topic;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
@@ -13,16 +13,16 @@ use serde_json::{Number, Value};
 
 /// The three device streams; the label of the per-stream metrics and a topic level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Stream {
+pub(crate) enum Stream {
     Product,
     Inventory,
     Transaction,
 }
 
 impl Stream {
-    pub const ALL: [Stream; 3] = [Stream::Product, Stream::Inventory, Stream::Transaction];
+    pub(crate) const ALL: [Stream; 3] = [Stream::Product, Stream::Inventory, Stream::Transaction];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Stream::Product => "product",
             Stream::Inventory => "inventory",
@@ -33,7 +33,7 @@ impl Stream {
 
 /// One row of `delta_bridge.outbox`, as the capture triggers wrote it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Captured {
+pub(crate) struct Captured {
     pub id: i64,
     pub captured_at: DateTime<Utc>,
     /// stock | product | quantity | sale
@@ -52,7 +52,7 @@ pub struct Captured {
 
 /// A device event ready to publish. `seq` is the outbox id: unique, and increasing in commit order per row.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Event {
+pub(crate) struct Event {
     pub seq: i64,
     /// Something the writer got wrong that did not stop the event (e.g. a non-integer
     /// `delta_bridge.transaction_id`, published as null); the pipeline logs it.
@@ -66,19 +66,19 @@ pub struct Event {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct ConvertError(pub String);
+pub(crate) struct ConvertError(pub String);
 
 fn err<T>(msg: impl Into<String>) -> Result<T, ConvertError> {
     Err(ConvertError(msg.into()))
 }
 
 /// The event id: the same on every redelivery of this outbox row, unique across reinstalls of the schema.
-pub fn event_id(install_id: &str, seq: i64) -> String {
+pub(crate) fn event_id(install_id: &str, seq: i64) -> String {
     format!("{install_id}-{seq}")
 }
 
 /// RFC 3339, UTC, milliseconds: `2025-10-14T21:30:00.123Z`.
-pub fn format_timestamp(t: DateTime<Utc>) -> String {
+pub(crate) fn format_timestamp(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
@@ -165,7 +165,7 @@ struct ItemData {
 }
 
 /// Converts one captured row. `Ok(None)` means the change alters no published column: nothing to send.
-pub fn convert(c: &Captured, env: &str, install_id: &str) -> Result<Option<Event>, ConvertError> {
+pub(crate) fn convert(c: &Captured, env: &str, install_id: &str) -> Result<Option<Event>, ConvertError> {
     let new = match &c.new_row {
         Some(v @ Value::Object(_)) => v,
         _ => return err("captured row has no new row"),

@@ -4,7 +4,7 @@
 use super::Stream;
 
 /// True if `s` can stand as one topic level: non-empty, at most 128 bytes, no `/`, `+`, `#`, NUL or whitespace.
-pub fn is_valid_level(s: &str) -> bool {
+pub(crate) fn is_valid_level(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
         && !s
@@ -13,7 +13,7 @@ pub fn is_valid_level(s: &str) -> bool {
 }
 
 /// The update topic of a branch's stream, or why it cannot be built.
-pub fn update_topic(env: &str, merchant: &str, branch: &str, stream: Stream) -> Result<String, String> {
+pub(crate) fn update_topic(env: &str, merchant: &str, branch: &str, stream: Stream) -> Result<String, String> {
     for (what, v) in [("merchant code", merchant), ("branch code", branch)] {
         if !is_valid_level(v) {
             return Err(format!(
@@ -25,7 +25,7 @@ pub fn update_topic(env: &str, merchant: &str, branch: &str, stream: Stream) -> 
 }
 
 /// The filter a device of this branch may subscribe to.
-pub fn branch_filter(env: &str, merchant: &str, branch: &str) -> String {
+pub(crate) fn branch_filter(env: &str, merchant: &str, branch: &str) -> String {
     format!("{env}/{merchant}/{branch}/#")
 }
 

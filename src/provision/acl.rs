@@ -6,7 +6,7 @@
 use serde::Serialize;
 
 /// True if `s` matches `^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$` (device ids, merchant and branch codes).
-pub fn is_valid_id(s: &str) -> bool {
+pub(crate) fn is_valid_id(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 64
@@ -18,7 +18,7 @@ pub fn is_valid_id(s: &str) -> bool {
 
 /// The only topic filter a device of this branch may subscribe to: `{env}/{merchant}/{branch}/#`.
 /// Scoped by merchant too, since branch codes are unique only within a merchant.
-pub fn subscribe_filter(env: &str, merchant: &str, branch: &str) -> String {
+pub(crate) fn subscribe_filter(env: &str, merchant: &str, branch: &str) -> String {
     crate::convert::topic::branch_filter(env, merchant, branch)
 }
 
@@ -33,7 +33,7 @@ pub struct AclRule {
 /// The device's rules: its own subscribe filter, then exactly the deny-all. EMQX falls through to
 /// `authorization.no_match` (allow by default) when nothing matches, so the deny-all must close the list;
 /// publishing is covered by it too (a device publishes nothing).
-pub fn device_acl(env: &str, merchant: &str, branch: &str) -> Vec<AclRule> {
+pub(crate) fn device_acl(env: &str, merchant: &str, branch: &str) -> Vec<AclRule> {
     vec![
         AclRule {
             permission: "allow".into(),
@@ -50,7 +50,7 @@ pub fn device_acl(env: &str, merchant: &str, branch: &str) -> Vec<AclRule> {
 
 /// Mosquitto dynamic-security role ACLs for the device's role: subscribePattern on its filter only. Every
 /// other right comes from the plugin's default ACL access (publishClientSend and subscribe denied).
-pub fn mosquitto_role_acls(env: &str, merchant: &str, branch: &str) -> serde_json::Value {
+pub(crate) fn mosquitto_role_acls(env: &str, merchant: &str, branch: &str) -> serde_json::Value {
     serde_json::json!([{
         "acltype": "subscribePattern",
         "topic": subscribe_filter(env, merchant, branch),

@@ -1,4 +1,4 @@
-//! The provisioning HTTP API of PRODUCT.md §6: `POST /api/v1/devices`, `GET`/`DELETE
+//! The provisioning HTTP API (docs/api.md): `POST /api/v1/devices`, `GET`/`DELETE
 //! /api/v1/devices/{device_id}` behind the admin bearer token, and the public `GET /.well-known/jwks.json`.
 //! Owns status codes and the JSON error shape; never answers with a database or broker message (those are
 //! logged), and refuses every device call when no admin token is configured rather than run open.
@@ -18,19 +18,20 @@ use subtle::ConstantTimeEq;
 use super::broker::BrokerError;
 use super::{IssueRequest, ProvisionError, Provisioner};
 use crate::config::Secret;
-use crate::http::AppState;
 
 /// What the device routes need: the admin token and the provisioner.
-pub struct DeviceApi {
+pub(crate) struct DeviceApi {
     pub admin_token: Option<Secret>,
     pub provisioner: Arc<Provisioner>,
 }
 
-pub fn routes() -> Router<AppState> {
+/// The device routes with their own state, ready to merge into the service's router.
+pub(crate) fn routes(api: Arc<DeviceApi>) -> Router {
     Router::new()
         .route("/api/v1/devices", post(issue))
         .route("/api/v1/devices/{device_id}", get(show).delete(revoke))
         .route("/.well-known/jwks.json", get(jwks))
+        .with_state(api)
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -90,8 +91,8 @@ fn failure(e: ProvisionError, what: &str) -> Response {
     }
 }
 
-async fn issue(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = authorize(&s.devices, &headers) {
+async fn issue(State(api): State<Arc<DeviceApi>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = authorize(&api, &headers) {
         return *r;
     }
     let req: IssueRequest = match serde_json::from_slice(&body) {
@@ -103,34 +104,34 @@ async fn issue(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Re
             )
         }
     };
-    match s.devices.provisioner.issue(&req).await {
+    match api.provisioner.issue(&req).await {
         Ok(c) => (StatusCode::CREATED, Json(c)).into_response(),
         Err(e) => failure(e, "issue"),
     }
 }
 
-async fn show(State(s): State<AppState>, headers: HeaderMap, Path(device_id): Path<String>) -> Response {
-    if let Err(r) = authorize(&s.devices, &headers) {
+async fn show(State(api): State<Arc<DeviceApi>>, headers: HeaderMap, Path(device_id): Path<String>) -> Response {
+    if let Err(r) = authorize(&api, &headers) {
         return *r;
     }
-    match s.devices.provisioner.get(&device_id).await {
+    match api.provisioner.get(&device_id).await {
         Ok(v) => (StatusCode::OK, Json(v)).into_response(),
         Err(e) => failure(e, "get"),
     }
 }
 
-async fn revoke(State(s): State<AppState>, headers: HeaderMap, Path(device_id): Path<String>) -> Response {
-    if let Err(r) = authorize(&s.devices, &headers) {
+async fn revoke(State(api): State<Arc<DeviceApi>>, headers: HeaderMap, Path(device_id): Path<String>) -> Response {
+    if let Err(r) = authorize(&api, &headers) {
         return *r;
     }
-    match s.devices.provisioner.revoke(&device_id).await {
+    match api.provisioner.revoke(&device_id).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => failure(e, "revoke"),
     }
 }
 
-async fn jwks(State(s): State<AppState>) -> Response {
-    match s.devices.provisioner.jwks() {
+async fn jwks(State(api): State<Arc<DeviceApi>>) -> Response {
+    match api.provisioner.jwks() {
         Ok(v) => ([(header::CACHE_CONTROL, "public, max-age=300")], Json(v)).into_response(),
         Err(e) => failure(e, "jwks"),
     }

@@ -1,5 +1,5 @@
 //! Device credentials: the signing keys (EC P-256 for ES256, RSA for RS256, detected from the PEM), the JWT
-//! claims of PRODUCT.md §6, compact JWS signing and the JWKS document. Pure apart from reading the key file;
+//! claims of a device token (docs/provisioning.md), compact JWS signing and the JWKS document. Pure apart from reading the key file;
 //! never logs or prints a private key or a token, and never issues `is_superuser`.
 //!
 //! Key rotation without downtime: the key file may hold several PEM blocks. The first private key signs;
@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use super::acl::AclRule;
 
 /// `nbf` is back-dated by this much: EMQX checks `nbf` with no leeway, and device clocks drift.
-pub const CLOCK_SKEW_SECS: i64 = 60;
+pub(crate) const CLOCK_SKEW_SECS: i64 = 60;
 /// RSA keys below this size are refused.
 const MIN_RSA_BITS: usize = 2048;
 
@@ -44,19 +44,17 @@ pub enum KeyError {
     },
     #[error("cannot serialise the token: {0}")]
     Encode(#[from] serde_json::Error),
-    #[error("cannot generate a key: {0}")]
-    Generate(String),
 }
 
 /// The JWS algorithm of the signing key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Algorithm {
+pub(crate) enum Algorithm {
     Es256,
     Rs256,
 }
 
 impl Algorithm {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Algorithm::Es256 => "ES256",
             Algorithm::Rs256 => "RS256",
@@ -117,7 +115,7 @@ impl PublicKey {
 }
 
 /// The signing key and every published verification key.
-pub struct SigningKeys {
+pub(crate) struct SigningKeys {
     signer: Signer,
     kid: String,
     published: Vec<PublicKey>,
@@ -134,7 +132,7 @@ impl std::fmt::Debug for SigningKeys {
 }
 
 impl SigningKeys {
-    pub fn load(path: &Path) -> Result<SigningKeys, KeyError> {
+    pub(crate) fn load(path: &Path) -> Result<SigningKeys, KeyError> {
         let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
             path: path.display().to_string(),
             source,
@@ -143,7 +141,7 @@ impl SigningKeys {
     }
 
     /// Parses every PEM block; the first private key signs.
-    pub fn from_pem(text: &str) -> Result<SigningKeys, KeyError> {
+    pub(crate) fn from_pem(text: &str) -> Result<SigningKeys, KeyError> {
         let mut signer: Option<(Signer, PublicKey)> = None;
         let mut published: Vec<PublicKey> = Vec::new();
         for (index, (label, block)) in pem_blocks(text).into_iter().enumerate() {
@@ -215,7 +213,7 @@ impl SigningKeys {
         Ok(SigningKeys { signer, kid, published })
     }
 
-    pub fn algorithm(&self) -> Algorithm {
+    pub(crate) fn algorithm(&self) -> Algorithm {
         match self.signer {
             Signer::Es256(_) => Algorithm::Es256,
             Signer::Rs256(_) => Algorithm::Rs256,
@@ -223,17 +221,17 @@ impl SigningKeys {
     }
 
     /// The `kid` of the signing key.
-    pub fn kid(&self) -> &str {
+    pub(crate) fn kid(&self) -> &str {
         &self.kid
     }
 
     /// `{"keys": [...]}`, the signing key first.
-    pub fn jwks(&self) -> Value {
+    pub(crate) fn jwks(&self) -> Value {
         json!({"keys": self.published.iter().map(PublicKey::jwk).collect::<Vec<_>>()})
     }
 
     /// A compact JWS: base64url(header).base64url(claims).base64url(signature).
-    pub fn sign(&self, claims: &Claims) -> Result<String, KeyError> {
+    pub(crate) fn sign(&self, claims: &Claims) -> Result<String, KeyError> {
         let header = json!({"alg": self.algorithm().as_str(), "typ": "JWT", "kid": self.kid});
         let signing_input = format!(
             "{}.{}",
@@ -292,9 +290,9 @@ fn pem_blocks(text: &str) -> Vec<(String, String)> {
     out
 }
 
-/// The claims of a device token, PRODUCT.md §6. Field order is the serialised order.
+/// The claims of a device token. Field order is the serialised order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Claims {
+pub(crate) struct Claims {
     pub sub: String,
     pub clientid: String,
     pub username: String,
@@ -309,7 +307,7 @@ pub struct Claims {
 
 impl Claims {
     /// Claims for `device_id`, issued at `now` (unix seconds) for `ttl_secs`.
-    pub fn for_device(
+    pub(crate) fn for_device(
         device_id: &str,
         acl: Vec<AclRule>,
         issuer: &str,
@@ -334,7 +332,7 @@ impl Claims {
 }
 
 /// A random token id in UUID v4 form.
-pub fn new_jti() -> String {
+pub(crate) fn new_jti() -> String {
     use rand::RngCore;
     let mut b = [0u8; 16];
     rand::rng().fill_bytes(&mut b);

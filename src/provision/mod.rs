@@ -24,18 +24,18 @@ use crate::config::{Config, CredentialsConfig, Secret};
 use crate::metrics::Metrics;
 use crate::pg;
 
-pub mod acl;
-pub mod api;
-pub mod broker;
-pub mod credentials;
-pub mod store;
+pub(crate) mod acl;
+pub(crate) mod api;
+pub(crate) mod broker;
+pub(crate) mod credentials;
+pub(crate) mod store;
 
 use acl::AclRule;
 use broker::{BrokerBackend, BrokerError, Grant};
 use credentials::{Claims, KeyError, SigningKeys};
 use store::{Lookup, StoreError};
 
-/// Mosquitto does not read `exp`: the sweep runs at least this often (PRODUCT.md: within 60 s of expiry).
+/// Mosquitto does not read `exp`: the sweep runs at least this often (a credential stops working within 60 s of its expiry).
 const SWEEP_MAX_INTERVAL: Duration = Duration::from_secs(15);
 const SWEEP_BATCH: i64 = 200;
 
@@ -103,12 +103,12 @@ pub struct Topics {
 }
 
 /// RFC 3339 UTC, whole seconds (JWT times are whole seconds).
-pub fn rfc3339(t: DateTime<Utc>) -> String {
+pub(crate) fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
 /// Checks a request's ids and ttl; returns the lifetime in seconds.
-pub fn validate(req: &IssueRequest, cfg: &CredentialsConfig) -> Result<i64, ProvisionError> {
+pub(crate) fn validate(req: &IssueRequest, cfg: &CredentialsConfig) -> Result<i64, ProvisionError> {
     for (field, v) in [
         ("device_id", &req.device_id),
         ("merchant_code", &req.merchant_code),
@@ -143,7 +143,7 @@ fn check_id(device_id: &str) -> Result<(), ProvisionError> {
     }
 }
 
-pub struct Provisioner {
+pub(crate) struct Provisioner {
     env: String,
     pg_url: String,
     schema: String,
@@ -159,7 +159,7 @@ pub struct Provisioner {
 
 impl Provisioner {
     /// Loads the signing keys and sets up the broker backend; fails on an unusable key file.
-    pub fn from_config(cfg: &Config, metrics: Arc<Metrics>) -> Result<Provisioner, ProvisionError> {
+    pub(crate) fn from_config(cfg: &Config, metrics: Arc<Metrics>) -> Result<Provisioner, ProvisionError> {
         let keys = match &cfg.credentials.signing_key_file {
             Some(path) => Some(SigningKeys::load(path)?),
             None => None,
@@ -181,11 +181,7 @@ impl Provisioner {
         })
     }
 
-    pub fn broker_kind(&self) -> &'static str {
-        self.broker.kind()
-    }
-
-    pub fn has_keys(&self) -> bool {
+    pub(crate) fn has_keys(&self) -> bool {
         self.keys.is_some()
     }
 
@@ -203,7 +199,7 @@ impl Provisioner {
     }
 
     /// Issues (or rotates) a device's credentials.
-    pub async fn issue(&self, req: &IssueRequest) -> Result<IssuedCredentials, ProvisionError> {
+    pub(crate) async fn issue(&self, req: &IssueRequest) -> Result<IssuedCredentials, ProvisionError> {
         let ttl = validate(req, &self.credentials)?;
         self.check_not_reserved(&req.device_id)?;
         let keys = self.keys.as_ref().ok_or(ProvisionError::Disabled(
@@ -265,7 +261,6 @@ impl Provisioner {
             env: self.env.clone(),
             merchant_code: req.merchant_code.clone(),
             branch_code: req.branch_code.clone(),
-            expires_at,
             reinstated: previous
                 .as_ref()
                 .is_some_and(|p| p.revoked_at.is_some() || p.expired_at.is_some()),
@@ -294,7 +289,7 @@ impl Provisioner {
     }
 
     /// The device record, never its password.
-    pub async fn get(&self, device_id: &str) -> Result<Value, ProvisionError> {
+    pub(crate) async fn get(&self, device_id: &str) -> Result<Value, ProvisionError> {
         check_id(device_id)?;
         let session = self.connect().await?;
         let rec = store::get(&session.client, device_id)
@@ -304,7 +299,7 @@ impl Provisioner {
     }
 
     /// Revokes: the broker disconnects the device and keeps it out; the record stays, marked revoked.
-    pub async fn revoke(&self, device_id: &str) -> Result<(), ProvisionError> {
+    pub(crate) async fn revoke(&self, device_id: &str) -> Result<(), ProvisionError> {
         check_id(device_id)?;
         self.check_not_reserved(device_id)?;
         let mut session = self.connect().await?;
@@ -326,7 +321,7 @@ impl Provisioner {
     }
 
     /// The JWKS document.
-    pub fn jwks(&self) -> Result<Value, ProvisionError> {
+    pub(crate) fn jwks(&self) -> Result<Value, ProvisionError> {
         self.keys
             .as_ref()
             .map(SigningKeys::jwks)
@@ -336,12 +331,12 @@ impl Provisioner {
     }
 
     /// True when expired credentials must be removed from the broker by [`Provisioner::run_expiry_sweep`].
-    pub fn needs_expiry_sweep(&self) -> bool {
+    pub(crate) fn needs_expiry_sweep(&self) -> bool {
         self.broker.needs_expiry_sweep()
     }
 
     /// Removes expired credentials from the broker; returns how many, and when the next one expires.
-    pub async fn sweep_once(&self) -> Result<(usize, Option<DateTime<Utc>>), ProvisionError> {
+    pub(crate) async fn sweep_once(&self) -> Result<(usize, Option<DateTime<Utc>>), ProvisionError> {
         let mut session = self.connect().await?;
         let mut total = 0;
         loop {
@@ -365,7 +360,7 @@ impl Provisioner {
     /// Runs the expiry sweep until cancelled: woken at the next expiry, and at least every 15 s (another
     /// replica may issue a shorter credential meanwhile). Every replica may run it; rows are claimed with
     /// SKIP LOCKED.
-    pub async fn run_expiry_sweep(self: Arc<Self>, cancel: CancellationToken) {
+    pub(crate) async fn run_expiry_sweep(self: Arc<Self>, cancel: CancellationToken) {
         loop {
             let wait = match self.sweep_once().await {
                 Ok((_, next)) => next

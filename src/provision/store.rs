@@ -17,7 +17,7 @@ pub enum StoreError {
 
 /// Whether a merchant/branch pair exists; branch codes are unique only within their merchant.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Lookup {
+pub(crate) enum Lookup {
     Found,
     NoMerchant,
     NoBranch,
@@ -25,7 +25,7 @@ pub enum Lookup {
 
 /// One device as recorded.
 #[derive(Debug, Clone)]
-pub struct DeviceRecord {
+pub(crate) struct DeviceRecord {
     pub device_id: String,
     pub merchant_code: String,
     pub branch_code: String,
@@ -62,7 +62,7 @@ impl DeviceRecord {
     }
 
     /// The record as `GET /api/v1/devices/{id}` shows it: never a password.
-    pub fn to_json(&self, env: &str, now: DateTime<Utc>) -> Value {
+    pub(crate) fn to_json(&self, env: &str, now: DateTime<Utc>) -> Value {
         let ts = |t: &DateTime<Utc>| super::rfc3339(*t);
         json!({
             "device_id": self.device_id,
@@ -86,7 +86,7 @@ impl DeviceRecord {
 }
 
 /// Looks the pair up in the business tables of `schema`.
-pub async fn lookup_branch<C: GenericClient>(
+pub(crate) async fn lookup_branch<C: GenericClient>(
     c: &C,
     schema: &str,
     merchant: &str,
@@ -106,7 +106,7 @@ pub async fn lookup_branch<C: GenericClient>(
     })
 }
 
-pub async fn get<C: GenericClient>(c: &C, device_id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+pub(crate) async fn get<C: GenericClient>(c: &C, device_id: &str) -> Result<Option<DeviceRecord>, StoreError> {
     let sql = format!("SELECT {COLUMNS} FROM delta_bridge.devices WHERE device_id = $1");
     let row = timed(c.query_opt(&sql, &[&device_id])).await?;
     Ok(row.as_ref().map(DeviceRecord::from_row))
@@ -114,7 +114,7 @@ pub async fn get<C: GenericClient>(c: &C, device_id: &str) -> Result<Option<Devi
 
 /// Reads and row-locks a device inside the caller's transaction, so that issuing, revoking and the expiry
 /// sweep of one device never interleave across replicas.
-pub async fn lock<C: GenericClient>(c: &C, device_id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+pub(crate) async fn lock<C: GenericClient>(c: &C, device_id: &str) -> Result<Option<DeviceRecord>, StoreError> {
     // Serialises the first issue of a new id too (no row to lock yet).
     timed(c.execute(
         "SELECT pg_advisory_xact_lock(hashtextextended('delta_bridge.devices:' || $1, 0))",
@@ -127,7 +127,7 @@ pub async fn lock<C: GenericClient>(c: &C, device_id: &str) -> Result<Option<Dev
 }
 
 /// What an issue writes.
-pub struct Issued<'a> {
+pub(crate) struct Issued<'a> {
     pub device_id: &'a str,
     pub merchant_code: &'a str,
     pub branch_code: &'a str,
@@ -138,7 +138,11 @@ pub struct Issued<'a> {
 }
 
 /// Records a first issue or a rotation (which also clears a revocation or expiry: the device is live again).
-pub async fn record_issue<C: GenericClient>(c: &C, i: &Issued<'_>, rotation: bool) -> Result<DeviceRecord, StoreError> {
+pub(crate) async fn record_issue<C: GenericClient>(
+    c: &C,
+    i: &Issued<'_>,
+    rotation: bool,
+) -> Result<DeviceRecord, StoreError> {
     let sql = format!(
         "INSERT INTO delta_bridge.devices AS d
              (device_id, merchant_code, branch_code, jti, key_id, first_issued_at, issued_at, expires_at)
@@ -168,7 +172,7 @@ pub async fn record_issue<C: GenericClient>(c: &C, i: &Issued<'_>, rotation: boo
 }
 
 /// Marks a device revoked (keeping the first revocation time). The caller holds the row lock.
-pub async fn record_revoke<C: GenericClient>(c: &C, device_id: &str) -> Result<(), StoreError> {
+pub(crate) async fn record_revoke<C: GenericClient>(c: &C, device_id: &str) -> Result<(), StoreError> {
     timed(c.execute(
         "UPDATE delta_bridge.devices SET revoked_at = coalesce(revoked_at, now()) WHERE device_id = $1",
         &[&device_id],
@@ -178,7 +182,7 @@ pub async fn record_revoke<C: GenericClient>(c: &C, device_id: &str) -> Result<(
 }
 
 /// Live credentials past their expiry, locked for this sweep (others skip them).
-pub async fn lock_expired<C: GenericClient>(c: &C, limit: i64) -> Result<Vec<String>, StoreError> {
+pub(crate) async fn lock_expired<C: GenericClient>(c: &C, limit: i64) -> Result<Vec<String>, StoreError> {
     let rows = timed(c.query(
         "SELECT device_id FROM delta_bridge.devices
           WHERE revoked_at IS NULL AND expired_at IS NULL AND expires_at <= now()
@@ -189,7 +193,7 @@ pub async fn lock_expired<C: GenericClient>(c: &C, limit: i64) -> Result<Vec<Str
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-pub async fn record_expired<C: GenericClient>(c: &C, device_id: &str) -> Result<(), StoreError> {
+pub(crate) async fn record_expired<C: GenericClient>(c: &C, device_id: &str) -> Result<(), StoreError> {
     timed(c.execute(
         "UPDATE delta_bridge.devices SET expired_at = now() WHERE device_id = $1",
         &[&device_id],
@@ -199,7 +203,7 @@ pub async fn record_expired<C: GenericClient>(c: &C, device_id: &str) -> Result<
 }
 
 /// When the next live credential expires, if any.
-pub async fn next_expiry<C: GenericClient>(c: &C) -> Result<Option<DateTime<Utc>>, StoreError> {
+pub(crate) async fn next_expiry<C: GenericClient>(c: &C) -> Result<Option<DateTime<Utc>>, StoreError> {
     let row = timed(c.query_one(
         "SELECT min(expires_at) FROM delta_bridge.devices WHERE revoked_at IS NULL AND expired_at IS NULL",
         &[],

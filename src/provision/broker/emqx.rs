@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use super::{BrokerBackend, BrokerError, Grant, ADMIN_TIMEOUT};
 use crate::config::{BrokerConfig, Secret};
 
-pub struct Emqx {
+pub(crate) struct Emqx {
     http: reqwest::Client,
     base: String,
     key: String,
@@ -23,7 +23,7 @@ pub struct Emqx {
 }
 
 impl Emqx {
-    pub fn new(cfg: &BrokerConfig) -> Result<Emqx, BrokerError> {
+    pub(crate) fn new(cfg: &BrokerConfig) -> Result<Emqx, BrokerError> {
         let need = |what: &str| BrokerError::Config(format!("broker.{what} is required for emqx"));
         let base = cfg.api_url.clone().ok_or_else(|| need("api_url"))?;
         let key = cfg.api_key.clone().ok_or_else(|| need("api_key"))?;
@@ -92,7 +92,7 @@ fn method_name(m: &Method) -> &'static str {
 }
 
 /// The body of `POST /api/v5/banned` for a device.
-pub fn ban_body(device_id: &str, until: DateTime<Utc>) -> Value {
+pub(crate) fn ban_body(device_id: &str, until: DateTime<Utc>) -> Value {
     json!({
         "as": "clientid",
         "who": device_id,

@@ -12,11 +12,11 @@ use futures_util::future::BoxFuture;
 
 use crate::config::{BrokerKind, Config, Secret};
 
-pub mod emqx;
-pub mod mosquitto;
+pub(crate) mod emqx;
+pub(crate) mod mosquitto;
 
 /// Every broker admin call is bounded by this.
-pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -44,19 +44,18 @@ pub enum BrokerError {
 
 /// What a broker is told when credentials are issued (first time or rotation).
 #[derive(Debug)]
-pub struct Grant {
+pub(crate) struct Grant {
     pub device_id: String,
     /// The JWT, which is the MQTT password.
     pub password: Secret,
     pub env: String,
     pub merchant_code: String,
     pub branch_code: String,
-    pub expires_at: DateTime<Utc>,
     /// The device was revoked or expired before: a ban or a removal may have to be undone.
     pub reinstated: bool,
 }
 
-pub trait BrokerBackend: Send + Sync {
+pub(crate) trait BrokerBackend: Send + Sync {
     fn kind(&self) -> &'static str;
 
     /// Lets the device connect with `grant.password` (replacing any earlier password) and subscribe to its
@@ -75,7 +74,7 @@ pub trait BrokerBackend: Send + Sync {
 }
 
 /// The backend named by `broker.kind`.
-pub fn from_config(cfg: &Config) -> Result<Arc<dyn BrokerBackend>, BrokerError> {
+pub(crate) fn from_config(cfg: &Config) -> Result<Arc<dyn BrokerBackend>, BrokerError> {
     Ok(match cfg.broker.kind {
         BrokerKind::Mosquitto => Arc::new(mosquitto::Mosquitto::new(cfg)?),
         BrokerKind::Emqx => Arc::new(emqx::Emqx::new(&cfg.broker)?),
@@ -84,7 +83,7 @@ pub fn from_config(cfg: &Config) -> Result<Arc<dyn BrokerBackend>, BrokerError> 
 }
 
 /// `broker.kind = "none"`: credentials only; the broker is configured by other means.
-pub struct NoBroker;
+pub(crate) struct NoBroker;
 
 impl BrokerBackend for NoBroker {
     fn kind(&self) -> &'static str {

@@ -24,14 +24,14 @@ use crate::provision::acl;
 const CONTROL_TOPIC: &str = "$CONTROL/dynamic-security/v1";
 const RESPONSE_TOPIC: &str = "$CONTROL/dynamic-security/v1/response";
 
-pub struct Mosquitto {
+pub(crate) struct Mosquitto {
     mqtt: MqttConfig,
     username: String,
     password: Secret,
 }
 
 impl Mosquitto {
-    pub fn new(cfg: &Config) -> Result<Mosquitto, BrokerError> {
+    pub(crate) fn new(cfg: &Config) -> Result<Mosquitto, BrokerError> {
         let username = cfg
             .broker
             .admin_username
@@ -205,12 +205,12 @@ impl BrokerBackend for Mosquitto {
 }
 
 /// The dynamic-security role of a device.
-pub fn role_name(device_id: &str) -> String {
+pub(crate) fn role_name(device_id: &str) -> String {
     format!("delta-bridge-device-{device_id}")
 }
 
 /// Remove whatever exists, then create the role and the client: one batch, applied in order.
-pub fn grant_commands(g: &Grant) -> Vec<Value> {
+pub(crate) fn grant_commands(g: &Grant) -> Vec<Value> {
     let role = role_name(&g.device_id);
     let mut cmds = remove_commands(std::slice::from_ref(&g.device_id));
     cmds.push(json!({
@@ -230,7 +230,7 @@ pub fn grant_commands(g: &Grant) -> Vec<Value> {
 }
 
 /// Deleting the client disconnects every session using it.
-pub fn remove_commands(device_ids: &[String]) -> Vec<Value> {
+pub(crate) fn remove_commands(device_ids: &[String]) -> Vec<Value> {
     device_ids
         .iter()
         .flat_map(|id| {
@@ -290,7 +290,6 @@ mod tests {
             env: "dev".into(),
             merchant_code: "M1".into(),
             branch_code: "B1".into(),
-            expires_at: Utc::now(),
             reinstated: false,
         }
     }
