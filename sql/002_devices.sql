@@ -1,4 +1,4 @@
--- Provisioned devices (PRODUCT.md §6). One row per device id: the current credential's jti and lifetime,
+-- Provisioned devices (docs/provisioning.md). One row per device id: the current credential's jti and lifetime,
 -- how often it was rotated, and whether it was revoked or expired on the broker. The bridge keeps no other
 -- state; every replica reads and writes here. device_events keeps the history for audit.
 CREATE TABLE delta_bridge.devices (

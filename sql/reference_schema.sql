@@ -1,4 +1,4 @@
--- The reference schema of PRODUCT.md §3: what `delta-bridge demo`, the tests and the default mapping use.
+-- The reference schema: what `delta-bridge demo`, the tests and the default mapping use.
 -- The bridge attaches to these tables; it does not create them in a real deployment.
 CREATE TABLE merchants (id bigserial PRIMARY KEY, code text NOT NULL UNIQUE, name text NOT NULL);
 CREATE TABLE branches (id bigserial PRIMARY KEY, merchant_id bigint NOT NULL REFERENCES merchants(id),
