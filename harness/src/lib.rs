@@ -7,10 +7,12 @@
 //!   benchmarks, `delta-load`'s tests and the demo share.
 //! - [`subscriber`]: an MQTT 5 subscription held the way a device holds one.
 //! - [`loadgen`]: the load engine behind `delta-load`, the benchmarks and the fault tests.
+//! - [`schemas`]: the payload JSON Schemas of `docs/schemas/`, which every received message is checked against.
 //! - [`demo`]: `delta-bridge demo`, the one-command tour (runs the bridge binary as a child process).
 
 pub mod demo;
 pub mod loadgen;
+pub mod schemas;
 pub mod servers;
 pub mod stack;
 pub mod subscriber;
