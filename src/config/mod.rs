@@ -1,0 +1,241 @@
+//! Configuration: a TOML file overlaid by `DELTA_BRIDGE__SECTION__KEY` environment variables, validated into
+//! typed settings. Owns every default and every rule about what a valid value is; never touches the network.
+//!
+//! Each error names the key (`mqtt.url`) and what is wrong with it, so `check-config` and start-up can exit 2
+//! with a message an operator can act on. Secrets (passwords, tokens, keys) may come from the TOML, the
+//! environment, or a file (`<key>_file`), and are wrapped in [`Secret`] so that they never print.
+
+mod raw;
+mod secret;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub use raw::ENV_PREFIX;
+pub use secret::{redact_url, Secret};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(key: &str, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// First topic level, e.g. `dev`, `prod`.
+    pub env: String,
+    pub postgres: PostgresConfig,
+    pub mqtt: MqttConfig,
+    pub http: HttpConfig,
+    pub credentials: CredentialsConfig,
+    pub broker: BrokerConfig,
+    pub bridge: BridgeConfig,
+    pub load: LoadConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Serialize)]
+pub struct PostgresConfig {
+    /// Connection URL; a password in it is redacted when printed. Must reach PostgreSQL directly (not through
+    /// a transaction pooler): the bridge holds LISTEN and an advisory lock on one session.
+    #[serde(serialize_with = "ser_redacted_url")]
+    pub url: String,
+    /// Overrides the password of `url` (so the URL can sit in a ConfigMap and the password in a Secret).
+    pub password: Option<Secret>,
+    /// Schema of the business tables (merchants, branches, products, ...).
+    pub schema: String,
+    pub connect_timeout: Duration,
+}
+
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact_url(&self.url))
+            .field("password", &self.password)
+            .field("schema", &self.schema)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MqttConfig {
+    /// `mqtt://host:port` or `mqtts://host:port` (TLS).
+    #[serde(serialize_with = "ser_redacted_url")]
+    pub url: String,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// PEM file of CA certificates for mqtts:// (default: the system's roots).
+    pub ca_file: Option<PathBuf>,
+    pub keep_alive: Duration,
+    /// Upper bound on unacknowledged QoS 1 publishes on the wire (the broker's Receive Maximum caps it too).
+    pub max_inflight: u16,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    pub admin_token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CredentialsConfig {
+    pub signing_key_file: Option<PathBuf>,
+    pub ttl: Duration,
+    pub min_ttl: Duration,
+    pub max_ttl: Duration,
+    pub audience: String,
+    pub issuer: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    Mosquitto,
+    Emqx,
+    None,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BrokerConfig {
+    pub kind: BrokerKind,
+    pub admin_username: Option<String>,
+    pub admin_password: Option<Secret>,
+    pub api_url: Option<String>,
+    pub api_key: Option<String>,
+    pub api_secret: Option<Secret>,
+}
+
+/// Tuning of the data path; the defaults are what the benchmarks were run with.
+#[derive(Debug, Clone, Serialize)]
+pub struct BridgeConfig {
+    /// Outbox rows read per query.
+    pub batch_size: u32,
+    /// Events read but not yet acknowledged, at most; the reader waits beyond it (bounded memory).
+    pub max_pending: usize,
+    /// Poll the outbox at least this often even without a wake-up (a safety net, not the latency path).
+    pub poll_interval: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadConfig {
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Auto,
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Config {
+    /// Loads `path` (if any) and the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(path, &env)
+    }
+
+    /// Loads from a file and an explicit environment (tests pass their own).
+    pub fn load_from(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        let origin = path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("<none>"));
+        Self::parse(&text, &origin, env)
+    }
+
+    pub fn parse(text: &str, origin: &Path, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        raw::Raw::layer(text, origin, env)?.build()
+    }
+
+    /// The effective configuration as TOML, secrets redacted: what `check-config` prints.
+    pub fn redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+
+    /// The PostgreSQL URL with `postgres.password` applied.
+    pub fn postgres_url(&self) -> String {
+        match &self.postgres.password {
+            None => self.postgres.url.clone(),
+            Some(p) => match url::Url::parse(&self.postgres.url) {
+                Ok(mut u) => {
+                    let _ = u.set_password(Some(p.expose()));
+                    u.to_string()
+                }
+                Err(_) => self.postgres.url.clone(),
+            },
+        }
+    }
+}
+
+fn ser_redacted_url<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(url))
+}
+
+/// Where the broker is, from `mqtt://host:port` or `mqtts://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddress {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl BrokerAddress {
+    pub fn parse(raw: &str) -> Result<BrokerAddress, String> {
+        let url = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL ({e})"))?;
+        let (tls, default_port) = match url.scheme() {
+            "mqtt" | "tcp" => (false, 1883),
+            "mqtts" | "ssl" => (true, 8883),
+            other => return Err(format!("scheme {other:?} is not mqtt:// or mqtts://")),
+        };
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| format!("{raw:?} has no host"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        Ok(BrokerAddress {
+            host,
+            port: url.port().unwrap_or(default_port),
+            tls,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
