@@ -69,18 +69,26 @@ pub struct PostgresConfig {
     pub connect_timeout: Duration,
 }
 
+// Debug by hand where a field is a URL (it may carry a password) and by destructuring, so that a new field
+// cannot be added without deciding how it prints.
 impl fmt::Debug for PostgresConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let PostgresConfig {
+            url,
+            password,
+            schema,
+            connect_timeout,
+        } = self;
         f.debug_struct("PostgresConfig")
-            .field("url", &redact_url(&self.url))
-            .field("password", &self.password)
-            .field("schema", &self.schema)
-            .field("connect_timeout", &self.connect_timeout)
+            .field("url", &redact_url(url))
+            .field("password", password)
+            .field("schema", schema)
+            .field("connect_timeout", connect_timeout)
             .finish()
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct MqttConfig {
     /// `mqtt://host:port` or `mqtts://host:port` (TLS).
     #[serde(serialize_with = "ser_redacted_url")]
@@ -93,6 +101,29 @@ pub struct MqttConfig {
     pub keep_alive: Duration,
     /// Upper bound on unacknowledged QoS 1 publishes on the wire (the broker's Receive Maximum caps it too).
     pub max_inflight: u16,
+}
+
+impl fmt::Debug for MqttConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let MqttConfig {
+            url,
+            client_id,
+            username,
+            password,
+            ca_file,
+            keep_alive,
+            max_inflight,
+        } = self;
+        f.debug_struct("MqttConfig")
+            .field("url", &redact_url(url))
+            .field("client_id", client_id)
+            .field("username", username)
+            .field("password", password)
+            .field("ca_file", ca_file)
+            .field("keep_alive", keep_alive)
+            .field("max_inflight", max_inflight)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -119,7 +150,7 @@ pub enum BrokerKind {
     None,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct BrokerConfig {
     pub kind: BrokerKind,
     pub admin_username: Option<String>,
@@ -127,6 +158,27 @@ pub struct BrokerConfig {
     pub api_url: Option<String>,
     pub api_key: Option<String>,
     pub api_secret: Option<Secret>,
+}
+
+impl fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let BrokerConfig {
+            kind,
+            admin_username,
+            admin_password,
+            api_url,
+            api_key,
+            api_secret,
+        } = self;
+        f.debug_struct("BrokerConfig")
+            .field("kind", kind)
+            .field("admin_username", admin_username)
+            .field("admin_password", admin_password)
+            .field("api_url", &api_url.as_deref().map(redact_url))
+            .field("api_key", api_key)
+            .field("api_secret", api_secret)
+            .finish()
+    }
 }
 
 /// Tuning of the data path; the defaults are what the benchmarks were run with.
@@ -218,7 +270,8 @@ pub struct BrokerAddress {
 
 impl BrokerAddress {
     pub fn parse(raw: &str) -> Result<BrokerAddress, String> {
-        let url = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL ({e})"))?;
+        let shown = redact_url(raw);
+        let url = url::Url::parse(raw).map_err(|e| format!("{shown:?} is not a URL ({e})"))?;
         let (tls, default_port) = match url.scheme() {
             "mqtt" | "tcp" => (false, 1883),
             "mqtts" | "ssl" => (true, 8883),
@@ -227,7 +280,7 @@ impl BrokerAddress {
         let host = url
             .host_str()
             .filter(|h| !h.is_empty())
-            .ok_or_else(|| format!("{raw:?} has no host"))?;
+            .ok_or_else(|| format!("{shown:?} has no host"))?;
         let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
         Ok(BrokerAddress {
             host,

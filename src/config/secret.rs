@@ -27,15 +27,41 @@ impl Serialize for Secret {
     }
 }
 
-/// Replaces the password of a URL with `<redacted>`; unparsable URLs are redacted whole if they contain '@'.
+/// A URL (or PostgreSQL connection string) fit to print: the password in its userinfo and any `password`
+/// query parameter read `redacted`; text that is not a URL is redacted whole if it has an '@' or a password.
 pub fn redact_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("redacted"));
-            u.to_string()
-        }
-        Ok(_) => raw.to_string(),
-        Err(_) if raw.contains('@') => "<redacted>".to_string(),
-        Err(_) => raw.to_string(),
+    let Ok(mut u) = url::Url::parse(raw) else {
+        let risky = raw.contains('@') || raw.to_ascii_lowercase().contains("password");
+        return if risky {
+            "<redacted>".to_string()
+        } else {
+            raw.to_string()
+        };
+    };
+    let mut changed = false;
+    if u.password().is_some() {
+        let _ = u.set_password(Some("redacted"));
+        changed = true;
+    }
+    let is_password = |k: &str| k.to_ascii_lowercase().contains("password");
+    if u.query_pairs().any(|(k, _)| is_password(&k)) {
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if is_password(&k) {
+                    "redacted".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+        changed = true;
+    }
+    if changed {
+        u.to_string()
+    } else {
+        raw.to_string()
     }
 }

@@ -128,3 +128,57 @@ fn password_override_applies_to_url() {
         c.postgres_url()
     );
 }
+
+#[test]
+fn redact_url_hides_every_password() {
+    assert_eq!(redact_url("postgres://u:hunter2@h/db"), "postgres://u:redacted@h/db");
+    assert_eq!(
+        redact_url("postgres://u@h/db?sslmode=require&password=hunter2"),
+        "postgres://u@h/db?sslmode=require&password=redacted"
+    );
+    assert_eq!(redact_url("host=h user=u password=hunter2"), "<redacted>");
+    assert_eq!(redact_url("mqtt://u:hunter2@"), "<redacted>");
+    // Nothing to hide: unchanged, byte for byte.
+    assert_eq!(redact_url("postgres://u@h:5432/db"), "postgres://u@h:5432/db");
+    assert_eq!(redact_url("mqtt://127.0.0.1:1883"), "mqtt://127.0.0.1:1883");
+    let e = BrokerAddress::parse("mqtt://u:hunter2@").unwrap_err();
+    assert!(!e.contains("hunter2"), "{e}");
+}
+
+#[test]
+fn debug_never_prints_secrets() {
+    let dir = std::env::temp_dir().join(format!("db-cfg-debug-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "token-from-file-0123456789\n").expect("write");
+    let c = parse(
+        "[postgres]\nurl = \"postgres://u:pg-userinfo-pw@h/db?password=pg-query-pw\"\n\
+         [mqtt]\nurl = \"mqtt://u:mqtt-userinfo-pw@broker:1883\"\n\
+         [broker]\nkind = \"emqx\"\napi_url = \"http://k:api-userinfo-pw@emqx:18083\"\napi_key = \"k\"\n\
+         api_secret = \"api-secret-toml\"\n",
+        &[
+            ("DELTA_BRIDGE__MQTT__PASSWORD", "mqtt-pw-env"),
+            ("DELTA_BRIDGE__LOAD__PASSWORD", "load-pw-env"),
+            (
+                "DELTA_BRIDGE__HTTP__ADMIN_TOKEN_FILE",
+                token_file.to_str().expect("utf8"),
+            ),
+        ],
+    )
+    .expect("valid");
+    let shown = format!("{c:?}\n{c:#?}");
+    for secret in [
+        "pg-userinfo-pw",
+        "pg-query-pw",
+        "mqtt-userinfo-pw",
+        "api-userinfo-pw",
+        "api-secret-toml",
+        "mqtt-pw-env",
+        "load-pw-env",
+        "token-from-file",
+    ] {
+        assert!(!shown.contains(secret), "{secret} leaked in {shown}");
+    }
+    assert!(shown.contains("mqtt://u:redacted@broker:1883"), "{shown}");
+    let _ = std::fs::remove_dir_all(dir);
+}
