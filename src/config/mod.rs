@@ -6,6 +6,7 @@
 //! environment, or a file (`<key>_file`), and are wrapped in [`Secret`] so that they never print.
 
 mod raw;
+mod render;
 mod secret;
 mod validate;
 
@@ -13,8 +14,6 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-use serde::Serialize;
 
 pub use raw::ENV_PREFIX;
 pub use secret::{redact_url, Secret};
@@ -42,7 +41,7 @@ impl ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// First topic level, e.g. `dev`, `prod`.
     pub env: String,
@@ -56,11 +55,10 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-#[derive(Clone, Serialize)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct PostgresConfig {
     /// Connection URL; a password in it is redacted when printed. Must reach PostgreSQL directly (not through
     /// a transaction pooler): the bridge holds LISTEN and an advisory lock on one session.
-    #[serde(serialize_with = "ser_redacted_url")]
     pub url: String,
     /// Overrides the password of `url` (so the URL can sit in a ConfigMap and the password in a Secret).
     pub password: Option<Secret>,
@@ -88,12 +86,14 @@ impl fmt::Debug for PostgresConfig {
     }
 }
 
-#[derive(Clone, Serialize)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct MqttConfig {
     /// `mqtt://host:port` or `mqtts://host:port` (TLS).
-    #[serde(serialize_with = "ser_redacted_url")]
     pub url: String,
+    /// The client id, `{hostname}` and `{pid}` expanded.
     pub client_id: String,
+    /// The client id as configured, before expansion (what `check-config` prints).
+    pub client_id_template: String,
     pub username: Option<String>,
     pub password: Option<Secret>,
     /// PEM file of CA certificates for mqtts:// (default: the system's roots).
@@ -108,6 +108,7 @@ impl fmt::Debug for MqttConfig {
         let MqttConfig {
             url,
             client_id,
+            client_id_template,
             username,
             password,
             ca_file,
@@ -117,6 +118,7 @@ impl fmt::Debug for MqttConfig {
         f.debug_struct("MqttConfig")
             .field("url", &redact_url(url))
             .field("client_id", client_id)
+            .field("client_id_template", client_id_template)
             .field("username", username)
             .field("password", password)
             .field("ca_file", ca_file)
@@ -126,13 +128,13 @@ impl fmt::Debug for MqttConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
     pub admin_token: Option<Secret>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CredentialsConfig {
     pub signing_key_file: Option<PathBuf>,
     pub ttl: Duration,
@@ -142,15 +144,25 @@ pub struct CredentialsConfig {
     pub issuer: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerKind {
     Mosquitto,
     Emqx,
     None,
 }
 
-#[derive(Clone, Serialize)]
+impl BrokerKind {
+    /// The value of `broker.kind` that selects it.
+    pub fn name(self) -> &'static str {
+        match self {
+            BrokerKind::Mosquitto => "mosquitto",
+            BrokerKind::Emqx => "emqx",
+            BrokerKind::None => "none",
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, Eq)]
 pub struct BrokerConfig {
     pub kind: BrokerKind,
     pub admin_username: Option<String>,
@@ -182,7 +194,7 @@ impl fmt::Debug for BrokerConfig {
 }
 
 /// Tuning of the data path; the defaults are what the benchmarks were run with.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BridgeConfig {
     /// Outbox rows read per query.
     pub batch_size: u32,
@@ -192,21 +204,31 @@ pub struct BridgeConfig {
     pub poll_interval: Duration,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadConfig {
     pub username: Option<String>,
     pub password: Option<Secret>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Auto,
     Json,
     Text,
 }
 
-#[derive(Debug, Clone, Serialize)]
+impl LogFormat {
+    /// The value of `log.format` that selects it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Auto => "auto",
+            LogFormat::Json => "json",
+            LogFormat::Text => "text",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
@@ -236,9 +258,16 @@ impl Config {
         raw::Raw::layer(text, origin, env)?.build()
     }
 
-    /// The effective configuration as TOML, secrets redacted: what `check-config` prints.
+    /// The effective configuration as a config file, secrets redacted: what `check-config` prints.
+    ///
+    /// Every key is printed as the file takes it (durations as `"1h30m"`), by section, in a fixed order; unset
+    /// optional keys as a `# key: not set` comment. No secret is printed in any form: one read from a file is
+    /// printed as its `<key>_file` setting (the path), one given as a value is left out and a comment says where
+    /// it was set (the config file, or the environment variable); a password in a URL reads `redacted`. So the
+    /// text parsed again, with the same environment, gives the same configuration, except secrets written in
+    /// the config file and passwords in URLs.
     pub fn redacted_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+        render::redacted_toml(self)
     }
 
     /// The PostgreSQL URL with `postgres.password` applied.
@@ -254,10 +283,6 @@ impl Config {
             },
         }
     }
-}
-
-fn ser_redacted_url<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&redact_url(url))
 }
 
 /// Where the broker is, from `mqtt://host:port` or `mqtts://host:port`.

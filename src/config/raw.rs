@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use toml::Value;
 
+use super::secret::SecretSource;
 use super::{ConfigError, Secret};
 
 /// Prefix of the environment overrides: `DELTA_BRIDGE__POSTGRES__URL` sets `postgres.url`.
@@ -58,6 +59,8 @@ const KNOWN: &[(&str, &[&str])] = &[
 /// Flat view over the merged file and environment, with typed accessors that name the key on error.
 pub(super) struct Raw {
     flat: BTreeMap<String, Value>,
+    /// Keys set by the environment, and the variable that set each.
+    from_env: BTreeMap<String, String>,
 }
 
 impl Raw {
@@ -68,6 +71,7 @@ impl Raw {
             message: e.to_string(),
         })?;
         let mut flat = flatten(&table)?;
+        let mut from_env = BTreeMap::new();
         for (k, v) in env {
             if let Some(rest) = k.strip_prefix(ENV_PREFIX) {
                 let key = rest
@@ -75,7 +79,8 @@ impl Raw {
                     .map(str::to_ascii_lowercase)
                     .collect::<Vec<_>>()
                     .join(".");
-                flat.insert(key, Value::String(v.clone()));
+                flat.insert(key.clone(), Value::String(v.clone()));
+                from_env.insert(key, k.clone());
             }
         }
         for key in flat.keys() {
@@ -88,7 +93,7 @@ impl Raw {
                 ));
             }
         }
-        Ok(Raw { flat })
+        Ok(Raw { flat, from_env })
     }
 }
 
@@ -190,11 +195,18 @@ impl Raw {
                 key,
                 format!("set either {key} or {file_key}, not both"),
             )),
-            (Some(v), None) => Ok(Some(Secret::new(v))),
+            (Some(v), None) => {
+                let source = match self.from_env.get(key) {
+                    Some(var) => SecretSource::Environment(var.clone()),
+                    None => SecretSource::Inline,
+                };
+                Ok(Some(Secret::from_source(v, source)))
+            }
             (None, Some(path)) => {
                 let text = std::fs::read_to_string(&path)
                     .map_err(|e| ConfigError::invalid(&file_key, format!("cannot read {path}: {e}")))?;
-                Ok(Some(Secret::new(text.trim_end_matches(['\n', '\r']))))
+                let value = text.trim_end_matches(['\n', '\r']);
+                Ok(Some(Secret::from_source(value, SecretSource::File(path.into()))))
             }
             (None, None) => Ok(None),
         }

@@ -1,21 +1,52 @@
 //! [`Secret`] (a value that never prints) and [`redact_url`] (a URL with its password hidden).
 
 use std::fmt;
+use std::path::PathBuf;
 
 use serde::Serialize;
 
-/// A secret value: shown as `<redacted>` by Debug, Display and Serialize.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+/// A secret value: shown as `<redacted>` by Debug and Serialize. It remembers where it came from, which is what
+/// `check-config` prints instead of the value. Two secrets are equal when their values are.
+#[derive(Clone)]
+pub struct Secret {
+    value: String,
+    source: SecretSource,
+}
+
+/// Where a configured secret came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum SecretSource {
+    /// Given as a value: in the config file, or by [`Secret::new`].
+    Inline,
+    /// The environment variable named.
+    Environment(String),
+    /// Read from the file named (a `<key>_file` setting).
+    File(PathBuf),
+}
 
 impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
+        Self::from_source(s, SecretSource::Inline)
+    }
+    pub(super) fn from_source(s: impl Into<String>, source: SecretSource) -> Self {
+        Secret {
+            value: s.into(),
+            source,
+        }
     }
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.value
+    }
+    pub(super) fn source(&self) -> &SecretSource {
+        &self.source
     }
 }
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.value == other.value
+    }
+}
+impl Eq for Secret {}
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")

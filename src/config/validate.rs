@@ -35,7 +35,8 @@ impl Raw {
         BrokerAddress::parse(&mqtt_url).map_err(|reason| ConfigError::invalid("mqtt.url", reason))?;
         // Replicas sharing one configuration need distinct client ids (the broker disconnects the older of two
         // sessions with the same id): `{hostname}` and `{pid}` are expanded.
-        let client_id = expand_client_id(&self.non_empty("mqtt.client_id", "delta-bridge-{hostname}-{pid}")?);
+        let client_id_template = self.non_empty("mqtt.client_id", "delta-bridge-{hostname}-{pid}")?;
+        let client_id = expand_client_id(&client_id_template);
         if client_id.contains(['+', '#', '/']) || client_id.len() > 128 {
             return Err(ConfigError::invalid(
                 "mqtt.client_id",
@@ -50,6 +51,7 @@ impl Raw {
         let mqtt = MqttConfig {
             url: mqtt_url,
             client_id,
+            client_id_template,
             username: self.string("mqtt.username")?,
             password: self.secret("mqtt.password")?,
             ca_file: self.string("mqtt.ca_file")?.map(PathBuf::from),
