@@ -68,7 +68,7 @@ impl Raw {
     pub(super) fn layer(text: &str, origin: &Path, env: &[(String, String)]) -> Result<Raw, ConfigError> {
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
             path: origin.to_path_buf(),
-            message: e.to_string(),
+            message: syntax_message(text, &e),
         })?;
         let mut flat = flatten(&table)?;
         let mut from_env = BTreeMap::new();
@@ -95,6 +95,17 @@ impl Raw {
         }
         Ok(Raw { flat, from_env })
     }
+}
+
+/// Where and what, without the offending line that `toml` quotes: the line may hold a secret.
+fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    let Some(at) = e.span().map(|s| s.start.min(text.len())) else {
+        return e.message().to_string();
+    };
+    let before = text.get(..at).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {column}: {}", e.message())
 }
 
 fn flatten(table: &toml::Table) -> Result<BTreeMap<String, Value>, ConfigError> {

@@ -464,3 +464,18 @@ fn every_broker_kind_and_log_format_prints_as_the_file_takes_it() {
         assert_eq!(again.broker, c.broker);
     }
 }
+
+#[test]
+fn a_syntax_error_names_the_place_but_does_not_quote_the_line() {
+    for (text, place) in [
+        ("[postgres]\npassword = \"hunter2\n", "line 2, column "),
+        ("[postgres]\npassword = hunter2\n", "line 2, column 12"),
+        ("[http\n", "line 1, column "),
+    ] {
+        let e = parse(text, &[]).unwrap_err();
+        let shown = format!("{e} {e:?}");
+        assert!(matches!(e, ConfigError::Syntax { .. }), "{shown}");
+        assert!(shown.contains(place), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+}
