@@ -249,6 +249,7 @@ fn a_malformed_config_exits_2_naming_the_key() {
         ("[postgress]\nurl = \"postgres://x\"\n", "postgress.url"),
         ("env = \"dev/x\"\n", "env"),
         ("[http\n", "not valid TOML"),
+        ("[postgres]\npassword = \"hunter2\n", "line 2, column"),
     ];
     for (i, (text, key)) in cases.iter().enumerate() {
         let path = dir.join(format!("bad{i}.toml"));
@@ -262,6 +263,7 @@ fn a_malformed_config_exits_2_naming_the_key() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{text:?}: {err}");
         assert!(err.contains(key), "{text:?}: message should name {key}: {err}");
+        assert!(!err.contains("hunter2"), "{text:?}: a secret in the message: {err}");
         // `run` refuses the same config the same way, before touching anything.
         let out = bin().arg("run").arg("--config").arg(&path).output().expect("run");
         assert_eq!(out.status.code(), Some(2));
@@ -274,23 +276,50 @@ fn a_malformed_config_exits_2_naming_the_key() {
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("mqtt.max_inflight"));
-    // A valid one prints the effective config with secrets redacted.
+    // A valid one prints the effective config with secrets redacted, as a config file: fed back (with the same
+    // environment), it prints the same again.
     let good = dir.join("good.toml");
     std::fs::write(
         &good,
-        "[postgres]\nurl = \"postgres://bridge:hunter2@db:5432/mstore\"\n[mqtt]\npassword = \"mqtt-secret\"\n",
+        "[postgres]\nurl = \"postgres://bridge:hunter2@db:5432/mstore\"\nconnect_timeout = \"1m30s\"\n\
+         [mqtt]\nclient_id = \"bridge-a\"\n[http]\nadmin_token = \"admin-token-0123456789\"\n",
     )
     .expect("write");
-    let out = bin()
-        .arg("--config")
-        .arg(&good)
-        .arg("check-config")
-        .output()
-        .expect("run");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0));
+    let check = |path: &std::path::Path| {
+        let out = bin()
+            .arg("--config")
+            .arg(path)
+            .arg("check-config")
+            .env("DELTA_BRIDGE__MQTT__PASSWORD", "mqtt-secret")
+            .output()
+            .expect("run");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        text
+    };
+    let text = check(&good);
     assert!(text.contains("postgres://bridge:redacted@db:5432/mstore"), "{text}");
-    assert!(!text.contains("hunter2") && !text.contains("mqtt-secret"), "{text}");
+    for secret in ["hunter2", "mqtt-secret", "admin-token-0123456789"] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+    for line in [
+        "connect_timeout = \"1m30s\"",
+        "# password: set by DELTA_BRIDGE__MQTT__PASSWORD, not printed",
+        "# admin_token: set in the config file, not printed",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no line {line:?} in {text}");
+    }
+    let printed = dir.join("printed.toml");
+    std::fs::write(&printed, &text).expect("write");
+    let again = check(&printed);
+    // The admin token was written in the file, so the printed config has none; all else is the same.
+    assert_eq!(
+        again,
+        text.replace(
+            "# admin_token: set in the config file, not printed",
+            "# admin_token: not set"
+        )
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -1,0 +1,319 @@
+//! Configuration: a TOML file overlaid by `DELTA_BRIDGE__SECTION__KEY` environment variables, validated into
+//! typed settings. Owns every default and every rule about what a valid value is; never touches the network.
+//!
+//! Each error names the key (`mqtt.url`) and what is wrong with it, so `check-config` and start-up can exit 2
+//! with a message an operator can act on. Secrets (passwords, tokens, keys) may come from the TOML, the
+//! environment, or a file (`<key>_file`), and are wrapped in [`Secret`] so that they never print.
+
+mod raw;
+mod render;
+mod secret;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use raw::ENV_PREFIX;
+pub use secret::{redact_url, Secret};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(key: &str, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// First topic level, e.g. `dev`, `prod`.
+    pub env: String,
+    pub postgres: PostgresConfig,
+    pub mqtt: MqttConfig,
+    pub http: HttpConfig,
+    pub credentials: CredentialsConfig,
+    pub broker: BrokerConfig,
+    pub bridge: BridgeConfig,
+    pub load: LoadConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// Connection URL; a password in it is redacted when printed. Must reach PostgreSQL directly (not through
+    /// a transaction pooler): the bridge holds LISTEN and an advisory lock on one session.
+    pub url: String,
+    /// Overrides the password of `url` (so the URL can sit in a ConfigMap and the password in a Secret).
+    pub password: Option<Secret>,
+    /// Schema of the business tables (merchants, branches, products, ...).
+    pub schema: String,
+    pub connect_timeout: Duration,
+}
+
+// Debug by hand where a field is a URL (it may carry a password) and by destructuring, so that a new field
+// cannot be added without deciding how it prints.
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let PostgresConfig {
+            url,
+            password,
+            schema,
+            connect_timeout,
+        } = self;
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact_url(url))
+            .field("password", password)
+            .field("schema", schema)
+            .field("connect_timeout", connect_timeout)
+            .finish()
+    }
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct MqttConfig {
+    /// `mqtt://host:port` or `mqtts://host:port` (TLS).
+    pub url: String,
+    /// The client id, `{hostname}` and `{pid}` expanded.
+    pub client_id: String,
+    /// The client id as configured, before expansion (what `check-config` prints).
+    pub client_id_template: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// PEM file of CA certificates for mqtts:// (default: the system's roots).
+    pub ca_file: Option<PathBuf>,
+    pub keep_alive: Duration,
+    /// Upper bound on unacknowledged QoS 1 publishes on the wire (the broker's Receive Maximum caps it too).
+    pub max_inflight: u16,
+}
+
+impl fmt::Debug for MqttConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let MqttConfig {
+            url,
+            client_id,
+            client_id_template,
+            username,
+            password,
+            ca_file,
+            keep_alive,
+            max_inflight,
+        } = self;
+        f.debug_struct("MqttConfig")
+            .field("url", &redact_url(url))
+            .field("client_id", client_id)
+            .field("client_id_template", client_id_template)
+            .field("username", username)
+            .field("password", password)
+            .field("ca_file", ca_file)
+            .field("keep_alive", keep_alive)
+            .field("max_inflight", max_inflight)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    pub admin_token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialsConfig {
+    pub signing_key_file: Option<PathBuf>,
+    pub ttl: Duration,
+    pub min_ttl: Duration,
+    pub max_ttl: Duration,
+    pub audience: String,
+    pub issuer: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    Mosquitto,
+    Emqx,
+    None,
+}
+
+impl BrokerKind {
+    /// The value of `broker.kind` that selects it.
+    pub fn name(self) -> &'static str {
+        match self {
+            BrokerKind::Mosquitto => "mosquitto",
+            BrokerKind::Emqx => "emqx",
+            BrokerKind::None => "none",
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerConfig {
+    pub kind: BrokerKind,
+    pub admin_username: Option<String>,
+    pub admin_password: Option<Secret>,
+    pub api_url: Option<String>,
+    pub api_key: Option<String>,
+    pub api_secret: Option<Secret>,
+}
+
+impl fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let BrokerConfig {
+            kind,
+            admin_username,
+            admin_password,
+            api_url,
+            api_key,
+            api_secret,
+        } = self;
+        f.debug_struct("BrokerConfig")
+            .field("kind", kind)
+            .field("admin_username", admin_username)
+            .field("admin_password", admin_password)
+            .field("api_url", &api_url.as_deref().map(redact_url))
+            .field("api_key", api_key)
+            .field("api_secret", api_secret)
+            .finish()
+    }
+}
+
+/// Tuning of the data path; the defaults are what the benchmarks were run with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeConfig {
+    /// Outbox rows read per query.
+    pub batch_size: u32,
+    /// Events read but not yet acknowledged, at most; the reader waits beyond it (bounded memory).
+    pub max_pending: usize,
+    /// Poll the outbox at least this often even without a wake-up (a safety net, not the latency path).
+    pub poll_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadConfig {
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Auto,
+    Json,
+    Text,
+}
+
+impl LogFormat {
+    /// The value of `log.format` that selects it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Auto => "auto",
+            LogFormat::Json => "json",
+            LogFormat::Text => "text",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Config {
+    /// Loads `path` (if any) and the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(path, &env)
+    }
+
+    /// Loads from a file and an explicit environment (tests pass their own).
+    pub fn load_from(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        let origin = path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("<none>"));
+        Self::parse(&text, &origin, env)
+    }
+
+    pub fn parse(text: &str, origin: &Path, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        raw::Raw::layer(text, origin, env)?.build()
+    }
+
+    /// The effective configuration as a config file, secrets redacted: what `check-config` prints.
+    ///
+    /// Every key is printed as the file takes it (durations as `"1h30m"`), by section, in a fixed order; unset
+    /// optional keys as a `# key: not set` comment. No secret is printed in any form: one read from a file is
+    /// printed as its `<key>_file` setting (the path), one given as a value is left out and a comment says where
+    /// it was set (the config file, or the environment variable); a password in a URL reads `redacted`. So the
+    /// text parsed again, with the same environment, gives the same configuration, except secrets written in
+    /// the config file and passwords in URLs.
+    pub fn redacted_toml(&self) -> String {
+        render::redacted_toml(self)
+    }
+
+    /// The PostgreSQL URL with `postgres.password` applied.
+    pub fn postgres_url(&self) -> String {
+        match &self.postgres.password {
+            None => self.postgres.url.clone(),
+            Some(p) => match url::Url::parse(&self.postgres.url) {
+                Ok(mut u) => {
+                    let _ = u.set_password(Some(p.expose()));
+                    u.to_string()
+                }
+                Err(_) => self.postgres.url.clone(),
+            },
+        }
+    }
+}
+
+/// Where the broker is, from `mqtt://host:port` or `mqtts://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddress {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl BrokerAddress {
+    pub fn parse(raw: &str) -> Result<BrokerAddress, String> {
+        let shown = redact_url(raw);
+        let url = url::Url::parse(raw).map_err(|e| format!("{shown:?} is not a URL ({e})"))?;
+        let (tls, default_port) = match url.scheme() {
+            "mqtt" | "tcp" => (false, 1883),
+            "mqtts" | "ssl" => (true, 8883),
+            other => return Err(format!("scheme {other:?} is not mqtt:// or mqtts://")),
+        };
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| format!("{shown:?} has no host"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        Ok(BrokerAddress {
+            host,
+            port: url.port().unwrap_or(default_port),
+            tls,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

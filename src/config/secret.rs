@@ -1,0 +1,98 @@
+//! [`Secret`] (a value that never prints) and [`redact_url`] (a URL with its password hidden).
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+/// A secret value: shown as `<redacted>` by Debug and Serialize. It remembers where it came from, which is what
+/// `check-config` prints instead of the value. Two secrets are equal when their values are.
+#[derive(Clone)]
+pub struct Secret {
+    value: String,
+    source: SecretSource,
+}
+
+/// Where a configured secret came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum SecretSource {
+    /// Given as a value: in the config file, or by [`Secret::new`].
+    Inline,
+    /// The environment variable named.
+    Environment(String),
+    /// Read from the file named (a `<key>_file` setting).
+    File(PathBuf),
+}
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self::from_source(s, SecretSource::Inline)
+    }
+    pub(super) fn from_source(s: impl Into<String>, source: SecretSource) -> Self {
+        Secret {
+            value: s.into(),
+            source,
+        }
+    }
+    pub fn expose(&self) -> &str {
+        &self.value
+    }
+    pub(super) fn source(&self) -> &SecretSource {
+        &self.source
+    }
+}
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.value == other.value
+    }
+}
+impl Eq for Secret {}
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// A URL (or PostgreSQL connection string) fit to print: the password in its userinfo and any `password`
+/// query parameter read `redacted`; text that is not a URL is redacted whole if it has an '@' or a password.
+pub fn redact_url(raw: &str) -> String {
+    let Ok(mut u) = url::Url::parse(raw) else {
+        let risky = raw.contains('@') || raw.to_ascii_lowercase().contains("password");
+        return if risky {
+            "<redacted>".to_string()
+        } else {
+            raw.to_string()
+        };
+    };
+    let mut changed = false;
+    if u.password().is_some() {
+        let _ = u.set_password(Some("redacted"));
+        changed = true;
+    }
+    let is_password = |k: &str| k.to_ascii_lowercase().contains("password");
+    if u.query_pairs().any(|(k, _)| is_password(&k)) {
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if is_password(&k) {
+                    "redacted".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+        changed = true;
+    }
+    if changed {
+        u.to_string()
+    } else {
+        raw.to_string()
+    }
+}

@@ -1,0 +1,481 @@
+use std::path::PathBuf;
+
+use super::*;
+
+#[test]
+fn parses_broker_urls() {
+    assert_eq!(
+        BrokerAddress::parse("mqtt://127.0.0.1:1883"),
+        Ok(BrokerAddress {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            tls: false
+        })
+    );
+    assert_eq!(
+        BrokerAddress::parse("mqtts://emqx").map(|a| (a.port, a.tls)),
+        Ok((8883, true))
+    );
+    assert!(BrokerAddress::parse("http://x").is_err());
+    assert!(BrokerAddress::parse("nonsense").is_err());
+}
+
+fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    Config::parse(text, Path::new("test.toml"), &env)
+}
+
+fn key_of(e: ConfigError) -> String {
+    match e {
+        ConfigError::Invalid { key, .. } => key,
+        other => panic!("expected an invalid-key error, got {other}"),
+    }
+}
+
+#[test]
+fn defaults_are_valid() {
+    let c = parse("", &[]).expect("defaults");
+    assert_eq!(c.env, "dev");
+    assert!(c.mqtt.client_id.starts_with("delta-bridge-"), "{}", c.mqtt.client_id);
+    assert!(c.mqtt.client_id.ends_with(&format!("-{}", std::process::id())));
+    assert_eq!(c.credentials.ttl, Duration::from_secs(86400));
+    assert_eq!(c.broker.kind, BrokerKind::None);
+}
+
+#[test]
+fn environment_overrides_file() {
+    let c = parse(
+        "[postgres]\nurl = \"postgres://a@h/db\"\n",
+        &[
+            ("DELTA_BRIDGE__POSTGRES__URL", "postgres://b@h/db2"),
+            ("DELTA_BRIDGE__ENV", "prod"),
+        ],
+    )
+    .expect("valid");
+    assert_eq!(c.postgres.url, "postgres://b@h/db2");
+    assert_eq!(c.env, "prod");
+}
+
+#[test]
+fn errors_name_the_key() {
+    assert_eq!(
+        key_of(parse("[mqtt]\nurl = \"http://x\"\n", &[]).unwrap_err()),
+        "mqtt.url"
+    );
+    assert_eq!(
+        key_of(parse("[credentials]\nttl = \"forever\"\n", &[]).unwrap_err()),
+        "credentials.ttl"
+    );
+    assert_eq!(
+        key_of(parse("[mqtt]\nmax_inflight = \"many\"\n", &[]).unwrap_err()),
+        "mqtt.max_inflight"
+    );
+    assert_eq!(
+        key_of(parse("[postgress]\nurl = \"x\"\n", &[]).unwrap_err()),
+        "postgress.url"
+    );
+    assert_eq!(key_of(parse("env = \"a/b\"\n", &[]).unwrap_err()), "env");
+    assert_eq!(
+        key_of(parse("[http]\nlisten = \"nowhere\"\n", &[]).unwrap_err()),
+        "http.listen"
+    );
+    assert_eq!(
+        key_of(parse("[broker]\nkind = \"rabbit\"\n", &[]).unwrap_err()),
+        "broker.kind"
+    );
+    assert_eq!(key_of(parse("[postgres]\nurl = 5\n", &[]).unwrap_err()), "postgres.url");
+    assert_eq!(
+        key_of(parse("[mqtt]\nkeep_alive = \"2s\"\n", &[]).unwrap_err()),
+        "mqtt.keep_alive"
+    );
+}
+
+#[test]
+fn secrets_never_print() {
+    let c = parse(
+        "[postgres]\nurl = \"postgres://u:hunter2@h/db\"\n[mqtt]\npassword = \"s3cret-mqtt\"\n\
+         [http]\nadmin_token = \"0123456789abcdef-token\"\n",
+        &[],
+    )
+    .expect("valid");
+    let shown = format!("{}\n{:?}", c.redacted_toml(), c);
+    for secret in ["hunter2", "s3cret-mqtt", "0123456789abcdef-token"] {
+        assert!(!shown.contains(secret), "{secret} leaked in {shown}");
+    }
+    assert_eq!(c.mqtt.password.as_ref().map(Secret::expose), Some("s3cret-mqtt"));
+}
+
+#[test]
+fn secret_from_file() {
+    let dir = std::env::temp_dir().join(format!("db-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let f = dir.join("pw");
+    std::fs::write(&f, "from-file\n").expect("write");
+    let c = parse("", &[("DELTA_BRIDGE__MQTT__PASSWORD_FILE", f.to_str().expect("utf8"))]).expect("valid");
+    assert_eq!(c.mqtt.password.as_ref().map(Secret::expose), Some("from-file"));
+    let e = parse("", &[("DELTA_BRIDGE__MQTT__PASSWORD_FILE", "/nonexistent/pw")]).unwrap_err();
+    assert_eq!(key_of(e), "mqtt.password_file");
+}
+
+#[test]
+fn password_override_applies_to_url() {
+    let c = parse(
+        "[postgres]\nurl = \"postgres://u@h:5432/db\"\npassword = \"p@ss\"\n",
+        &[],
+    )
+    .expect("valid");
+    assert!(
+        c.postgres_url().starts_with("postgres://u:p%40ss@h:5432/db"),
+        "{}",
+        c.postgres_url()
+    );
+}
+
+#[test]
+fn redact_url_hides_every_password() {
+    assert_eq!(redact_url("postgres://u:hunter2@h/db"), "postgres://u:redacted@h/db");
+    assert_eq!(
+        redact_url("postgres://u@h/db?sslmode=require&password=hunter2"),
+        "postgres://u@h/db?sslmode=require&password=redacted"
+    );
+    assert_eq!(redact_url("host=h user=u password=hunter2"), "<redacted>");
+    assert_eq!(redact_url("mqtt://u:hunter2@"), "<redacted>");
+    // Nothing to hide: unchanged, byte for byte.
+    assert_eq!(redact_url("postgres://u@h:5432/db"), "postgres://u@h:5432/db");
+    assert_eq!(redact_url("mqtt://127.0.0.1:1883"), "mqtt://127.0.0.1:1883");
+    let e = BrokerAddress::parse("mqtt://u:hunter2@").unwrap_err();
+    assert!(!e.contains("hunter2"), "{e}");
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("db-cfg-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    dir
+}
+
+fn owned(env: &[(&str, &str)]) -> Vec<(String, String)> {
+    env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// A secret in every place one can be: the config file, the environment, `<key>_file` files (named by the file
+/// and by the environment), URL userinfo and a URL query. Returns the config, its environment, the secrets.
+fn secrets_everywhere() -> (Config, Vec<(String, String)>, Vec<&'static str>) {
+    let dir = temp_dir("secrets");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "token-from-file-0123456789\n").expect("write");
+    let admin_file = dir.join("admin");
+    std::fs::write(&admin_file, "admin-pw-from-file\n").expect("write");
+    let text = format!(
+        "[postgres]\nurl = \"postgres://u:pg-userinfo-pw@h/db?password=pg-query-pw\"\npassword = \"pg-toml-pw\"\n\
+         [mqtt]\nurl = \"mqtt://u:mqtt-userinfo-pw@broker:1883\"\n\
+         [http]\nadmin_token_file = {:?}\n\
+         [broker]\nkind = \"mosquitto\"\nadmin_username = \"admin\"\n\
+         api_url = \"http://k:api-userinfo-pw@emqx:18083\"\napi_key = \"k\"\napi_secret = \"api-secret-toml\"\n",
+        token_file.to_str().expect("utf8"),
+    );
+    let env = owned(&[
+        ("DELTA_BRIDGE__MQTT__PASSWORD", "mqtt-pw-env"),
+        ("DELTA_BRIDGE__LOAD__PASSWORD", "load-pw-env"),
+        (
+            "DELTA_BRIDGE__BROKER__ADMIN_PASSWORD_FILE",
+            admin_file.to_str().expect("utf8"),
+        ),
+    ]);
+    let cfg = Config::parse(&text, Path::new("test.toml"), &env).expect("valid");
+    assert_eq!(
+        cfg.http.admin_token.as_ref().map(Secret::expose),
+        Some("token-from-file-0123456789")
+    );
+    let secrets = vec![
+        "pg-userinfo-pw",
+        "pg-query-pw",
+        "pg-toml-pw",
+        "mqtt-userinfo-pw",
+        "mqtt-pw-env",
+        "token-from-file",
+        "admin-pw-from-file",
+        "api-userinfo-pw",
+        "api-secret-toml",
+        "load-pw-env",
+    ];
+    (cfg, env, secrets)
+}
+
+#[test]
+fn debug_never_prints_secrets() {
+    let (c, _, secrets) = secrets_everywhere();
+    let shown = format!("{c:?}\n{c:#?}");
+    for secret in secrets {
+        assert!(!shown.contains(secret), "{secret} leaked in {shown}");
+    }
+    assert!(shown.contains("mqtt://u:redacted@broker:1883"), "{shown}");
+}
+
+#[test]
+fn check_config_never_prints_secrets_and_says_where_each_is() {
+    let (c, env, secrets) = secrets_everywhere();
+    let shown = c.redacted_toml();
+    for secret in secrets {
+        assert!(!shown.contains(secret), "{secret} leaked in {shown}");
+    }
+    for line in [
+        "url = \"postgres://u:redacted@h/db?password=redacted\"",
+        "# password: set in the config file, not printed",
+        "url = \"mqtt://u:redacted@broker:1883\"",
+        "# password: set by DELTA_BRIDGE__MQTT__PASSWORD, not printed",
+        "api_url = \"http://k:redacted@emqx:18083/\"",
+        "# api_secret: set in the config file, not printed",
+        "# password: set by DELTA_BRIDGE__LOAD__PASSWORD, not printed",
+    ] {
+        assert!(shown.lines().any(|l| l == line), "no line {line:?} in\n{shown}");
+    }
+    // Secrets read from files are printed as the file's name, which reads the same secret again.
+    let again = Config::parse(&shown, Path::new("printed.toml"), &env).expect("the output is a valid config");
+    assert_eq!(again.http.admin_token, c.http.admin_token);
+    assert_eq!(again.broker.admin_password, c.broker.admin_password);
+    assert_eq!(again.mqtt.password, c.mqtt.password);
+    assert_eq!(again.postgres.password, None);
+}
+
+/// Every section with values other than the defaults, durations of several units, a string that needs escaping,
+/// and secrets from the file, the environment and files.
+const EVERY_SECTION: &str = r#"
+env = "prod"
+[postgres]
+url = "postgres://bridge@db.internal:6432/mstore?sslmode=require"
+password = "pg-secret"
+schema = "shop \"eu\""
+connect_timeout = "250ms"
+[mqtt]
+url = "mqtts://broker.internal:8883"
+client_id = "bridge-{hostname}-{pid}"
+username = "bridge"
+ca_file = "/etc/ssl/broker-ca.pem"
+keep_alive = "1h30m"
+max_inflight = 7
+[http]
+listen = "[::1]:9090"
+[credentials]
+signing_key_file = "/keys/signing.pem"
+ttl = "36h"
+min_ttl = 90
+max_ttl = "7d"
+audience = "devices"
+issuer = "bridge-prod"
+[broker]
+kind = "emqx"
+admin_username = "admin"
+api_url = "http://emqx:18083"
+api_key = "key-1"
+api_secret = "emqx-secret"
+[bridge]
+max_pending = 1234
+poll_interval = "1500ms"
+[load]
+username = "loader"
+[log]
+format = "json"
+level = "info,delta_bridge=debug"
+"#;
+
+/// `cfg` with every secret removed, for comparing what is left.
+fn without_secrets(mut cfg: Config) -> Config {
+    cfg.postgres.password = None;
+    cfg.mqtt.password = None;
+    cfg.http.admin_token = None;
+    cfg.broker.admin_password = None;
+    cfg.broker.api_secret = None;
+    cfg.load.password = None;
+    cfg
+}
+
+#[test]
+fn check_config_output_parses_back_to_the_same_config() {
+    let dir = temp_dir("roundtrip");
+    let token_file = dir.join("admin-token");
+    std::fs::write(&token_file, "admin-token-0123456789\n").expect("write");
+    let mut env = owned(&[
+        ("DELTA_BRIDGE__MQTT__PASSWORD", "mqtt-secret"),
+        ("DELTA_BRIDGE__BROKER__ADMIN_PASSWORD", "admin-secret"),
+        ("DELTA_BRIDGE__BRIDGE__BATCH_SIZE", "42"),
+        ("DELTA_BRIDGE__LOAD__PASSWORD", "load-secret"),
+    ]);
+    env.push((
+        "DELTA_BRIDGE__HTTP__ADMIN_TOKEN_FILE".into(),
+        token_file.to_str().expect("utf8").into(),
+    ));
+    let first = Config::parse(EVERY_SECTION, Path::new("every.toml"), &env).expect("valid");
+    assert_eq!(first.mqtt.keep_alive, Duration::from_secs(5400));
+    assert_eq!(first.bridge.batch_size, 42);
+    let printed = first.redacted_toml();
+
+    // Parsed again with no environment, only a secret the emqx broker requires (the config file held it, so
+    // the output does not): everything but the secrets is the same...
+    let only_secret = owned(&[("DELTA_BRIDGE__BROKER__API_SECRET", "another")]);
+    let bare = Config::parse(&printed, Path::new("printed.toml"), &only_secret).expect("printed config is valid");
+    assert_eq!(
+        without_secrets(bare.clone()),
+        without_secrets(first.clone()),
+        "{printed}"
+    );
+    // ... and the secret read from a file is back: the output names the file.
+    assert_eq!(bare.http.admin_token, first.http.admin_token);
+
+    // With the same environment plus the two secrets the config file held, it is the same configuration.
+    env.push(("DELTA_BRIDGE__POSTGRES__PASSWORD".into(), "pg-secret".into()));
+    env.push(("DELTA_BRIDGE__BROKER__API_SECRET".into(), "emqx-secret".into()));
+    let again = Config::parse(&printed, Path::new("printed.toml"), &env).expect("valid");
+    assert_eq!(again, first, "{printed}");
+    assert_eq!(again.postgres_url(), first.postgres_url());
+}
+
+#[test]
+fn check_config_prints_durations_as_the_file_takes_them() {
+    let c = parse(EVERY_SECTION, &[("DELTA_BRIDGE__POSTGRES__CONNECT_TIMEOUT", "1m 0.5s")]).expect("valid");
+    let printed = c.redacted_toml();
+    for line in [
+        "connect_timeout = \"1m500ms\"",
+        "keep_alive = \"1h30m\"",
+        "ttl = \"1d12h\"",
+        "min_ttl = \"1m30s\"",
+        "max_ttl = \"7d\"",
+        "poll_interval = \"1s500ms\"",
+    ] {
+        assert!(printed.lines().any(|l| l == line), "no line {line:?} in\n{printed}");
+    }
+    assert!(!printed.contains("secs") && !printed.contains("nanos"), "{printed}");
+    let defaults = parse("", &[]).expect("valid").redacted_toml();
+    for line in [
+        "connect_timeout = \"10s\"",
+        "keep_alive = \"5s\"",
+        "poll_interval = \"500ms\"",
+    ] {
+        assert!(defaults.lines().any(|l| l == line), "no line {line:?} in\n{defaults}");
+    }
+}
+
+#[test]
+fn durations_format_in_humantime_units_and_parse_back() {
+    use render::format_duration;
+    let cases = [
+        (Duration::ZERO, "0s"),
+        (Duration::from_millis(250), "250ms"),
+        (Duration::from_secs(10), "10s"),
+        (Duration::from_secs(5400), "1h30m"),
+        (Duration::from_secs(86_400), "1d"),
+        (Duration::from_secs(30 * 86_400), "30d"),
+        (Duration::new(90_061, 500_000_000), "1d1h1m1s500ms"),
+        (Duration::new(1, 1_000), "1s1us"),
+        (Duration::from_nanos(1_002_003), "1ms2us3ns"),
+    ];
+    for (d, text) in cases {
+        assert_eq!(format_duration(d), text);
+    }
+    let mut d = Duration::from_nanos(7);
+    while d < Duration::from_secs(400 * 86_400) {
+        let text = format_duration(d);
+        assert_eq!(humantime::parse_duration(&text).ok(), Some(d), "{text}");
+        d = d * 3 + Duration::from_nanos(1);
+    }
+}
+
+#[test]
+fn check_config_prints_every_key_in_order() {
+    let c = parse("[mqtt]\nclient_id = \"bridge-a\"\n", &[]).expect("valid");
+    let expected = r#"env = "dev"
+
+[postgres]
+url = "postgres://postgres@127.0.0.1:5432/postgres"
+# password: not set
+schema = "public"
+connect_timeout = "10s"
+
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+client_id = "bridge-a"
+# username: not set
+# password: not set
+# ca_file: not set
+keep_alive = "5s"
+max_inflight = 100
+
+[http]
+listen = "0.0.0.0:8080"
+# admin_token: not set
+
+[credentials]
+# signing_key_file: not set
+ttl = "1d"
+min_ttl = "1m"
+max_ttl = "30d"
+audience = "mqtt"
+issuer = "delta-bridge"
+
+[broker]
+kind = "none"
+# admin_username: not set
+# admin_password: not set
+# api_url: not set
+# api_key: not set
+# api_secret: not set
+
+[bridge]
+batch_size = 500
+max_pending = 10000
+poll_interval = "500ms"
+
+[load]
+# username: not set
+# password: not set
+
+[log]
+format = "auto"
+level = "info"
+"#;
+    assert_eq!(c.redacted_toml(), expected);
+    // The default client id is a template: printed as such, with what it expands to here.
+    let c = parse("", &[]).expect("valid");
+    let line = format!(
+        "client_id = \"delta-bridge-{{hostname}}-{{pid}}\"  # expands to \"{}\" here",
+        c.mqtt.client_id
+    );
+    assert!(
+        c.redacted_toml().lines().any(|l| l == line),
+        "no {line:?} in\n{}",
+        c.redacted_toml()
+    );
+}
+
+#[test]
+fn every_broker_kind_and_log_format_prints_as_the_file_takes_it() {
+    for format in ["auto", "json", "text"] {
+        let c = parse(&format!("[log]\nformat = \"{format}\"\n"), &[]).expect("valid");
+        let again = parse(&c.redacted_toml(), &[]).expect("valid");
+        assert_eq!(again.log.format, c.log.format);
+        assert_eq!(c.log.format.name(), format);
+    }
+    for kind in [
+        "kind = \"none\"",
+        "kind = \"mosquitto\"\nadmin_username = \"a\"\nadmin_password_file = \"/dev/null\"",
+        "kind = \"emqx\"\napi_url = \"http://e\"\napi_key = \"k\"\napi_secret_file = \"/dev/null\"",
+    ] {
+        let c = parse(&format!("[broker]\n{kind}\n"), &[]).expect("valid");
+        let again = parse(&c.redacted_toml(), &[]).expect("valid");
+        assert_eq!(again.broker, c.broker);
+    }
+}
+
+#[test]
+fn a_syntax_error_names_the_place_but_does_not_quote_the_line() {
+    for (text, place) in [
+        ("[postgres]\npassword = \"hunter2\n", "line 2, column "),
+        ("[postgres]\npassword = hunter2\n", "line 2, column 12"),
+        ("[http\n", "line 1, column "),
+    ] {
+        let e = parse(text, &[]).unwrap_err();
+        let shown = format!("{e} {e:?}");
+        assert!(matches!(e, ConfigError::Syntax { .. }), "{shown}");
+        assert!(shown.contains(place), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+}

@@ -1,0 +1,193 @@
+//! From the raw layer to typed settings: every default and every rule about what a valid value is.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::raw::Raw;
+use super::*;
+
+impl Raw {
+    pub(super) fn build(self) -> Result<Config, ConfigError> {
+        let env = self.non_empty("env", "dev")?;
+        if !crate::convert::topic::is_valid_level(&env) {
+            return Err(ConfigError::invalid(
+                "env",
+                "must be a topic level without '/', '+', '#' or spaces",
+            ));
+        }
+
+        let pg_url = self.non_empty("postgres.url", "postgres://postgres@127.0.0.1:5432/postgres")?;
+        if pg_url.parse::<tokio_postgres::Config>().is_err() {
+            return Err(ConfigError::invalid(
+                "postgres.url",
+                format!("{:?} is not a PostgreSQL connection URL", redact_url(&pg_url)),
+            ));
+        }
+        let schema = self.non_empty("postgres.schema", "public")?;
+        let postgres = PostgresConfig {
+            url: pg_url,
+            password: self.secret("postgres.password")?,
+            schema,
+            connect_timeout: self.duration("postgres.connect_timeout", "10s")?,
+        };
+
+        let mqtt_url = self.non_empty("mqtt.url", "mqtt://127.0.0.1:1883")?;
+        BrokerAddress::parse(&mqtt_url).map_err(|reason| ConfigError::invalid("mqtt.url", reason))?;
+        // Replicas sharing one configuration need distinct client ids (the broker disconnects the older of two
+        // sessions with the same id): `{hostname}` and `{pid}` are expanded.
+        let client_id_template = self.non_empty("mqtt.client_id", "delta-bridge-{hostname}-{pid}")?;
+        let client_id = expand_client_id(&client_id_template);
+        if client_id.contains(['+', '#', '/']) || client_id.len() > 128 {
+            return Err(ConfigError::invalid(
+                "mqtt.client_id",
+                "must be at most 128 characters without '/', '+' or '#'",
+            ));
+        }
+        let keep_alive = self.duration("mqtt.keep_alive", "5s")?;
+        if keep_alive < Duration::from_secs(5) {
+            // rumqttc refuses (panics on) shorter intervals.
+            return Err(ConfigError::invalid("mqtt.keep_alive", "must be at least 5s"));
+        }
+        let mqtt = MqttConfig {
+            url: mqtt_url,
+            client_id,
+            client_id_template,
+            username: self.string("mqtt.username")?,
+            password: self.secret("mqtt.password")?,
+            ca_file: self.string("mqtt.ca_file")?.map(PathBuf::from),
+            keep_alive,
+            max_inflight: self.integer("mqtt.max_inflight", 100, 1, 65535)? as u16,
+        };
+
+        let listen_text = self.non_empty("http.listen", "0.0.0.0:8080")?;
+        let listen = listen_text.parse().map_err(|_| {
+            ConfigError::invalid(
+                "http.listen",
+                format!("{listen_text:?} is not an address such as 0.0.0.0:8080"),
+            )
+        })?;
+        let admin_token = self.secret("http.admin_token")?;
+        if let Some(t) = &admin_token {
+            if t.expose().len() < 16 {
+                return Err(ConfigError::invalid(
+                    "http.admin_token",
+                    "must be at least 16 characters",
+                ));
+            }
+        }
+        let http = HttpConfig { listen, admin_token };
+
+        let credentials = CredentialsConfig {
+            signing_key_file: self.string("credentials.signing_key_file")?.map(PathBuf::from),
+            ttl: self.duration("credentials.ttl", "24h")?,
+            min_ttl: self.duration("credentials.min_ttl", "60s")?,
+            max_ttl: self.duration("credentials.max_ttl", "30d")?,
+            audience: self.non_empty("credentials.audience", "mqtt")?,
+            issuer: self.non_empty("credentials.issuer", "delta-bridge")?,
+        };
+        if credentials.min_ttl > credentials.max_ttl {
+            return Err(ConfigError::invalid(
+                "credentials.min_ttl",
+                "must not exceed credentials.max_ttl",
+            ));
+        }
+        if credentials.ttl < credentials.min_ttl || credentials.ttl > credentials.max_ttl {
+            return Err(ConfigError::invalid(
+                "credentials.ttl",
+                "must lie within [min_ttl, max_ttl]",
+            ));
+        }
+
+        let kind = match self.string_or("broker.kind", "none")?.as_str() {
+            "mosquitto" => BrokerKind::Mosquitto,
+            "emqx" => BrokerKind::Emqx,
+            "none" => BrokerKind::None,
+            other => {
+                return Err(ConfigError::invalid(
+                    "broker.kind",
+                    format!("{other:?} is not one of \"mosquitto\", \"emqx\", \"none\""),
+                ))
+            }
+        };
+        let broker = BrokerConfig {
+            kind,
+            admin_username: self.string("broker.admin_username")?,
+            admin_password: self.secret("broker.admin_password")?,
+            api_url: self.string("broker.api_url")?,
+            api_key: self.string("broker.api_key")?,
+            api_secret: self.secret("broker.api_secret")?,
+        };
+        match kind {
+            BrokerKind::Mosquitto if broker.admin_username.is_none() || broker.admin_password.is_none() => {
+                return Err(ConfigError::invalid(
+                    "broker.admin_username",
+                    "broker.kind = \"mosquitto\" needs admin_username and admin_password (dynamic-security admin)",
+                ))
+            }
+            BrokerKind::Emqx if broker.api_url.is_none() || broker.api_key.is_none() || broker.api_secret.is_none() => {
+                return Err(ConfigError::invalid(
+                    "broker.api_url",
+                    "broker.kind = \"emqx\" needs api_url, api_key and api_secret (REST API v5)",
+                ))
+            }
+            _ => {}
+        }
+
+        let bridge = BridgeConfig {
+            batch_size: self.integer("bridge.batch_size", 500, 1, 100_000)? as u32,
+            max_pending: self.integer("bridge.max_pending", 10_000, 1, 10_000_000)? as usize,
+            poll_interval: self.duration("bridge.poll_interval", "500ms")?,
+        };
+        if bridge.poll_interval.is_zero() {
+            return Err(ConfigError::invalid("bridge.poll_interval", "must be greater than 0"));
+        }
+
+        let load = LoadConfig {
+            username: self.string("load.username")?,
+            password: self.secret("load.password")?,
+        };
+
+        let format = match self.string_or("log.format", "auto")?.as_str() {
+            "auto" => LogFormat::Auto,
+            "json" => LogFormat::Json,
+            "text" => LogFormat::Text,
+            other => {
+                return Err(ConfigError::invalid(
+                    "log.format",
+                    format!("{other:?} is not one of \"auto\", \"json\", \"text\""),
+                ))
+            }
+        };
+        let log = LogConfig {
+            format,
+            level: self.non_empty("log.level", "info")?,
+        };
+
+        Ok(Config {
+            env,
+            postgres,
+            mqtt,
+            http,
+            credentials,
+            broker,
+            bridge,
+            load,
+            log,
+        })
+    }
+}
+
+fn expand_client_id(template: &str) -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| "local".to_string());
+    template
+        .replace("{hostname}", &host)
+        .replace("{pid}", &std::process::id().to_string())
+}
