@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -131,6 +132,8 @@ pub struct Report {
     pub phantom: u64,
     /// Rows where the device model (drop stale seq) disagrees with the database at the end (must be 0).
     pub device_mismatches: u64,
+    /// Payloads received that do not match their event type's schema in docs/schemas (must be 0).
+    pub schema_violations: u64,
     pub ops_committed: u64,
     pub ops_failed: u64,
     pub ops_unknown: u64,
@@ -170,8 +173,8 @@ impl Report {
             ));
         }
         out.push_str(&format!(
-            "phantom events: {}   device/database mismatches: {}\n",
-            self.phantom, self.device_mismatches
+            "phantom events: {}   device/database mismatches: {}   payloads not matching their schema: {}\n",
+            self.phantom, self.device_mismatches, self.schema_violations
         ));
         out
     }
@@ -314,9 +317,17 @@ pub async fn run(target: &Target, opts: &LoadOptions, cancel: CancellationToken)
     let got: Arc<Mutex<Vec<Got>>> = Arc::new(Mutex::new(Vec::new()));
     let filter = format!("{}/#", target.env);
     let sink = got.clone();
+    let violations = Arc::new(AtomicU64::new(0));
+    let invalid = violations.clone();
     let subscription = subscriber::subscribe(mopts, &filter, Duration::from_secs(20), move |p| {
         let at = Instant::now();
-        if let Ok(v) = serde_json::from_slice::<Value>(&p.payload) {
+        let parsed = serde_json::from_slice::<Value>(&p.payload).map_err(|e| format!("not JSON: {e}"));
+        if let Err(why) = parsed.as_ref().map_err(Clone::clone).and_then(crate::schemas::validate) {
+            if invalid.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(topic = %String::from_utf8_lossy(&p.topic), %why, "payload does not match its schema");
+            }
+        }
+        if let Ok(v) = parsed {
             if let Some(g) = classify(run_id, v, at) {
                 if let Ok(mut sink) = sink.lock() {
                     sink.push(g);
@@ -398,7 +409,9 @@ pub async fn run(target: &Target, opts: &LoadOptions, cancel: CancellationToken)
     drop(setup); // the database may have restarted meanwhile: compare on a fresh session
     let check = (target.postgres)().await?;
     let device_mismatches = Device::apply_all(&got).compare(&check).await?;
-    Ok(account(opts.rate, written_for, &ledger, &got, device_mismatches))
+    let mut report = account(opts.rate, written_for, &ledger, &got, device_mismatches);
+    report.schema_violations = violations.load(Ordering::Relaxed);
+    Ok(report)
 }
 
 fn classify(run: u32, v: Value, at: Instant) -> Option<Got> {

@@ -1,6 +1,7 @@
 //! `delta-load`: the load harness (see the README, "Load harness"). Writes a realistic retail mix at a fixed open-loop rate,
 //! subscribes like a device, and reports per stream: written, received, lost, duplicated, out of order,
-//! commit-to-receive latency. Exit codes: 0 no loss, 1 loss (or phantom events), 2 bad usage or config.
+//! commit-to-receive latency. Exit codes: 0 no loss, 1 loss (or phantom events, or payloads that do not match
+//! their schema), 2 bad usage or config.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -117,8 +118,13 @@ fn main() -> ExitCode {
             }
         }
     }
-    if report.lost() > 0 || report.phantom > 0 {
-        eprintln!("delta-load: {} events lost, {} phantom", report.lost(), report.phantom);
+    if report.lost() > 0 || report.phantom > 0 || report.schema_violations > 0 {
+        eprintln!(
+            "delta-load: {} events lost, {} phantom, {} not matching their schema",
+            report.lost(),
+            report.phantom,
+            report.schema_violations
+        );
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS

@@ -192,6 +192,7 @@ pub async fn wait_ready_at(http: &str, limit: Duration) {
 pub fn assert_nothing_lost_or_invented(report: &Report) {
     assert_eq!(report.lost(), 0, "every committed change arrives");
     assert_eq!(report.phantom, 0, "nothing that was not committed arrives");
+    assert_eq!(report.schema_violations, 0, "every payload matches its schema in docs/schemas");
     assert_eq!(
         report.device_mismatches, 0,
         "a device dropping stale seq ends with the database's values"
@@ -290,6 +291,8 @@ pub struct Received {
 /// restart (persistence on) does not lose what was queued for it.
 pub struct Subscriber {
     pub messages: Arc<Mutex<Vec<Received>>>,
+    /// Payloads that did not match their schema in docs/schemas: every read of the messages asserts none.
+    invalid: Arc<Mutex<Vec<String>>>,
     subscription: Subscription,
 }
 
@@ -306,11 +309,15 @@ impl Subscriber {
         opts.set_session_expiry_interval(Some(3600));
         opts.set_max_packet_size(Some(64 * 1024 * 1024));
         let messages = Arc::new(Mutex::new(Vec::new()));
-        let sink = messages.clone();
+        let invalid = Arc::new(Mutex::new(Vec::new()));
+        let (sink, bad) = (messages.clone(), invalid.clone());
         let subscription = subscriber::subscribe(opts, filter, Duration::from_secs(15), move |p| {
             let props = p.properties.clone().unwrap_or_default();
             let raw = p.payload.to_vec();
             let payload = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+            if let Err(why) = delta_harness::schemas::validate(&payload) {
+                bad.lock().expect("lock").push(why);
+            }
             sink.lock().expect("lock").push(Received {
                 topic: String::from_utf8_lossy(&p.topic).into_owned(),
                 payload,
@@ -322,10 +329,16 @@ impl Subscriber {
         })
         .await
         .expect("subscribed (SUBACK granted in time)");
-        Subscriber { messages, subscription }
+        Subscriber {
+            messages,
+            invalid,
+            subscription,
+        }
     }
 
     pub fn snapshot(&self) -> Vec<Received> {
+        let invalid = self.invalid.lock().expect("lock").clone();
+        assert!(invalid.is_empty(), "payloads not matching docs/schemas: {invalid:#?}");
         self.messages.lock().expect("lock").clone()
     }
 
