@@ -40,14 +40,14 @@ pub(crate) enum Outcome {
 
 /// The publishing side of the bridge: runs until cancelled, then drains (waits up to `drain` for PUBACKs of
 /// what is in flight; the rest stays unacknowledged in the outbox and is sent again by the next leader).
-pub struct Publisher {
-    pub cfg: MqttConfig,
-    pub metrics: Arc<Metrics>,
-    pub connected: Arc<AtomicBool>,
-    pub drain: Duration,
+pub(crate) struct Publisher {
+    cfg: MqttConfig,
+    metrics: Arc<Metrics>,
+    connected: Arc<AtomicBool>,
+    drain: Duration,
     /// The most events the pipeline hands over unacknowledged (its `max_pending`): sizes the request
     /// channel so that queuing a publish never fails while the broker is slow.
-    pub max_pending: usize,
+    max_pending: usize,
     /// Transient refusals so far, per seq (kept across reconnects).
     attempts: std::sync::Mutex<HashMap<i64, u32>>,
 }
@@ -72,7 +72,7 @@ fn retry_delay(attempt: u32) -> Duration {
 }
 
 impl Publisher {
-    pub fn new(
+    pub(crate) fn new(
         cfg: MqttConfig,
         metrics: Arc<Metrics>,
         connected: Arc<AtomicBool>,
@@ -89,7 +89,7 @@ impl Publisher {
         }
     }
 
-    pub async fn run(
+    pub(crate) async fn run(
         self,
         mut events: mpsc::Receiver<Event>,
         outcomes: mpsc::UnboundedSender<Outcome>,
