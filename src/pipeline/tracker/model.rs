@@ -118,8 +118,11 @@ impl World {
         if from_cursor_read && self.first_read.is_none() {
             self.first_read = read.first().copied();
         }
-        for id in self.t.observe(read.iter().copied(), from_cursor_read, self.now) {
-            assert!(read.contains(&id), "dispatched {id}, which the read did not return");
+        let dispatched = self.t.observe(read.iter().copied(), from_cursor_read, self.now);
+        // The pipeline pairs them with the rows it read by walking both in order.
+        let in_read_order: Vec<i64> = read.iter().copied().filter(|id| dispatched.contains(id)).collect();
+        assert_eq!(dispatched, in_read_order, "not a subsequence of the read");
+        for id in dispatched {
             assert!(
                 self.committed.contains(&id),
                 "(b) dispatched {id}, which never committed"
