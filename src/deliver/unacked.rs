@@ -63,8 +63,8 @@ pub(crate) struct Unacked<E> {
     attempts: HashMap<i64, u32>,
     /// Requests queued to the client whose publish has not gone out yet, in the order they were queued.
     pending_out: VecDeque<i64>,
-    /// Gone out, by packet id. A FIFO per packet id: the client can reuse an id for the next publish before
-    /// we have seen the PUBACK that freed it.
+    /// Gone out, by packet id. A FIFO per packet id, so that the pairing would hold even if an id's next use
+    /// reached us before the PUBACK that freed it.
     inflight: HashMap<u16, VecDeque<i64>>,
     /// Refused for now, to be sent again at the given time.
     retry_at: Vec<(Instant, i64)>,
