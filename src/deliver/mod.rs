@@ -5,16 +5,18 @@
 //! was in flight (clean start). So this module keeps every event until its PUBACK, pairs PUBACKs with events
 //! itself (outgoing publishes are paired FIFO with our requests, then by packet id), and after any fault
 //! throws the client away, reconnects with backoff and republishes everything unacknowledged, in seq order.
-//! It never decides that an event is done without a PUBACK; it never touches the database.
+//! It never decides that an event is done without a PUBACK; it never touches the database. The record
+//! itself, and the pairing, is the pure `unacked` table; this module drives the client and the clock.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+mod unacked;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, Packet, PubAckReason, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop};
+use rumqttc::v5::{AsyncClient, ClientError, ConnectionError, Event as MqttEvent, EventLoop};
 use rumqttc::Outgoing;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +26,8 @@ use crate::config::MqttConfig;
 use crate::convert::Event;
 use crate::metrics::{FailureReason, Metrics};
 use crate::mqtt::mqtt_options;
+
+use unacked::{AckClass, Sequenced, Unacked, Verdict};
 
 /// What became of one event.
 #[derive(Debug)]
@@ -40,39 +44,40 @@ pub(crate) enum Outcome {
 
 /// The publishing side of the bridge: runs until cancelled, then drains (waits up to `drain` for PUBACKs of
 /// what is in flight; the rest stays unacknowledged in the outbox and is sent again by the next leader).
-pub struct Publisher {
-    pub cfg: MqttConfig,
-    pub metrics: Arc<Metrics>,
-    pub connected: Arc<AtomicBool>,
-    pub drain: Duration,
+pub(crate) struct Publisher {
+    cfg: MqttConfig,
+    metrics: Arc<Metrics>,
+    connected: Arc<AtomicBool>,
+    drain: Duration,
     /// The most events the pipeline hands over unacknowledged (its `max_pending`): sizes the request
     /// channel so that queuing a publish never fails while the broker is slow.
-    pub max_pending: usize,
-    /// Transient refusals so far, per seq (kept across reconnects).
-    attempts: std::sync::Mutex<HashMap<i64, u32>>,
+    max_pending: usize,
 }
 
-/// A refusal the broker may not repeat (overload, quota, an internal error) is retried this many times, with
-/// backoff, before the event is dead-lettered; refusals that will not change (not authorised, invalid topic
-/// or payload) are dead-lettered at once.
-const TRANSIENT_ATTEMPTS: u32 = 8;
+impl Sequenced for Event {
+    fn seq(&self) -> i64 {
+        self.seq
+    }
+}
 
-fn transient(reason: &PubAckReason) -> bool {
-    matches!(
-        reason,
+/// A refusal the broker may not repeat (overload, quota, an internal error) is retried with backoff before
+/// the event is dead-lettered; refusals that will not change (not authorised, invalid topic or payload) are
+/// dead-lettered at once.
+fn ack_class(reason: &PubAckReason) -> AckClass {
+    match reason {
+        PubAckReason::Success | PubAckReason::NoMatchingSubscribers => AckClass::Success,
         PubAckReason::UnspecifiedError
-            | PubAckReason::ImplementationSpecificError
-            | PubAckReason::QuotaExceeded
-            | PubAckReason::PacketIdentifierInUse
-    )
-}
-
-fn retry_delay(attempt: u32) -> Duration {
-    Duration::from_secs(1u64 << attempt.min(6)).min(Duration::from_secs(60))
+        | PubAckReason::ImplementationSpecificError
+        | PubAckReason::QuotaExceeded
+        | PubAckReason::PacketIdentifierInUse => AckClass::Transient,
+        PubAckReason::NotAuthorized | PubAckReason::TopicNameInvalid | PubAckReason::PayloadFormatInvalid => {
+            AckClass::Permanent
+        }
+    }
 }
 
 impl Publisher {
-    pub fn new(
+    pub(crate) fn new(
         cfg: MqttConfig,
         metrics: Arc<Metrics>,
         connected: Arc<AtomicBool>,
@@ -85,18 +90,16 @@ impl Publisher {
             connected,
             drain,
             max_pending,
-            attempts: Default::default(),
         }
     }
 
-    pub async fn run(
+    pub(crate) async fn run(
         self,
         mut events: mpsc::Receiver<Event>,
         outcomes: mpsc::UnboundedSender<Outcome>,
         cancel: CancellationToken,
     ) {
-        // BTreeMap: republished in seq order after a reconnect, so one row's events keep their order.
-        let mut unacked: BTreeMap<i64, Event> = BTreeMap::new();
+        let mut unacked = Unacked::new();
         let mut backoff = Backoff::new();
         let mut draining = false;
         loop {
@@ -148,7 +151,7 @@ impl Publisher {
 
     async fn session(
         &self,
-        unacked: &mut BTreeMap<i64, Event>,
+        unacked: &mut Unacked<Event>,
         events: &mut mpsc::Receiver<Event>,
         outcomes: &mpsc::UnboundedSender<Outcome>,
         cancel: &CancellationToken,
@@ -159,7 +162,7 @@ impl Publisher {
         let password = self.cfg.password.as_ref().map(|s| s.expose());
         let mut opts = match mqtt_options(&self.cfg, &self.cfg.client_id, username, password) {
             Ok(o) => o,
-            Err(e) => return SessionEnd::Failed(e),
+            Err(e) => return SessionEnd::Failed(SessionError::Options(e)),
         };
         opts.set_outgoing_inflight_upper_limit(self.cfg.max_inflight);
         // Our own bound (the bridge's max_pending) keeps the request channel from filling; a margin for
@@ -178,8 +181,8 @@ impl Publisher {
                         break ack.properties.and_then(|p| p.max_packet_size);
                     }
                     Some(Ok(_)) => {}
-                    Some(Err(e)) => return SessionEnd::Failed(e),
-                    None => return SessionEnd::Failed("event loop ended".into()),
+                    Some(Err(e)) => return SessionEnd::Failed(e.into()),
+                    None => return SessionEnd::Failed(SessionError::LoopEnded),
                 },
                 _ = cancel.cancelled(), if !*draining => {
                     if unacked.is_empty() { return SessionEnd::Done; }
@@ -191,17 +194,11 @@ impl Publisher {
         backoff.reset();
         tracing::info!(url = %crate::config::redact_url(&self.cfg.url), unacked = unacked.len(), "mqtt connected");
 
-        let mut pending_out: VecDeque<i64> = VecDeque::new();
-        let mut inflight: HashMap<u16, VecDeque<i64>> = HashMap::new();
-        // Events refused for now, to be sent again at the given time.
-        let mut retry_at: Vec<(tokio::time::Instant, i64)> = Vec::new();
-        let seqs: Vec<i64> = unacked.keys().copied().collect();
-        for seq in seqs {
-            if let Some(ev) = unacked.get(&seq) {
+        for seq in unacked.reconnect() {
+            if let Some(ev) = unacked.get(seq) {
                 if let Err(e) = send(&client, ev) {
-                    return SessionEnd::Failed(e);
+                    return SessionEnd::Failed(e.into());
                 }
-                pending_out.push_back(seq);
             }
         }
         let drain_deadline = tokio::time::sleep(self.drain);
@@ -215,72 +212,51 @@ impl Publisher {
                 let _ = client.try_disconnect();
                 return SessionEnd::Done;
             }
-            let next_retry = retry_at
-                .iter()
-                .map(|(t, _)| *t)
-                .min()
-                .unwrap_or_else(tokio::time::Instant::now);
+            let next_retry = unacked.next_retry();
             tokio::select! {
                 biased;
                 ev = loop_rx.recv() => match ev {
-                    Some(Ok(MqttEvent::Outgoing(Outgoing::Publish(pkid)))) => {
-                        if let Some(seq) = pending_out.pop_front() {
-                            inflight.entry(pkid).or_default().push_back(seq);
-                        }
-                    }
+                    Some(Ok(MqttEvent::Outgoing(Outgoing::Publish(pkid)))) => unacked.on_outgoing(pkid),
                     Some(Ok(MqttEvent::Incoming(Packet::PubAck(ack)))) => {
-                        let seq = inflight.get_mut(&ack.pkid).and_then(VecDeque::pop_front);
-                        let refused_for_now = transient(&ack.reason);
-                        if let Some(s) = seq.filter(|s| refused_for_now && unacked.contains_key(s)) {
-                            let n = self.attempts.lock().map(|mut a| { let n = a.entry(s).or_insert(0); *n += 1; *n }).unwrap_or(TRANSIENT_ATTEMPTS);
-                            if n < TRANSIENT_ATTEMPTS {
+                        let now = tokio::time::Instant::now().into_std();
+                        let outcome = match unacked.on_puback(ack.pkid, ack_class(&ack.reason), now) {
+                            None => continue,
+                            Some(Verdict::RetryLater { seq, attempt, .. }) => {
                                 self.metrics.failure(FailureReason::Retried);
-                                tracing::warn!(seq = s, reason = ?ack.reason, attempt = n, "broker refused a publish for now; retrying");
-                                retry_at.push((tokio::time::Instant::now() + retry_delay(n), s));
+                                tracing::warn!(seq, reason = ?ack.reason, attempt, "broker refused a publish for now; retrying");
                                 continue;
                             }
-                        }
-                        if let Some(event) = seq.and_then(|s| unacked.remove(&s)) {
-                            if let Ok(mut a) = self.attempts.lock() {
-                                a.remove(&event.seq);
+                            Some(Verdict::Acked(event)) => Outcome::Acked(event),
+                            Some(Verdict::Refused(event)) => {
+                                let detail = match ack.properties.and_then(|p| p.reason_string) {
+                                    Some(s) => format!("broker refused the publish: {:?} ({s})", ack.reason),
+                                    None => format!("broker refused the publish: {:?}", ack.reason),
+                                };
+                                Outcome::Rejected { event, reason: FailureReason::Rejected, detail }
                             }
-                            let outcome = match ack.reason {
-                                PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Outcome::Acked(event),
-                                other => {
-                                    let detail = match ack.properties.and_then(|p| p.reason_string) {
-                                        Some(s) => format!("broker refused the publish: {other:?} ({s})"),
-                                        None => format!("broker refused the publish: {other:?}"),
-                                    };
-                                    Outcome::Rejected { event, reason: FailureReason::Rejected, detail }
-                                }
-                            };
-                            if outcomes.send(outcome).is_err() {
-                                return SessionEnd::Done;
-                            }
+                        };
+                        if outcomes.send(outcome).is_err() {
+                            return SessionEnd::Done;
                         }
                     }
                     Some(Ok(MqttEvent::Incoming(Packet::Disconnect(d)))) => {
-                        return SessionEnd::Failed(format!("broker disconnected us: {:?}", d.reason_code));
+                        return SessionEnd::Failed(SessionError::Disconnected(d.reason_code));
                     }
                     Some(Ok(_)) => {}
-                    Some(Err(e)) => return SessionEnd::Failed(e),
-                    None => return SessionEnd::Failed("event loop ended".into()),
+                    Some(Err(e)) => return SessionEnd::Failed(e.into()),
+                    None => return SessionEnd::Failed(SessionError::LoopEnded),
                 },
                 _ = cancel.cancelled(), if !*draining => {
                     *draining = true;
                     drain_armed = true;
                     drain_deadline.as_mut().reset(tokio::time::Instant::now() + self.drain);
                 }
-                _ = tokio::time::sleep_until(next_retry), if !retry_at.is_empty() => {
-                    let now = tokio::time::Instant::now();
-                    let (due, later): (Vec<_>, Vec<_>) = retry_at.drain(..).partition(|(t, _)| *t <= now);
-                    retry_at = later;
-                    for (_, s) in due {
-                        if let Some(ev) = unacked.get(&s) {
+                _ = tokio::time::sleep_until(next_retry.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std)), if next_retry.is_some() => {
+                    for seq in unacked.due_retries(tokio::time::Instant::now().into_std()) {
+                        if let Some(ev) = unacked.get(seq) {
                             if let Err(e) = send(&client, ev) {
-                                return SessionEnd::Failed(e);
+                                return SessionEnd::Failed(e.into());
                             }
-                            pending_out.push_back(s);
                         }
                     }
                 }
@@ -290,7 +266,7 @@ impl Publisher {
                 }
                 ev = events.recv(), if !*draining => match ev {
                     Some(event) => {
-                        if unacked.contains_key(&event.seq) {
+                        if unacked.contains(event.seq) {
                             continue; // re-read by a new leader session while still in flight here
                         }
                         if let Some(max) = max_packet {
@@ -305,19 +281,22 @@ impl Publisher {
                                 continue;
                             }
                         }
-                        if let Err(e) = send(&client, &event) {
-                            let detail = e.clone();
-                            if e.starts_with("invalid topic") {
+                        match send(&client, &event) {
+                            Ok(()) => {}
+                            Err(e @ SendError::InvalidTopic(_)) => {
+                                let detail = e.to_string();
                                 if outcomes.send(Outcome::Rejected { event, reason: FailureReason::Rejected, detail }).is_err() {
                                     return SessionEnd::Done;
                                 }
                                 continue;
                             }
-                            unacked.insert(event.seq, event);
-                            return SessionEnd::Failed(detail);
+                            Err(e @ SendError::Queue(_)) => {
+                                // Not sent: kept, and sent after the reconnect like everything unacknowledged.
+                                let _ = unacked.submit(event);
+                                return SessionEnd::Failed(e.into());
+                            }
                         }
-                        pending_out.push_back(event.seq);
-                        unacked.insert(event.seq, event);
+                        let _ = unacked.submit(event); // not a duplicate: checked above
                     }
                     None => { *draining = true; drain_armed = true; drain_deadline.as_mut().reset(tokio::time::Instant::now() + self.drain); }
                 },
@@ -328,10 +307,35 @@ impl Publisher {
 
 enum SessionEnd {
     Done,
-    Failed(String),
+    Failed(SessionError),
 }
 
-fn send(client: &AsyncClient, ev: &Event) -> Result<(), String> {
+/// Why a connection was given up (and everything unacknowledged will be sent again on the next).
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Options(String),
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
+    #[error("event loop ended")]
+    LoopEnded,
+    #[error("broker disconnected us: {0:?}")]
+    Disconnected(DisconnectReasonCode),
+    #[error(transparent)]
+    Send(#[from] SendError),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    /// The broker would refuse it for good: the event is refused, the connection kept.
+    #[error("invalid topic {0:?}")]
+    InvalidTopic(String),
+    /// The request channel is closed or full: the connection is given up.
+    #[error("cannot queue publish: {0}")]
+    Queue(Box<ClientError>),
+}
+
+fn send(client: &AsyncClient, ev: &Event) -> Result<(), SendError> {
     let props = PublishProperties {
         payload_format_indicator: Some(1),
         content_type: Some("application/json".to_string()),
@@ -341,10 +345,8 @@ fn send(client: &AsyncClient, ev: &Event) -> Result<(), String> {
     client
         .try_publish_with_properties(ev.topic.clone(), QoS::AtLeastOnce, false, ev.payload.clone(), props)
         .map_err(|e| match e {
-            rumqttc::v5::ClientError::TryRequest(_) if !valid_topic(&ev.topic) => {
-                format!("invalid topic {:?}", ev.topic)
-            }
-            other => format!("cannot queue publish: {other}"),
+            ClientError::TryRequest(_) if !valid_topic(&ev.topic) => SendError::InvalidTopic(ev.topic.clone()),
+            other => SendError::Queue(Box::new(other)),
         })
 }
 
@@ -354,7 +356,7 @@ fn valid_topic(t: &str) -> bool {
 
 /// Drives the rumqttc event loop in its own task: `EventLoop::poll` must not be dropped mid-way, so it is
 /// never raced in a `select!`; events reach the publisher through a channel instead.
-async fn drive(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Result<MqttEvent, String>>) {
+async fn drive(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Result<MqttEvent, ConnectionError>>) {
     loop {
         match eventloop.poll().await {
             Ok(ev) => {
@@ -363,7 +365,7 @@ async fn drive(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Result<MqttEv
                 }
             }
             Err(e) => {
-                let _ = tx.send(Err(e.to_string()));
+                let _ = tx.send(Err(e));
                 return;
             }
         }
@@ -383,16 +385,24 @@ mod tests {
 
     #[test]
     fn only_refusals_that_can_change_are_retried() {
-        assert!(transient(&PubAckReason::QuotaExceeded));
-        assert!(transient(&PubAckReason::UnspecifiedError));
-        assert!(transient(&PubAckReason::ImplementationSpecificError));
-        assert!(!transient(&PubAckReason::NotAuthorized));
-        assert!(!transient(&PubAckReason::TopicNameInvalid));
-        assert!(!transient(&PubAckReason::PayloadFormatInvalid));
-        let total: Duration = (1..TRANSIENT_ATTEMPTS).map(retry_delay).sum();
-        assert!(
-            total >= Duration::from_secs(60) && total <= Duration::from_secs(300),
-            "{total:?}"
+        assert_eq!(ack_class(&PubAckReason::Success), AckClass::Success);
+        assert_eq!(ack_class(&PubAckReason::NoMatchingSubscribers), AckClass::Success);
+        assert_eq!(ack_class(&PubAckReason::QuotaExceeded), AckClass::Transient);
+        assert_eq!(ack_class(&PubAckReason::UnspecifiedError), AckClass::Transient);
+        assert_eq!(
+            ack_class(&PubAckReason::ImplementationSpecificError),
+            AckClass::Transient
         );
+        assert_eq!(ack_class(&PubAckReason::NotAuthorized), AckClass::Permanent);
+        assert_eq!(ack_class(&PubAckReason::TopicNameInvalid), AckClass::Permanent);
+        assert_eq!(ack_class(&PubAckReason::PayloadFormatInvalid), AckClass::Permanent);
+    }
+
+    #[test]
+    fn only_a_topic_the_broker_would_refuse_is_invalid() {
+        assert!(valid_topic("dev/merchant/branch/delta"));
+        assert!(!valid_topic(""));
+        assert!(!valid_topic("dev/+/delta"));
+        assert!(!valid_topic("dev/#"));
     }
 }

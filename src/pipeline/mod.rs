@@ -4,11 +4,14 @@
 //!
 //! Why it cannot lose a committed change: a row leaves the outbox only after a PUBACK (or into dead_letter);
 //! a crash anywhere leaves it there for the next leader. Rows may commit out of id order (the id is taken a
-//! moment before commit), so besides the cursor the pipeline re-reads the ids it skipped ("gaps") and
-//! sweeps everything below the cursor now and then. It never blocks on a full publisher: converted events
-//! wait in `ready` while the session keeps serving acknowledgements and health checks.
+//! moment before commit), so besides the cursor the pipeline re-reads the ids it skipped ("gaps") and now
+//! and then sweeps every id at or below the cursor that is not outstanding; that bookkeeping is the pure
+//! `tracker`, tested against a model of out-of-order commits. It never blocks on a full publisher: converted
+//! events wait in `ready` while the session keeps serving acknowledgements and health checks.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+mod tracker;
+
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,13 +28,8 @@ use crate::health::Health;
 use crate::metrics::{FailureReason, Metrics};
 use crate::pg::{self, timed, PgError};
 
-/// How long a skipped id is re-read quickly (a concurrent writer about to commit), then slowly.
-const GAP_FAST: Duration = Duration::from_secs(2);
-const GAP_FAST_EVERY: Duration = Duration::from_millis(5);
-const GAP_SLOW_EVERY: Duration = Duration::from_secs(1);
-const GAP_FORGET: Duration = Duration::from_secs(60);
-/// At most this many ids are tracked per jump of the cursor; the sweep covers the rest.
-const GAP_MAX_JUMP: i64 = 1000;
+use tracker::{Tracker, GAP_FAST_EVERY};
+
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 const BACKLOG_EVERY: Duration = Duration::from_secs(2);
 /// Acknowledged rows are deleted in batches: at this size, or after this delay.
@@ -48,7 +46,7 @@ const STANDBY_POLL: Duration = Duration::from_millis(250);
 
 /// Runs the data path until `cancel`, reconnecting to PostgreSQL with backoff. Every replica runs this; the
 /// one that holds the leader lock publishes, the others stand by (connected, so that they are ready).
-pub async fn run(cfg: Arc<Config>, metrics: Arc<Metrics>, health: Arc<Health>, cancel: CancellationToken) {
+pub(crate) async fn run(cfg: Arc<Config>, metrics: Arc<Metrics>, health: Arc<Health>, cancel: CancellationToken) {
     let (event_tx, event_rx) = mpsc::channel(cfg.bridge.batch_size as usize * 2);
     let (outcome_tx, mut outcome_rx) = mpsc::unbounded_channel();
     let publisher = Publisher::new(
@@ -88,18 +86,12 @@ pub async fn run(cfg: Arc<Config>, metrics: Arc<Metrics>, health: Arc<Health>, c
 struct Pipeline {
     cfg: Arc<Config>,
     metrics: Arc<Metrics>,
-    /// Highest id read by `fetch_after`.
-    cursor: i64,
-    /// Ids read and not yet deleted or dead-lettered: never dispatched twice by this process.
-    outstanding: HashSet<i64>,
+    /// The cursor, the skipped ids, and the ids read and not yet deleted or dead-lettered.
+    tracker: Tracker,
     /// Converted, waiting for room in the publisher's channel.
     ready: VecDeque<Event>,
     to_delete: Vec<i64>,
     to_dead: Vec<(i64, FailureReason, String)>,
-    /// Skipped ids, with when they were first skipped.
-    gaps: BTreeMap<i64, Instant>,
-    last_gap_check: Instant,
-    last_young_check: Instant,
     /// Consecutive failures to take the wake lock (backoff).
     arm_failures: u32,
     last_sweep: Option<Instant>,
@@ -115,14 +107,10 @@ impl Pipeline {
         Pipeline {
             cfg,
             metrics,
-            cursor: 0,
-            outstanding: HashSet::new(),
+            tracker: Tracker::new(now),
             ready: VecDeque::new(),
             to_delete: Vec::new(),
             to_dead: Vec::new(),
-            gaps: BTreeMap::new(),
-            last_gap_check: now,
-            last_young_check: now,
             arm_failures: 0,
             last_sweep: None,
             last_backlog: now,
@@ -197,10 +185,10 @@ impl Pipeline {
             self.push_ready(events);
 
             let mut drained = true;
-            if self.ready.is_empty() && self.outstanding.len() < self.cfg.bridge.max_pending {
+            if self.ready.is_empty() && self.tracker.outstanding_len() < self.cfg.bridge.max_pending {
                 let t = Instant::now();
                 let rows = stmts
-                    .fetch_after(&s.client, self.cursor, i64::from(self.cfg.bridge.batch_size))
+                    .fetch_after(&s.client, self.tracker.cursor(), i64::from(self.cfg.bridge.batch_size))
                     .await?;
                 self.metrics.outbox_poll_seconds.observe(t.elapsed().as_secs_f64());
                 drained = rows.len() < self.cfg.bridge.batch_size as usize;
@@ -210,7 +198,7 @@ impl Pipeline {
                 self.take(rows, true, &install_id);
                 self.push_ready(events);
             }
-            if let Some(ids) = self.gaps_due() {
+            if let Some(ids) = self.tracker.gaps_due(Instant::now()) {
                 let rows = stmts.fetch_ids(&s.client, &ids).await?;
                 self.take(rows, false, &install_id);
                 self.push_ready(events);
@@ -238,11 +226,11 @@ impl Pipeline {
 
             // Idle (or waiting for the publisher): ask writers to wake us, then look once more, because a
             // writer that committed just before we took the lock did not notify.
-            let tried = if self.ready.is_empty() && self.outstanding.len() < self.cfg.bridge.max_pending {
-                let gap_ids = self.young_gaps();
+            let tried = if self.ready.is_empty() && self.tracker.outstanding_len() < self.cfg.bridge.max_pending {
+                let gap_ids = self.tracker.young_gaps(Instant::now());
                 let (armed, rows, late) = tokio::try_join!(
                     stmts.try_lock(&s.client, WAKE_LOCK),
-                    stmts.fetch_after(&s.client, self.cursor, i64::from(self.cfg.bridge.batch_size)),
+                    stmts.fetch_after(&s.client, self.tracker.cursor(), i64::from(self.cfg.bridge.batch_size)),
                     stmts.fetch_ids(&s.client, &gap_ids),
                 )?;
                 let found = !rows.is_empty() || !late.is_empty();
@@ -275,7 +263,7 @@ impl Pipeline {
                 // A writer holds the shared wake lock: usually it is committing right now, but a prepared or
                 // long-open transaction can hold it for long, so back off (1 ms doubling to 64 ms).
                 Duration::from_millis(1 << self.arm_failures.min(7).saturating_sub(1))
-            } else if self.gaps.values().any(|t| t.elapsed() < GAP_FAST) {
+            } else if self.tracker.has_young_gaps(Instant::now()) {
                 GAP_FAST_EVERY
             } else {
                 self.cfg.bridge.poll_interval
@@ -308,25 +296,20 @@ impl Pipeline {
         }
     }
 
-    /// Converts fetched rows and queues their events. `advance`: rows came from the cursor read.
+    /// Converts the fetched rows not already outstanding and queues their events. `advance`: rows came
+    /// from the cursor read.
     fn take(&mut self, rows: Vec<Captured>, advance: bool, install_id: &str) {
+        let mut dispatch = self
+            .tracker
+            .observe(rows.iter().map(|r| r.id), advance, Instant::now())
+            .into_iter()
+            .peekable();
         for row in rows {
-            let id = row.id;
-            if advance && id > self.cursor {
-                // Ids between the cursor and this row were skipped: a writer may still be committing them.
-                if self.cursor > 0 {
-                    let from = (self.cursor + 1).max(id - GAP_MAX_JUMP);
-                    let now = Instant::now();
-                    for gap in from..id {
-                        self.gaps.entry(gap).or_insert(now);
-                    }
-                }
-                self.cursor = id;
-            }
-            self.gaps.remove(&id);
-            if !self.outstanding.insert(id) {
+            // `dispatch` is a subsequence of the rows' ids, in their order.
+            if dispatch.next_if_eq(&row.id).is_none() {
                 continue;
             }
+            let id = row.id;
             match convert::convert(&row, &self.cfg.env, install_id) {
                 Ok(Some(event)) => {
                     if let Some(w) = &event.warning {
@@ -342,35 +325,6 @@ impl Pipeline {
                 }
             }
         }
-        let now = Instant::now();
-        self.gaps.retain(|_, t| now.duration_since(*t) < GAP_FORGET);
-    }
-
-    /// Skipped ids young enough that a writer is probably committing them right now.
-    fn young_gaps(&self) -> Vec<i64> {
-        self.gaps
-            .iter()
-            .filter(|(_, t)| t.elapsed() < GAP_FAST)
-            .map(|(id, _)| *id)
-            .collect()
-    }
-
-    /// The gaps to re-read now, if any: the young ones every few milliseconds, all of them every second.
-    fn gaps_due(&mut self) -> Option<Vec<i64>> {
-        if self.gaps.is_empty() {
-            return None;
-        }
-        if self.last_gap_check.elapsed() >= GAP_SLOW_EVERY {
-            self.last_gap_check = Instant::now();
-            self.last_young_check = Instant::now();
-            return Some(self.gaps.keys().copied().collect());
-        }
-        if self.last_young_check.elapsed() >= GAP_FAST_EVERY {
-            let young = self.young_gaps();
-            self.last_young_check = Instant::now();
-            return (!young.is_empty()).then_some(young);
-        }
-        None
     }
 
     fn push_ready(&mut self, events: &mpsc::Sender<Event>) {
@@ -419,20 +373,20 @@ impl Pipeline {
         if due && !self.to_delete.is_empty() {
             stmts.delete(client, &self.to_delete).await?;
             for id in self.to_delete.drain(..) {
-                self.outstanding.remove(&id);
+                self.tracker.complete(id);
             }
             self.first_ack_pending = None;
         }
         while let Some((id, reason, detail)) = self.to_dead.first().cloned() {
             outbox::dead_letter(client, id, reason.as_str(), &detail).await?;
-            self.outstanding.remove(&id);
+            self.tracker.complete(id);
             self.to_dead.remove(0);
         }
         Ok(())
     }
 
-    /// Finds rows below the cursor that are neither in flight nor known gaps: late commits the gap tracking
-    /// gave up on, rows replayed from the dead letters, rows a previous leader left.
+    /// Re-reads every row at or below the cursor that is not outstanding, known gaps included: late commits
+    /// the gap tracking gave up on, rows replayed from the dead letters, rows a previous leader left.
     async fn sweep(
         &mut self,
         client: &tokio_postgres::Client,
@@ -442,12 +396,12 @@ impl Pipeline {
         let mut after = 0;
         let mut missing = Vec::new();
         loop {
-            let ids = outbox::ids_between(client, after, self.cursor, 10_000).await?;
+            let ids = outbox::ids_between(client, after, self.tracker.cursor(), 10_000).await?;
             let done = ids.len() < 10_000;
             if let Some(last) = ids.last() {
                 after = *last;
             }
-            missing.extend(ids.into_iter().filter(|id| !self.outstanding.contains(id)));
+            missing.extend(self.tracker.sweep_missing(&ids));
             if done || missing.len() >= self.cfg.bridge.batch_size as usize {
                 break;
             }
@@ -479,7 +433,7 @@ impl Pipeline {
             }
         }
         self.flush(client, stmts, true).await?;
-        tracing::info!(unacknowledged = self.outstanding.len(), "bridge stopped");
+        tracing::info!(unacknowledged = self.tracker.outstanding_len(), "bridge stopped");
         Ok(())
     }
 }
