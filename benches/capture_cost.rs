@@ -88,9 +88,9 @@ fn main() -> anyhow::Result<()> {
 
     println!("pgbench: single-row UPDATE of products.stock, 16 clients, durable commits, {duration:?} each\n");
     let mut rows: Vec<(String, f64)> = Vec::new();
-    rows.push(("none (no trigger)".into(), pgbench(&pg, &script, duration)?));
+    rows.push(("none (no trigger)".into(), pgbench(pg, &script, duration)?));
     pg.psql("mstore", NAIVE)?;
-    rows.push(("naive pg_notify trigger".into(), pgbench(&pg, &script, duration)?));
+    rows.push(("naive pg_notify trigger".into(), pgbench(pg, &script, duration)?));
     pg.psql("mstore", NAIVE_DROP)?;
     let status = bridge(&["migrate"])?.wait()?;
     anyhow::ensure!(status.success(), "migrate failed");
@@ -98,7 +98,7 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     rows.push((
         "delta-bridge capture, bridge running".into(),
-        pgbench(&pg, &script, duration)?,
+        pgbench(pg, &script, duration)?,
     ));
     let mut waited = 0;
     while backlog() != "0" && waited < 600 {
@@ -110,14 +110,14 @@ fn main() -> anyhow::Result<()> {
     let _ = running.wait();
     rows.push((
         "delta-bridge capture, bridge stopped".into(),
-        pgbench(&pg, &script, duration)?,
+        pgbench(pg, &script, duration)?,
     ));
     pg.psql("mstore", "TRUNCATE delta_bridge.outbox")?;
     pg.psql(
         "mstore",
         "DROP TRIGGER delta_bridge_capture_upd ON products; DROP TRIGGER delta_bridge_capture_ins ON products;",
     )?;
-    rows.push(("none again (drift check)".into(), pgbench(&pg, &script, duration)?));
+    rows.push(("none again (drift check)".into(), pgbench(pg, &script, duration)?));
 
     let base = (rows[0].1 + rows[rows.len() - 1].1) / 2.0;
     println!("{:<40} {:>10} {:>12}", "configuration", "tps", "vs none");

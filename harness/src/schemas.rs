@@ -8,11 +8,26 @@ use serde_json::Value;
 
 /// (event_type, schema text), exactly the files under docs/schemas.
 const SCHEMAS: [(&str, &str); 5] = [
-    ("stock_updated", include_str!("../../docs/schemas/stock_updated.schema.json")),
-    ("product_updated", include_str!("../../docs/schemas/product_updated.schema.json")),
-    ("quantity_updated", include_str!("../../docs/schemas/quantity_updated.schema.json")),
-    ("transaction_created", include_str!("../../docs/schemas/transaction_created.schema.json")),
-    ("transaction_updated", include_str!("../../docs/schemas/transaction_updated.schema.json")),
+    (
+        "stock_updated",
+        include_str!("../../docs/schemas/stock_updated.schema.json"),
+    ),
+    (
+        "product_updated",
+        include_str!("../../docs/schemas/product_updated.schema.json"),
+    ),
+    (
+        "quantity_updated",
+        include_str!("../../docs/schemas/quantity_updated.schema.json"),
+    ),
+    (
+        "transaction_created",
+        include_str!("../../docs/schemas/transaction_created.schema.json"),
+    ),
+    (
+        "transaction_updated",
+        include_str!("../../docs/schemas/transaction_updated.schema.json"),
+    ),
 ];
 
 fn validators() -> &'static Result<HashMap<&'static str, jsonschema::Validator>, String> {
@@ -32,7 +47,9 @@ fn validators() -> &'static Result<HashMap<&'static str, jsonschema::Validator>,
 /// Checks one received payload against the schema of its `event_type`: Err names the type and every
 /// violation. A payload whose type has no schema is an error too (the docs would not describe it).
 pub fn validate(payload: &Value) -> Result<(), String> {
-    let validators = validators().as_ref().map_err(|e| format!("schema does not compile: {e}"))?;
+    let validators = validators()
+        .as_ref()
+        .map_err(|e| format!("schema does not compile: {e}"))?;
     let t = payload["event_type"].as_str().unwrap_or("(no event_type)");
     let v = validators
         .get(t)

@@ -31,6 +31,9 @@ pub fn temp_dir(tag: &str) -> std::io::Result<PathBuf> {
     Ok(dir)
 }
 
+/// Starts a broker in the directory it is given.
+pub type StartBroker<'a> = Box<dyn FnOnce(&Path) -> Result<Mosquitto, LocalEnvError> + 'a>;
+
 /// How to start a stack.
 pub struct StackOptions<'a> {
     /// Names the directory.
@@ -40,7 +43,7 @@ pub struct StackOptions<'a> {
     /// SQL run after the reference schema (sample merchants, branches, products).
     pub seed: Option<&'a str>,
     /// Starts the broker in the directory it is given (default: [`Mosquitto::start`]).
-    pub mqtt: Option<Box<dyn FnOnce(&Path) -> Result<Mosquitto, LocalEnvError> + 'a>>,
+    pub mqtt: Option<StartBroker<'a>>,
     /// An existing directory to work in instead of a new temporary one; the stack then creates and removes
     /// only its own `pg/` and `mqtt/` inside it.
     pub dir: Option<PathBuf>,

@@ -192,7 +192,10 @@ pub async fn wait_ready_at(http: &str, limit: Duration) {
 pub fn assert_nothing_lost_or_invented(report: &Report) {
     assert_eq!(report.lost(), 0, "every committed change arrives");
     assert_eq!(report.phantom, 0, "nothing that was not committed arrives");
-    assert_eq!(report.schema_violations, 0, "every payload matches its schema in docs/schemas");
+    assert_eq!(
+        report.schema_violations, 0,
+        "every payload matches its schema in docs/schemas"
+    );
     assert_eq!(
         report.device_mismatches, 0,
         "a device dropping stale seq ends with the database's values"
