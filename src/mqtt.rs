@@ -2,11 +2,23 @@
 //! options from `[mqtt]`, and TLS with the configured CA or the system's roots. Decides nothing about what is
 //! published or when.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use rumqttc::v5::MqttOptions;
 
 use crate::config::{BrokerAddress, MqttConfig};
+
+/// Why client options could not be built; never worth retrying without a configuration change.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttSetupError {
+    #[error("mqtt.url: {0}")]
+    Address(String),
+    #[error("mqtt.ca_file {path}: {reason}")]
+    CaFile { path: PathBuf, reason: String },
+    #[error("TLS set-up failed: {0}")]
+    Tls(String),
+}
 
 /// Builds MQTT options for any client of ours (the bridge's publisher, the load harness, tests).
 pub fn mqtt_options(
@@ -14,8 +26,8 @@ pub fn mqtt_options(
     client_id: &str,
     username: Option<&str>,
     password: Option<&str>,
-) -> Result<MqttOptions, String> {
-    let addr = BrokerAddress::parse(&cfg.url)?;
+) -> Result<MqttOptions, MqttSetupError> {
+    let addr = BrokerAddress::parse(&cfg.url).map_err(MqttSetupError::Address)?;
     let mut opts = MqttOptions::new(client_id, addr.host.clone(), addr.port);
     opts.set_keep_alive(cfg.keep_alive);
     opts.set_clean_start(true);
@@ -30,16 +42,18 @@ pub fn mqtt_options(
     Ok(opts)
 }
 
-fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, String> {
+fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, MqttSetupError> {
     let mut roots = rustls::RootCertStore::empty();
     match &cfg.ca_file {
         Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| format!("mqtt.ca_file {}: {e}", path.display()))?;
+            let bad = |reason: String| MqttSetupError::CaFile {
+                path: path.clone(),
+                reason,
+            };
+            let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
             for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|e| format!("mqtt.ca_file {}: {e}", path.display()))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("mqtt.ca_file {}: {e}", path.display()))?;
+                let cert = cert.map_err(|e| bad(e.to_string()))?;
+                roots.add(cert).map_err(|e| bad(e.to_string()))?;
             }
         }
         None => {
@@ -51,7 +65,7 @@ fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| MqttSetupError::Tls(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth())
 }

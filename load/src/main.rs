@@ -132,7 +132,7 @@ fn main() -> ExitCode {
 
 /// The broker and database as the bridge's own configuration reaches them (TLS included). The load listens
 /// with the `[load]` account when there is one, else with the bridge's.
-fn target(cfg: &Config) -> Result<Target, String> {
+fn target(cfg: &Config) -> Result<Target, delta_bridge::mqtt::MqttSetupError> {
     let (user, pass) = match &cfg.load.username {
         Some(u) => (Some(u.as_str()), cfg.load.password.as_ref().map(|s| s.expose())),
         None => (

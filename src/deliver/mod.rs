@@ -313,8 +313,8 @@ enum SessionEnd {
 /// Why a connection was given up (and everything unacknowledged will be sent again on the next).
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
-    #[error("{0}")]
-    Options(String),
+    #[error(transparent)]
+    Options(#[from] crate::mqtt::MqttSetupError),
     #[error(transparent)]
     Connection(#[from] ConnectionError),
     #[error("event loop ended")]

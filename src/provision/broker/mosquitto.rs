@@ -100,7 +100,7 @@ impl Mosquitto {
             Some(&self.username),
             Some(self.password.expose()),
         )
-        .map_err(BrokerError::Connect)?;
+        .map_err(|e| BrokerError::Connect(e.to_string()))?;
         let (client, mut eventloop) = AsyncClient::new(opts, 10);
         let mut answers: Vec<Value> = Vec::new();
         let result = loop {
