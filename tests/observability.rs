@@ -26,7 +26,8 @@ const REQUIRED_PANELS: [&str; 10] = [
     "Process memory (RSS)",
 ];
 
-/// Bridge series the dashboard must query: every metric of docs/metrics.md and the process metrics.
+/// Bridge series the dashboard must query: the metrics of docs/metrics.md that operators watch (all but the
+/// outbox-read timing, a diagnostic) and the process metrics.
 const REQUIRED_SERIES: [&str; 12] = [
     "delta_bridge_events_published_total",
     "delta_bridge_publish_failures_total",

@@ -25,7 +25,7 @@ const BRIDGE_PASSWORD: &str = "bridge-publisher-secret";
 const OWN: &str = "dev/MCH-MST-001/BRN-MST-OSK00001/#";
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Mosquitto 2.0.11 with `max_queued_messages 0` (localenv's setting) closes an MQTT 5 client's connection
+/// Mosquitto 2.0.11 with `max_queued_messages 0` (the harness's setting) closes an MQTT 5 client's connection
 /// right after refusing its QoS 1 publish with PUBACK 0x87, and the PUBACK is then often lost with the socket.
 /// A large finite bound (the last setting wins) keeps the refusal observable.
 const QUEUE_BOUND: &str = "max_queued_messages 1000000\n";

@@ -74,7 +74,19 @@ pub async fn run(args: DemoArgs, bridge: PathBuf) -> anyhow::Result<()> {
     {
         let c = cancel.clone();
         tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
+            // Ctrl-C, or SIGTERM (a terminal closed, a process manager): stop everything the demo started.
+            let term = async {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term => {}
+            }
             c.cancel();
         });
     }
@@ -152,15 +164,16 @@ async fn tour(args: &DemoArgs, dir: &Path, bridge: &Path, cancel: CancellationTo
     println!("      PostgreSQL on 127.0.0.1:{pg_port} (fsync off: a demo, not a durability test)");
     println!("      Mosquitto  on 127.0.0.1:{mqtt_port} (no anonymous access; accounts: bridge, loadgen)");
 
-    step(2, "the reference schema with sample data is loaded");
+    step(2, "created the reference schema with sample data");
 
     step(3, "starting the bridge (installs its outbox and capture triggers)");
     let key_path = dir.join("device-signing-key.pem");
-    std::fs::write(&key_path, es256_pem()?)?;
+    write_private(&key_path, &es256_pem()?)?;
     // Secrets in owner-only files beside the config (the way a deployment mounts them), so that the same
     // file drives `delta-load --config` from another terminal while `--stay` keeps the demo up.
     let secrets_dir = dir.join("secrets");
     std::fs::create_dir_all(&secrets_dir)?;
+    std::fs::set_permissions(&secrets_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     let secret_file = |name: &str, value: &str| -> std::io::Result<String> {
         let path = secrets_dir.join(name);
         write_private(&path, value)?;
@@ -186,7 +199,15 @@ async fn tour(args: &DemoArgs, dir: &Path, bridge: &Path, cancel: CancellationTo
     let config_path = dir.join("delta-bridge.toml");
     std::fs::write(&config_path, &toml)?;
     let log = std::fs::File::create(dir.join("bridge.log"))?;
-    let child = Command::new(bridge)
+    let mut cmd = Command::new(bridge);
+    // The demo's bridge runs on the demo's config alone: a DELTA_BRIDGE__* variable exported in the user's
+    // shell (for a real deployment) must not point it at a real database or broker.
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("DELTA_BRIDGE") {
+            cmd.env_remove(&name);
+        }
+    }
+    let child = cmd
         .arg("--config")
         .arg(&config_path)
         .arg("run")
@@ -324,11 +345,12 @@ async fn tour(args: &DemoArgs, dir: &Path, bridge: &Path, cancel: CancellationTo
     drop(running); // SIGTERM, and wait for the bridge's graceful exit
     stack.keep = args.keep;
     drop(stack);
-    if report.lost() > 0 || report.phantom > 0 || foreign > 0 {
+    if report.lost() > 0 || report.phantom > 0 || foreign > 0 || report.schema_violations > 0 {
         anyhow::bail!(
-            "{} events lost, {} phantom, {foreign} foreign",
+            "{} events lost, {} phantom, {foreign} foreign, {} not matching their schema",
             report.lost(),
-            report.phantom
+            report.phantom,
+            report.schema_violations
         );
     }
     println!("\nno event lost, none phantom, no foreign traffic on the device. Done.");
@@ -370,6 +392,7 @@ async fn wait_ready(http: &str, bridge: &mut BridgeChild) -> anyhow::Result<()> 
     let start = Instant::now();
     loop {
         if let Some(status) = bridge.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            bridge.0 = None; // reaped: nothing left to stop
             anyhow::bail!("the bridge exited ({status}) before it was ready; see bridge.log");
         }
         if reqwest::get(format!("{http}/readyz"))

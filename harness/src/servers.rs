@@ -462,9 +462,12 @@ pub fn dynsec_plugin() -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.exists())
 }
 
-/// Sends `signal` to a server and waits up to `limit` for it to exit, then kills it.
-/// Sends `signal` (a `kill` name: TERM, INT, QUIT) and waits up to `limit` for the exit, then kills.
+/// Sends `signal` (a `kill` name: TERM, INT, QUIT) and waits up to `limit` for the exit, then kills. A child
+/// that already exited is only reaped: its pid may belong to another process by now.
 pub(crate) fn stop_child(mut child: Child, signal: &str, limit: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
     let _ = Command::new("kill")
         .args([&format!("-{signal}"), &child.id().to_string()])
         .status();

@@ -1,4 +1,4 @@
-//! `delta-load`: the load harness (see the README, "Load harness"). Writes a realistic retail mix at a fixed open-loop rate,
+//! `delta-load`: the load harness (see the README, "Commands" and "The demo"). Writes a realistic retail mix at a fixed open-loop rate,
 //! subscribes like a device, and reports per stream: written, received, lost, duplicated, out of order,
 //! commit-to-receive latency. Exit codes: 0 no loss, 1 loss (or phantom events, or payloads that do not match
 //! their schema), 2 bad usage or config.
