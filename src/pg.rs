@@ -31,6 +31,8 @@ pub enum PgError {
     Closed,
     #[error("TLS set-up failed: {0}")]
     Tls(String),
+    #[error("unexpected answer from PostgreSQL: {0}")]
+    Protocol(String),
 }
 
 /// One database session with its notification feed.

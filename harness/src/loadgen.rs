@@ -134,6 +134,9 @@ pub struct Report {
     pub device_mismatches: u64,
     /// Payloads received that do not match their event type's schema in docs/schemas (must be 0).
     pub schema_violations: u64,
+    /// The first few first deliveries that arrived after a later change of the same row (for diagnosis).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub out_of_order_examples: Vec<String>,
     pub ops_committed: u64,
     pub ops_failed: u64,
     pub ops_unknown: u64,
@@ -176,6 +179,9 @@ impl Report {
             "phantom events: {}   device/database mismatches: {}   payloads not matching their schema: {}\n",
             self.phantom, self.device_mismatches, self.schema_violations
         ));
+        for e in &self.out_of_order_examples {
+            out.push_str(&format!("out of order: {e}\n"));
+        }
         out
     }
 }
@@ -724,7 +730,7 @@ fn account(rate: f64, written_for: Duration, ledger: &Ledger, got: &[Got], devic
     }
     let mut seen_ids: HashSet<&str> = HashSet::new();
     let mut seen_keys: HashSet<Key> = HashSet::new();
-    let mut last_seq: HashMap<(char, i64), i64> = HashMap::new();
+    let mut last_seq: HashMap<(char, i64), (i64, &str, Instant)> = HashMap::new();
     let mut latencies: HashMap<&str, Vec<f64>> = HashMap::new();
     for g in got {
         let Some(s) = report.streams.get_mut(g.stream) else {
@@ -756,11 +762,22 @@ fn account(rate: f64, written_for: Duration, ledger: &Ledger, got: &[Got], devic
             continue;
         }
         s.received += 1;
-        let last = last_seq.entry(g.row).or_insert(i64::MIN);
-        if g.seq < *last {
+        let last = last_seq.entry(g.row).or_insert((i64::MIN, "", g.at));
+        if g.seq < last.0 {
             s.out_of_order += 1;
+            if report.out_of_order_examples.len() < 5 {
+                report.out_of_order_examples.push(format!(
+                    "row {:?}: {} seq {} received {:.1} ms after {} seq {}",
+                    g.row,
+                    g.payload["event_type"].as_str().unwrap_or("?"),
+                    g.seq,
+                    g.at.saturating_duration_since(last.2).as_secs_f64() * 1000.0,
+                    last.1,
+                    last.0
+                ));
+            }
         } else {
-            *last = g.seq;
+            *last = (g.seq, g.payload["event_type"].as_str().unwrap_or("?"), g.at);
         }
         if key.0 != 'U' {
             if let Some(t) = ledger.committed_at.get(&op) {

@@ -8,6 +8,7 @@ use crate::pg::{timed, PgError};
 
 const COLUMNS: &str =
     "id, captured_at, kind, op, merchant_code, branch_code, product_name, old_row, new_row, items, ctx";
+const COLUMN_COUNT: usize = 11;
 
 /// Session-level advisory lock held by the publishing replica.
 pub const LEADER_LOCK: i64 = 7_234_298_723_002;
@@ -32,10 +33,21 @@ fn captured(row: &Row) -> Captured {
     }
 }
 
+/// What a read knew of the transactions around it (64-bit transaction ids): in its snapshot, every
+/// transaction below `xmin` had ended; and no transaction had been given an id at or above `next_xid` when
+/// it ran (PostgreSQL's next transaction id, read after the snapshot was taken). The snapshot's own `xmax`
+/// would not do for the latter: it is the latest *completed* id + 1, and a younger transaction may be
+/// running above it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Snapshot {
+    pub(crate) xmin: i64,
+    pub(crate) next_xid: i64,
+}
+
 /// The statements the leader runs on every loop, prepared once per session so that each is a single round
 /// trip, and so that several can be pipelined on the session (the wake-lock and the fetch behind it).
 pub(crate) struct Statements {
-    fetch_after: Statement,
+    fetch_next: Statement,
     fetch_ids: Statement,
     delete: Statement,
     try_lock: Statement,
@@ -45,8 +57,17 @@ pub(crate) struct Statements {
 impl Statements {
     pub(crate) async fn prepare(client: &Client) -> Result<Statements, PgError> {
         Ok(Statements {
-            fetch_after: timed(client.prepare(&format!(
-                "SELECT {COLUMNS} FROM delta_bridge.outbox WHERE id > $1 ORDER BY id LIMIT $2"
+            // One statement, so one snapshot: the open gaps and the rows after the cursor, in id order, with
+            // the snapshot's xmin and the next transaction id last (NULL row columns when nothing matched).
+            // `age(xid)` is the next transaction id minus xid (for a statement that has no id of its own).
+            fetch_next: timed(client.prepare(&format!(
+                "WITH x AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin),
+                      s AS (SELECT xmin::text::bigint AS xmin,
+                                   xmin::text::bigint + age(xid(xmin)) AS next_xid FROM x),
+                      r AS ((SELECT {COLUMNS} FROM delta_bridge.outbox WHERE id = ANY($2))
+                            UNION ALL
+                            (SELECT {COLUMNS} FROM delta_bridge.outbox WHERE id > $1 ORDER BY id LIMIT $3))
+                 SELECT r.*, s.xmin, s.next_xid FROM s LEFT JOIN r ON true ORDER BY r.id"
             )))
             .await?,
             fetch_ids: timed(client.prepare(&format!(
@@ -59,13 +80,31 @@ impl Statements {
         })
     }
 
-    /// Rows with id > `after`, in id order.
-    pub(crate) async fn fetch_after(&self, client: &Client, after: i64, limit: i64) -> Result<Vec<Captured>, PgError> {
-        Ok(timed(client.query(&self.fetch_after, &[&after, &limit]))
-            .await?
-            .iter()
-            .map(captured)
-            .collect())
+    /// In one snapshot: the rows of `gaps` that are there, and up to `limit` rows with id > `after`, all in
+    /// id order; and the snapshot they were read in.
+    pub(crate) async fn fetch_next(
+        &self,
+        client: &Client,
+        after: i64,
+        gaps: &[i64],
+        limit: i64,
+    ) -> Result<(Vec<Captured>, Snapshot), PgError> {
+        let rows = timed(client.query(&self.fetch_next, &[&after, &gaps, &limit])).await?;
+        let snapshot_at = COLUMN_COUNT;
+        let snap = match rows.first() {
+            Some(r) => Snapshot {
+                xmin: r.try_get(snapshot_at)?,
+                next_xid: r.try_get(snapshot_at + 1)?,
+            },
+            None => return Err(PgError::Protocol("the outbox read returned no snapshot row".into())),
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            if r.try_get::<_, Option<i64>>(0)?.is_some() {
+                out.push(captured(r));
+            }
+        }
+        Ok((out, snap))
     }
 
     /// Rows with id in `ids` (gaps that may have committed late), in id order.

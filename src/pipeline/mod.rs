@@ -28,7 +28,7 @@ use crate::health::Health;
 use crate::metrics::{FailureReason, Metrics};
 use crate::pg::{self, timed, PgError};
 
-use tracker::{Tracker, GAP_FAST_EVERY};
+use tracker::{Snapshot, Tracker, GAP_FAST_EVERY};
 
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 const BACKLOG_EVERY: Duration = Duration::from_secs(2);
@@ -107,7 +107,7 @@ impl Pipeline {
         Pipeline {
             cfg,
             metrics,
-            tracker: Tracker::new(now),
+            tracker: Tracker::new(),
             ready: VecDeque::new(),
             to_delete: Vec::new(),
             to_dead: Vec::new(),
@@ -187,20 +187,15 @@ impl Pipeline {
             let mut drained = true;
             if self.ready.is_empty() && self.tracker.outstanding_len() < self.cfg.bridge.max_pending {
                 let t = Instant::now();
-                let rows = stmts
-                    .fetch_after(&s.client, self.tracker.cursor(), i64::from(self.cfg.bridge.batch_size))
+                let (rows, snap) = stmts
+                    .fetch_next(&s.client, self.tracker.cursor(), &self.tracker.gap_ids(), self.batch())
                     .await?;
                 self.metrics.outbox_poll_seconds.observe(t.elapsed().as_secs_f64());
                 drained = rows.len() < self.cfg.bridge.batch_size as usize;
                 if !rows.is_empty() {
                     self.last_rows = Some(Instant::now());
                 }
-                self.take(rows, true, &install_id);
-                self.push_ready(events);
-            }
-            if let Some(ids) = self.tracker.gaps_due(Instant::now()) {
-                let rows = stmts.fetch_ids(&s.client, &ids).await?;
-                self.take(rows, false, &install_id);
+                self.take(rows, snap, &install_id);
                 self.push_ready(events);
             }
             if self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
@@ -227,15 +222,13 @@ impl Pipeline {
             // Idle (or waiting for the publisher): ask writers to wake us, then look once more, because a
             // writer that committed just before we took the lock did not notify.
             let tried = if self.ready.is_empty() && self.tracker.outstanding_len() < self.cfg.bridge.max_pending {
-                let gap_ids = self.tracker.young_gaps(Instant::now());
-                let (armed, rows, late) = tokio::try_join!(
+                let gaps = self.tracker.gap_ids();
+                let (armed, (rows, snap)) = tokio::try_join!(
                     stmts.try_lock(&s.client, WAKE_LOCK),
-                    stmts.fetch_after(&s.client, self.tracker.cursor(), i64::from(self.cfg.bridge.batch_size)),
-                    stmts.fetch_ids(&s.client, &gap_ids),
+                    stmts.fetch_next(&s.client, self.tracker.cursor(), &gaps, self.batch()),
                 )?;
-                let found = !rows.is_empty() || !late.is_empty();
-                self.take(rows, true, &install_id);
-                self.take(late, false, &install_id);
+                let found = !rows.is_empty();
+                self.take(rows, snap, &install_id);
                 if found {
                     self.last_rows = Some(Instant::now());
                     if armed {
@@ -296,14 +289,25 @@ impl Pipeline {
         }
     }
 
-    /// Converts the fetched rows not already outstanding and queues their events. `advance`: rows came
-    /// from the cursor read.
-    fn take(&mut self, rows: Vec<Captured>, advance: bool, install_id: &str) {
-        let mut dispatch = self
-            .tracker
-            .observe(rows.iter().map(|r| r.id), advance, Instant::now())
-            .into_iter()
-            .peekable();
+    fn batch(&self) -> i64 {
+        i64::from(self.cfg.bridge.batch_size)
+    }
+
+    /// Converts the rows of one read (gaps and rows after the cursor, one snapshot) not already outstanding
+    /// and queues their events, in id order.
+    fn take(&mut self, rows: Vec<Captured>, snap: Snapshot, install_id: &str) {
+        let dispatch = self.tracker.observe(rows.iter().map(|r| r.id), snap, Instant::now());
+        self.queue(rows, dispatch, install_id);
+    }
+
+    /// Converts the rows the sweep read (at or below the cursor) not already outstanding.
+    fn take_swept(&mut self, rows: Vec<Captured>, install_id: &str) {
+        let dispatch = self.tracker.observe_swept(rows.iter().map(|r| r.id));
+        self.queue(rows, dispatch, install_id);
+    }
+
+    fn queue(&mut self, rows: Vec<Captured>, dispatch: Vec<i64>, install_id: &str) {
+        let mut dispatch = dispatch.into_iter().peekable();
         for row in rows {
             // `dispatch` is a subsequence of the rows' ids, in their order.
             if dispatch.next_if_eq(&row.id).is_none() {
@@ -409,7 +413,7 @@ impl Pipeline {
         if !missing.is_empty() {
             tracing::info!(count = missing.len(), "sweep found rows below the cursor");
             let rows = stmts.fetch_ids(client, &missing).await?;
-            self.take(rows, false, install_id);
+            self.take_swept(rows, install_id);
         }
         self.last_sweep = Some(Instant::now());
         Ok(())

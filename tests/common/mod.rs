@@ -187,8 +187,9 @@ pub async fn wait_ready_at(http: &str, limit: Duration) {
     }
 }
 
-/// What a load run under faults must show: every committed change received, nothing uncommitted, and a device
-/// that drops stale `seq` ending with the database's values.
+/// What a load run (under faults or not) must show: every committed change received, nothing uncommitted, each
+/// row's first deliveries in commit order, every payload matching its schema, and a device that drops stale
+/// `seq` ending with the database's values.
 pub fn assert_nothing_lost_or_invented(report: &Report) {
     assert_eq!(report.lost(), 0, "every committed change arrives");
     assert_eq!(report.phantom, 0, "nothing that was not committed arrives");
@@ -202,6 +203,10 @@ pub fn assert_nothing_lost_or_invented(report: &Report) {
     );
     for (name, s) in &report.streams {
         assert!(s.written > 0 && s.received == s.written, "{name}: {s:?}");
+        assert_eq!(
+            s.out_of_order, 0,
+            "{name}: first deliveries of each row in commit order: {s:?}"
+        );
     }
 }
 
@@ -369,8 +374,12 @@ impl Subscriber {
         }
     }
 
+    /// Stops the subscription, and checks every payload received (also those after the last read) against
+    /// its schema.
     pub async fn stop(self) {
         self.subscription.stop().await;
+        let invalid = self.invalid.lock().expect("lock").clone();
+        assert!(invalid.is_empty(), "payloads not matching docs/schemas: {invalid:#?}");
     }
 }
 
