@@ -200,6 +200,9 @@ pub struct BridgeConfig {
     pub batch_size: u32,
     /// Events read but not yet acknowledged, at most; the reader waits beyond it (bounded memory).
     pub max_pending: usize,
+    /// Bytes of those events (payload and topic), at most: the reader waits beyond it, so that large events
+    /// (a sale of a thousand items) cannot fill memory where a count would allow it.
+    pub max_pending_bytes: u64,
     /// Poll the outbox at least this often even without a wake-up (a safety net, not the latency path).
     pub poll_interval: Duration,
 }

@@ -51,7 +51,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "api_secret_file",
         ],
     ),
-    ("bridge", &["batch_size", "max_pending", "poll_interval"]),
+    ("bridge", &["batch_size", "max_pending", "max_pending_bytes", "poll_interval"]),
     ("load", &["username", "password", "password_file"]),
     ("log", &["format", "level"]),
 ];
@@ -173,6 +173,21 @@ impl Raw {
         Ok(v)
     }
 
+    /// A size in bytes: a whole number, or a string with a unit ("64MiB", "512KiB", "1GiB", "2000000B").
+    pub(super) fn bytes(&self, key: &str, default: u64) -> Result<u64, ConfigError> {
+        match self.flat.get(key) {
+            None => Ok(default),
+            Some(Value::Integer(i)) if *i >= 0 => Ok(*i as u64),
+            Some(Value::String(s)) => parse_bytes(s).ok_or_else(|| {
+                ConfigError::invalid(key, format!("{s:?} is not a size; use e.g. \"64MiB\", \"1GiB\" or a number of bytes"))
+            }),
+            Some(other) => Err(ConfigError::invalid(
+                key,
+                format!("expected a size such as \"64MiB\", found {}", other.type_str()),
+            )),
+        }
+    }
+
     pub(super) fn duration(&self, key: &str, default: &str) -> Result<Duration, ConfigError> {
         let text = match self.flat.get(key) {
             None => default.to_string(),
@@ -222,4 +237,33 @@ impl Raw {
             (None, None) => Ok(None),
         }
     }
+}
+
+/// "64MiB" -> 67108864. Binary units (KiB, MiB, GiB) and their decimal cousins (kB, MB, GB); "B" or none.
+pub(super) fn parse_bytes(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "kB" | "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(factor)
+}
+
+/// The inverse, in the largest binary unit that divides the size.
+pub(super) fn format_bytes(n: u64) -> String {
+    for (unit, factor) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if n >= factor && n % factor == 0 {
+            return format!("{}{unit}", n / factor);
+        }
+    }
+    format!("{n}B")
 }

@@ -99,11 +99,13 @@ pub(super) fn redacted_toml(cfg: &Config) -> String {
     let BridgeConfig {
         batch_size,
         max_pending,
+        max_pending_bytes,
         poll_interval,
     } = bridge;
     t.section("bridge");
     t.set("batch_size", i64::from(*batch_size));
     t.set("max_pending", *max_pending as i64);
+    t.set("max_pending_bytes", super::raw::format_bytes(*max_pending_bytes));
     t.duration("poll_interval", *poll_interval);
 
     let LoadConfig { username, password } = load;

@@ -422,6 +422,7 @@ kind = "none"
 [bridge]
 batch_size = 500
 max_pending = 10000
+max_pending_bytes = "64MiB"
 poll_interval = "500ms"
 
 [load]
@@ -478,4 +479,32 @@ fn a_syntax_error_names_the_place_but_does_not_quote_the_line() {
         assert!(shown.contains(place), "{shown}");
         assert!(!shown.contains("hunter2"), "{shown}");
     }
+}
+
+#[test]
+fn sizes_parse_in_the_units_people_write_and_print_back_the_same() {
+    use super::raw::{format_bytes, parse_bytes};
+    assert_eq!(parse_bytes("64MiB"), Some(64 << 20));
+    assert_eq!(parse_bytes("512 KiB"), Some(512 << 10));
+    assert_eq!(parse_bytes("1GiB"), Some(1 << 30));
+    assert_eq!(parse_bytes("2000000"), Some(2_000_000));
+    assert_eq!(parse_bytes("3MB"), Some(3_000_000));
+    assert_eq!(parse_bytes("lots"), None);
+    assert_eq!(parse_bytes("1PiB"), None);
+    assert_eq!(parse_bytes("99999999999999999999GiB"), None);
+    for n in [1u64 << 20, 3 << 30, 1_500_000, 12345] {
+        assert_eq!(parse_bytes(&format_bytes(n)), Some(n));
+    }
+    let c = parse("[bridge]\nmax_pending_bytes = \"8MiB\"\n", &[]).expect("valid");
+    assert_eq!(c.bridge.max_pending_bytes, 8 << 20);
+    let c = parse("", &[("DELTA_BRIDGE__BRIDGE__MAX_PENDING_BYTES", "2GiB")]).expect("valid");
+    assert_eq!(c.bridge.max_pending_bytes, 2 << 30);
+    assert_eq!(
+        key_of(parse("[bridge]\nmax_pending_bytes = \"10KiB\"\n", &[]).expect_err("too small")),
+        "bridge.max_pending_bytes"
+    );
+    assert_eq!(
+        key_of(parse("[bridge]\nmax_pending_bytes = true\n", &[]).expect_err("not a size")),
+        "bridge.max_pending_bytes"
+    );
 }

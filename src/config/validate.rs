@@ -136,8 +136,15 @@ impl Raw {
         let bridge = BridgeConfig {
             batch_size: self.integer("bridge.batch_size", 500, 1, 100_000)? as u32,
             max_pending: self.integer("bridge.max_pending", 10_000, 1, 10_000_000)? as usize,
+            max_pending_bytes: self.bytes("bridge.max_pending_bytes", 64 << 20)?,
             poll_interval: self.duration("bridge.poll_interval", "500ms")?,
         };
+        if bridge.max_pending_bytes < 1 << 20 {
+            return Err(ConfigError::invalid(
+                "bridge.max_pending_bytes",
+                "must be at least 1MiB (one large event must fit)",
+            ));
+        }
         if bridge.poll_interval.is_zero() {
             return Err(ConfigError::invalid("bridge.poll_interval", "must be greater than 0"));
         }
