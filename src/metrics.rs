@@ -52,6 +52,7 @@ pub(crate) struct Metrics {
     pub end_to_end_latency: HistogramVec,
     pub payload_bytes: HistogramVec,
     pub outbox_backlog: IntGauge,
+    pub pending_bytes: IntGauge,
     pub postgres_connected: IntGauge,
     pub mqtt_connected: IntGauge,
     pub leader: IntGauge,
@@ -95,6 +96,10 @@ impl Metrics {
             "delta_bridge_outbox_backlog",
             "Captured events not yet acknowledged by the broker",
         )?;
+        let pending_bytes = IntGauge::new(
+            "delta_bridge_pending_bytes",
+            "Bytes (payloads and topics) of events read and not yet acknowledged (bounded by bridge.max_pending_bytes)",
+        )?;
         let postgres_connected = IntGauge::new("delta_bridge_postgres_connected", "1 while PostgreSQL is connected")?;
         let mqtt_connected = IntGauge::new("delta_bridge_mqtt_connected", "1 while the MQTT broker is connected")?;
         let leader = IntGauge::new("delta_bridge_leader", "1 on the replica that publishes")?;
@@ -109,6 +114,7 @@ impl Metrics {
         registry.register(Box::new(end_to_end_latency.clone()))?;
         registry.register(Box::new(payload_bytes.clone()))?;
         registry.register(Box::new(outbox_backlog.clone()))?;
+        registry.register(Box::new(pending_bytes.clone()))?;
         registry.register(Box::new(postgres_connected.clone()))?;
         registry.register(Box::new(mqtt_connected.clone()))?;
         registry.register(Box::new(leader.clone()))?;
@@ -133,6 +139,7 @@ impl Metrics {
             end_to_end_latency,
             payload_bytes,
             outbox_backlog,
+            pending_bytes,
             postgres_connected,
             mqtt_connected,
             leader,
@@ -170,6 +177,7 @@ mod tests {
             "delta_bridge_publish_failures_total{reason=\"rejected\"} 0",
             "delta_bridge_end_to_end_latency_seconds_bucket{stream=\"inventory\",le=\"0.001\"} 0",
             "delta_bridge_outbox_backlog 0",
+            "delta_bridge_pending_bytes 0",
             "delta_bridge_postgres_connected 0",
             "delta_bridge_mqtt_connected 0",
             "delta_bridge_leader 0",

@@ -68,7 +68,10 @@ async fn unconvertible_rows_are_dead_lettered_without_blocking_and_can_be_replay
         if left == 0 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "{left} rows stuck in the outbox");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{left} rows stuck in the outbox"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 

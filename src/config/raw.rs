@@ -51,7 +51,10 @@ const KNOWN: &[(&str, &[&str])] = &[
             "api_secret_file",
         ],
     ),
-    ("bridge", &["batch_size", "max_pending", "max_pending_bytes", "poll_interval"]),
+    (
+        "bridge",
+        &["batch_size", "max_pending", "max_pending_bytes", "poll_interval"],
+    ),
     ("load", &["username", "password", "password_file"]),
     ("log", &["format", "level"]),
 ];
@@ -179,7 +182,10 @@ impl Raw {
             None => Ok(default),
             Some(Value::Integer(i)) if *i >= 0 => Ok(*i as u64),
             Some(Value::String(s)) => parse_bytes(s).ok_or_else(|| {
-                ConfigError::invalid(key, format!("{s:?} is not a size; use e.g. \"64MiB\", \"1GiB\" or a number of bytes"))
+                ConfigError::invalid(
+                    key,
+                    format!("{s:?} is not a size; use e.g. \"64MiB\", \"1GiB\" or a number of bytes"),
+                )
             }),
             Some(other) => Err(ConfigError::invalid(
                 key,

@@ -60,7 +60,8 @@ pub(crate) struct Event {
     pub stream: Stream,
     pub topic: String,
     pub event_id: String,
-    pub payload: Vec<u8>,
+    /// Shared, not copied, with the MQTT client's queue.
+    pub payload: bytes::Bytes,
     pub captured_at: DateTime<Utc>,
 }
 
@@ -283,7 +284,7 @@ pub(crate) fn convert(c: &Captured, env: &str, install_id: &str) -> Result<Optio
         stream,
         topic,
         event_id,
-        payload,
+        payload: payload.into(),
         captured_at: c.captured_at,
     }))
 }
@@ -429,7 +430,7 @@ mod tests {
     }
 
     fn payload(e: &Event) -> String {
-        String::from_utf8(e.payload.clone()).expect("utf8")
+        String::from_utf8(e.payload.to_vec()).expect("utf8")
     }
 
     #[test]

@@ -11,7 +11,7 @@
 
 mod tracker;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -97,6 +97,12 @@ struct Pipeline {
     last_sweep: Option<Instant>,
     last_backlog: Instant,
     first_ack_pending: Option<Instant>,
+    /// Bytes (payload and topic) of each event dispatched and not yet deleted or dead-lettered, and their
+    /// sum: reading stops at `bridge.max_pending_bytes`, so memory is bounded in bytes, not only in events.
+    pending_sizes: HashMap<i64, u64>,
+    pending_bytes: u64,
+    /// Recent events' mean size: a read asks for no more rows than the bytes left would hold.
+    mean_event_bytes: f64,
     /// When a read last found rows (for the linger before arming the wake lock).
     last_rows: Option<Instant>,
 }
@@ -115,6 +121,9 @@ impl Pipeline {
             last_sweep: None,
             last_backlog: now,
             first_ack_pending: None,
+            pending_sizes: HashMap::new(),
+            pending_bytes: 0,
+            mean_event_bytes: 512.0,
             last_rows: None,
         }
     }
@@ -185,7 +194,8 @@ impl Pipeline {
             self.push_ready(events);
 
             let mut drained = true;
-            if self.ready.is_empty() && self.tracker.outstanding_len() < self.cfg.bridge.max_pending {
+            self.metrics.pending_bytes.set(self.pending_bytes as i64);
+            if self.ready.is_empty() && self.has_room() {
                 let t = Instant::now();
                 let (rows, snap) = stmts
                     .fetch_next(&s.client, self.tracker.cursor(), &self.tracker.gap_ids(), self.batch())
@@ -198,7 +208,7 @@ impl Pipeline {
                 self.take(rows, snap, &install_id);
                 self.push_ready(events);
             }
-            if self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
+            if self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) && self.has_room() {
                 self.sweep(&s.client, &stmts, &install_id).await?;
                 self.push_ready(events);
             }
@@ -221,7 +231,7 @@ impl Pipeline {
 
             // Idle (or waiting for the publisher): ask writers to wake us, then look once more, because a
             // writer that committed just before we took the lock did not notify.
-            let tried = if self.ready.is_empty() && self.tracker.outstanding_len() < self.cfg.bridge.max_pending {
+            let tried = if self.ready.is_empty() && self.has_room() {
                 let gaps = self.tracker.gap_ids();
                 let (armed, (rows, snap)) = tokio::try_join!(
                     stmts.try_lock(&s.client, WAKE_LOCK),
@@ -250,7 +260,8 @@ impl Pipeline {
             let wait = if !self.ready.is_empty() {
                 Duration::from_millis(2)
             } else if tried.is_none() {
-                // Full (max_pending unacknowledged): acknowledgements wake us; poll now and then meanwhile.
+                // Full (max_pending events or max_pending_bytes unacknowledged): acknowledgements wake us;
+                // poll now and then meanwhile.
                 self.cfg.bridge.poll_interval
             } else if !armed {
                 // A writer holds the shared wake lock: usually it is committing right now, but a prepared or
@@ -289,8 +300,27 @@ impl Pipeline {
         }
     }
 
+    /// Below both bounds of what may be read and not yet acknowledged: events and bytes.
+    fn has_room(&self) -> bool {
+        self.tracker.outstanding_len() < self.cfg.bridge.max_pending
+            && self.pending_bytes < self.cfg.bridge.max_pending_bytes
+    }
+
+    /// The row left the outbox (deleted after its PUBACK, or dead-lettered): no longer outstanding, and
+    /// its bytes no longer count.
+    fn complete(&mut self, id: i64) {
+        self.tracker.complete(id);
+        if let Some(n) = self.pending_sizes.remove(&id) {
+            self.pending_bytes = self.pending_bytes.saturating_sub(n);
+        }
+    }
+
+    /// Rows to ask for: `bridge.batch_size`, or fewer when the bytes left under `max_pending_bytes` would
+    /// hold fewer events of the recent mean size (at least one: the bound may be overshot by one read).
     fn batch(&self) -> i64 {
-        i64::from(self.cfg.bridge.batch_size)
+        let room = self.cfg.bridge.max_pending_bytes.saturating_sub(self.pending_bytes) as f64;
+        let by_bytes = (room / self.mean_event_bytes.max(1.0)).ceil() as i64;
+        by_bytes.clamp(1, i64::from(self.cfg.bridge.batch_size))
     }
 
     /// Converts the rows of one read (gaps and rows after the cursor, one snapshot) not already outstanding
@@ -319,6 +349,12 @@ impl Pipeline {
                     if let Some(w) = &event.warning {
                         tracing::warn!(id, warning = %w, "captured row published with a correction");
                     }
+                    let size = (event.payload.len() + event.topic.len()) as u64;
+                    if let Some(old) = self.pending_sizes.insert(id, size) {
+                        self.pending_bytes = self.pending_bytes.saturating_sub(old);
+                    }
+                    self.pending_bytes += size;
+                    self.mean_event_bytes = 0.9 * self.mean_event_bytes + 0.1 * size as f64;
                     self.ready.push_back(event)
                 }
                 Ok(None) => self.to_delete.push(id),
@@ -376,14 +412,14 @@ impl Pipeline {
             || (!self.to_delete.is_empty() && self.first_ack_pending.is_none());
         if due && !self.to_delete.is_empty() {
             stmts.delete(client, &self.to_delete).await?;
-            for id in self.to_delete.drain(..) {
-                self.tracker.complete(id);
+            for id in std::mem::take(&mut self.to_delete) {
+                self.complete(id);
             }
             self.first_ack_pending = None;
         }
         while let Some((id, reason, detail)) = self.to_dead.first().cloned() {
             outbox::dead_letter(client, id, reason.as_str(), &detail).await?;
-            self.tracker.complete(id);
+            self.complete(id);
             self.to_dead.remove(0);
         }
         Ok(())

@@ -140,6 +140,11 @@ impl Env {
 
     /// Starts the bridge binary as a child process with this environment's config file.
     pub fn bridge_process(&self, tag: &str) -> BridgeProcess {
+        self.bridge_process_with(tag, &[])
+    }
+
+    /// Like [`Env::bridge_process`], with extra environment variables (configuration overrides).
+    pub fn bridge_process_with(&self, tag: &str, vars: &[(&str, &str)]) -> BridgeProcess {
         let cfg_path = self.dir.join(format!("bridge-{tag}.toml"));
         let port = delta_harness::servers::free_port().expect("port");
         // Each process its own MQTT client id: replicas sharing one would take each other's connection.
@@ -154,6 +159,7 @@ impl Env {
             .arg(&cfg_path)
             .arg("run")
             .env("RUST_LOG", "info")
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
