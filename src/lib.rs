@@ -18,7 +18,8 @@
 //!
 //! The public API is what the `delta-bridge` binary, `delta-load` and the tests use: [`config`], [`service`],
 //! the device request and response types, the connection helpers [`pg::connect`] and
-//! [`mqtt::mqtt_options`], and [`LEADER_LOCK`] (for operators' and tests' look-ups in `pg_locks`).
+//! [`mqtt::mqtt_options`], and [`LEADER_LOCK`] and [`MIGRATE_LOCK`] (for operators' and tests' look-ups in
+//! `pg_locks`).
 
 // Narrowest visibility first: an item is `pub` only if the binary, delta-load or the tests use it.
 #![warn(unreachable_pub)]
@@ -28,6 +29,7 @@ pub(crate) mod capture;
 pub mod config;
 pub(crate) mod convert;
 pub(crate) mod deliver;
+pub(crate) mod fault;
 pub(crate) mod health;
 pub(crate) mod http;
 pub(crate) mod metrics;
@@ -40,4 +42,4 @@ pub mod service;
 
 pub use capture::outbox::LEADER_LOCK;
 pub use provision::{IssueRequest, IssuedCredentials, ProvisionError};
-pub use schema::MigrateError;
+pub use schema::{MigrateError, MIGRATE_LOCK};

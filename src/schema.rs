@@ -8,7 +8,7 @@ use tokio_postgres::Client;
 use crate::pg::PgError;
 
 /// Advisory lock key serialising migrations (per database).
-const MIGRATE_LOCK: i64 = 7_234_298_723_003;
+pub const MIGRATE_LOCK: i64 = 7_234_298_723_003;
 
 /// The migrations, in order. Append only: an applied migration is never edited.
 const MIGRATIONS: &[(i32, &str, &str)] = &[

@@ -329,6 +329,7 @@ impl Pipeline {
 
     fn push_ready(&mut self, events: &mpsc::Sender<Event>) {
         while let Some(ev) = self.ready.pop_front() {
+            crate::fault::check(crate::fault::Task::Pipeline, &ev.payload);
             match events.try_send(ev) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(ev)) | Err(mpsc::error::TrySendError::Closed(ev)) => {

@@ -140,6 +140,13 @@ impl Env {
 
     /// Starts the bridge binary as a child process with this environment's config file.
     pub fn bridge_process(&self, tag: &str) -> BridgeProcess {
+        self.bridge_command(tag, "run", &[])
+    }
+
+    /// Runs `delta-bridge --config <this environment's config> <command>` as a child process with the extra
+    /// environment variables `vars`; its stdout and stderr go to `bridge-{tag}.log` in the environment's
+    /// directory (see [`Env::log`]).
+    pub fn bridge_command(&self, tag: &str, command: &str, vars: &[(&str, &str)]) -> BridgeProcess {
         let cfg_path = self.dir.join(format!("bridge-{tag}.toml"));
         let port = delta_harness::servers::free_port().expect("port");
         // Each process its own MQTT client id: replicas sharing one would take each other's connection.
@@ -152,8 +159,9 @@ impl Env {
         let child = Command::new(env!("CARGO_BIN_EXE_delta-bridge"))
             .args(["--config"])
             .arg(&cfg_path)
-            .arg("run")
+            .arg(command)
             .env("RUST_LOG", "info")
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -163,6 +171,13 @@ impl Env {
             child,
             http: format!("http://127.0.0.1:{port}"),
         }
+    }
+}
+
+impl Env {
+    /// What a bridge started by [`Env::bridge_command`] with this tag has logged so far.
+    pub fn log(&self, tag: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("bridge-{tag}.log"))).unwrap_or_default()
     }
 }
 
