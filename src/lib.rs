@@ -13,8 +13,8 @@
 //! [`health`]. Wiring: [`service`] (what the binary calls), [`config`] (file + environment, validated).
 //!
 //! Plumbing, imported by the domain modules and importing none of them: [`pg`] (PostgreSQL sessions),
-//! [`schema`] (migrations of the bridge's own objects, from `sql/`), [`mqtt`] (client options, TLS),
-//! [`backoff`].
+//! [`locks`] (who holds the bridge's advisory locks; the leader's heartbeat), [`schema`] (migrations of the
+//! bridge's own objects, from `sql/`), [`mqtt`] (client options, TLS), [`backoff`].
 //!
 //! The public API is what the `delta-bridge` binary, `delta-load` and the tests use: [`config`], [`service`],
 //! the device request and response types, the connection helpers [`pg::connect`] and
@@ -32,6 +32,7 @@ pub(crate) mod deliver;
 pub(crate) mod fault;
 pub(crate) mod health;
 pub(crate) mod http;
+pub(crate) mod locks;
 pub(crate) mod metrics;
 pub mod mqtt;
 pub mod pg;

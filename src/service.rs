@@ -13,7 +13,8 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::health::Health;
 use crate::http::{self, AppState};
-use crate::metrics::Metrics;
+use crate::locks::{self, Holder};
+use crate::metrics::{Metrics, LOCK_MIGRATE};
 use crate::pipeline;
 use crate::provision::api::DeviceApi;
 use crate::provision::{IssueRequest, IssuedCredentials, ProvisionError, Provisioner};
@@ -34,15 +35,25 @@ pub enum ServiceError {
     Migrate(#[from] MigrateError),
 }
 
-/// Connects and applies migrations; returns the versions applied now.
+/// Connects and applies migrations; returns the versions applied now. Waits at most
+/// `postgres.migrate_lock_timeout` for the migration lock, logging who holds it meanwhile.
 pub async fn migrate_once(cfg: &Config) -> Result<Vec<i32>, MigrateError> {
-    let mut s = pg::connect(
-        &cfg.postgres_url(),
-        cfg.postgres.connect_timeout,
-        "delta-bridge-migrate",
+    migrate_reporting(cfg, &mut |_| {}).await
+}
+
+/// [`migrate_once`], calling `waiting` with the holders of the migration lock while it waits for it.
+async fn migrate_reporting(
+    cfg: &Config,
+    waiting: &mut (dyn FnMut(&[Holder]) + Send),
+) -> Result<Vec<i32>, MigrateError> {
+    let mut s = pg::connect(&cfg.postgres_url(), cfg.postgres.connect_timeout, locks::MIGRATE_APP).await?;
+    schema::migrate(
+        &mut s.client,
+        &cfg.postgres.schema,
+        cfg.postgres.migrate_lock_timeout,
+        waiting,
     )
-    .await?;
-    schema::migrate(&mut s.client, &cfg.postgres.schema).await
+    .await
 }
 
 /// `delta-bridge device issue`: the same code path as `POST /api/v1/devices`.
@@ -99,8 +110,14 @@ pub async fn start(
     if migrate {
         let mut backoff = Backoff::new();
         loop {
+            // While the migration waits for its lock, /metrics shows whether a session that is not another
+            // bridge's migration holds it.
+            let squatter = metrics.lock_squatter.with_label_values(&[LOCK_MIGRATE]);
+            let mut waiting = |holders: &[Holder]| {
+                squatter.set(i64::from(holders.iter().any(Holder::migrate_squat)));
+            };
             let attempt = tokio::select! {
-                r = migrate_once(&cfg) => r,
+                r = migrate_reporting(&cfg, &mut waiting) => r,
                 _ = cancel.cancelled() => {
                     tracker.close();
                     return Ok(Running { http_addr, tracker });

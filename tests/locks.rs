@@ -250,6 +250,7 @@ async fn a_held_migration_lock_is_reported_while_waiting_and_ends_migrate_and_ru
         .rev()
         .find(|l| l.starts_with("delta-bridge: "))
         .unwrap_or_default();
+    eprintln!("migrate: {last}");
     assert!(names_holder(last, s.pid, "ops_carol", "reindex-job"), "{log}");
 
     // `run` migrates first: the same limit, the holder on /metrics while it waits, then a final error (exit 1),
