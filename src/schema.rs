@@ -22,6 +22,7 @@ pub const MIGRATE_LOCK: i64 = 7_234_298_723_003;
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "capture", include_str!("../sql/001_capture.sql")),
     (2, "devices", include_str!("../sql/002_devices.sql")),
+    (3, "leader", include_str!("../sql/003_leader.sql")),
 ];
 
 /// The business tables the capture triggers attach to.

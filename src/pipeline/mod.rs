@@ -9,6 +9,7 @@
 //! `tracker`, tested against a model of out-of-order commits. It never blocks on a full publisher: converted
 //! events wait in `ready` while the session keeps serving acknowledgements and health checks.
 
+mod leadership;
 mod tracker;
 
 use std::collections::VecDeque;
@@ -28,6 +29,7 @@ use crate::health::Health;
 use crate::metrics::{FailureReason, Metrics};
 use crate::pg::{self, timed, PgError};
 
+use leadership::{Heartbeat, SquatterWatch};
 use tracker::{Tracker, GAP_FAST_EVERY};
 
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -99,12 +101,15 @@ struct Pipeline {
     first_ack_pending: Option<Instant>,
     /// When a read last found rows (for the linger before arming the wake lock).
     last_rows: Option<Instant>,
+    /// The leader's heartbeat (delta_bridge.leader), by which standbys tell it from a squatter.
+    heartbeat: Heartbeat,
 }
 
 impl Pipeline {
     fn new(cfg: Arc<Config>, metrics: Arc<Metrics>) -> Pipeline {
         let now = Instant::now();
         Pipeline {
+            heartbeat: Heartbeat::new(cfg.mqtt.client_id.clone()),
             cfg,
             metrics,
             tracker: Tracker::new(now),
@@ -150,6 +155,7 @@ impl Pipeline {
 
         // Stand by until we hold the leader lock (released by PostgreSQL when a leader's session dies).
         let mut announced = false;
+        let mut squatters = SquatterWatch::new(self.metrics.clone());
         while !stmts.try_lock(&s.client, LEADER_LOCK).await? {
             if !announced {
                 tracing::info!("standing by: another replica is the leader");
@@ -161,6 +167,8 @@ impl Pipeline {
             while let Ok(o) = outcomes.try_recv() {
                 self.absorb(o);
             }
+            // Is the holder a live leader replica? If not, say so (metric, log): nothing publishes meanwhile.
+            squatters.check(&s.client).await?;
             // A try-lock every 250 ms (not a blocking pg_advisory_lock, which would show up as a lock wait
             // in the operators' monitoring): a standby takes over ~0.25 s after the leader's session ends.
             tokio::select! {
@@ -169,7 +177,10 @@ impl Pipeline {
                 _ = &mut s.closed => return Err(PgError::Closed),
             }
         }
+        drop(squatters);
         self.metrics.leader.set(1);
+        self.heartbeat.reset();
+        self.heartbeat.beat_if_due(&s.client).await?;
         tracing::info!("leader: publishing");
         timed(s.client.batch_execute(&format!("LISTEN {WAKE_CHANNEL}"))).await?;
         self.last_sweep = None; // sweep at once: a previous leader may have left rows below our cursor
@@ -211,6 +222,7 @@ impl Pipeline {
                 self.metrics.outbox_backlog.set(outbox::backlog(&s.client).await?);
                 self.last_backlog = Instant::now();
             }
+            self.heartbeat.beat_if_due(&s.client).await?;
             if !drained && self.ready.is_empty() {
                 continue;
             }
@@ -271,7 +283,8 @@ impl Pipeline {
             let wait = match self.first_ack_pending {
                 Some(t) => wait.min(DELETE_DELAY.saturating_sub(t.elapsed())),
                 None => wait,
-            };
+            }
+            .min(self.heartbeat.due_in());
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {}
@@ -425,12 +438,16 @@ impl Pipeline {
     ) -> Result<(), PgError> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
         loop {
+            // Still the leader, finishing: standbys must not take a drain for a hang. (The flush below reports
+            // a lost session; this is best effort.)
+            let _ = self.heartbeat.beat_if_due(client).await;
             tokio::select! {
                 o = outcomes.recv() => match o {
                     Some(o) => self.absorb(o),
                     None => break, // publisher finished
                 },
                 _ = tokio::time::sleep_until(deadline) => break,
+                _ = tokio::time::sleep(self.heartbeat.due_in()) => {}
             }
         }
         self.flush(client, stmts, true).await?;
