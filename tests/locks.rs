@@ -309,6 +309,13 @@ async fn an_internal_task_that_dies_ends_the_process_non_zero_and_a_standby_take
     .await;
     eprintln!("replica a exited with {code:?} {took:?} after the fault");
     assert!(code.is_some_and(|c| c != 0), "exit code {code:?}\n{}", env.log("a"));
+    let last = env
+        .log("a")
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("delta-bridge: "))
+        .map(str::to_string);
+    eprintln!("replica a: {last:?}");
     assert!(env.log("a").contains("pipeline task died"), "{}", env.log("a"));
     wait_for(Duration::from_secs(10), "replica b leads", || async {
         leader(&b.http).await == Some(1.0)
@@ -343,6 +350,7 @@ async fn an_internal_task_that_dies_ends_the_process_non_zero_and_a_standby_take
         .find(|l| l.starts_with("delta-bridge: "))
         .map(str::to_string)
         .unwrap_or_default();
+    eprintln!("replica b: {last}");
     assert!(last.contains("publisher"), "{}", env.log("b"));
     wait_for(Duration::from_secs(10), "replica c leads", || async {
         leader(&c.http).await == Some(1.0)

@@ -258,7 +258,7 @@ impl InProcessBridge {
     pub async fn stop(mut self) {
         self.cancel.cancel();
         if let Some(r) = self.running.take() {
-            r.wait().await;
+            r.wait().await.expect("the bridge stopped cleanly");
         }
     }
 }
