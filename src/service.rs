@@ -241,6 +241,7 @@ pub async fn start(
                     return Ok(Running { http_addr, tracker, supervisor });
                 }
             };
+            squatter.set(0); // not waiting any more, however the attempt ended
             match attempt {
                 Ok(v) if v.is_empty() => break,
                 Ok(v) => {

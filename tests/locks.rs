@@ -217,6 +217,10 @@ async fn a_session_squatting_the_leader_lock_is_reported_within_10s_and_a_live_l
         || async { squatted(&b.http, "leader").await == Some(0.0) },
     )
     .await;
+    // SIGTERM is still a clean stop (exit 0), for a standby as for the leader.
+    let (mut a, mut b) = (a, b);
+    assert_eq!(b.terminate(), Some(0), "{}", env.log("b"));
+    assert_eq!(a.terminate(), Some(0), "{}", env.log("a"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -373,5 +377,7 @@ async fn an_internal_task_that_dies_ends_the_process_non_zero_and_a_standby_take
             name_is("after the faults"),
         )
         .await;
+    let mut c = c;
+    assert_eq!(c.terminate(), Some(0), "a clean stop still exits 0\n{}", env.log("c"));
     device.stop().await;
 }

@@ -194,7 +194,7 @@ impl Pipeline {
         let mut announced = false;
         let mut squatters = SquatterWatch::new(self.metrics.clone());
         while !stmts.try_lock(&s.client, LEADER_LOCK).await? {
-            if events.is_closed() {
+            if events.is_closed() && !cancel.is_cancelled() {
                 return Err(PublisherGone.into()); // never lead without a publisher
             }
             if !announced {
