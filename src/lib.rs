@@ -13,12 +13,13 @@
 //! [`health`]. Wiring: [`service`] (what the binary calls), [`config`] (file + environment, validated).
 //!
 //! Plumbing, imported by the domain modules and importing none of them: [`pg`] (PostgreSQL sessions),
-//! [`schema`] (migrations of the bridge's own objects, from `sql/`), [`mqtt`] (client options, TLS),
-//! [`backoff`].
+//! [`locks`] (who holds the bridge's advisory locks; the leader's heartbeat), [`schema`] (migrations of the
+//! bridge's own objects, from `sql/`), [`mqtt`] (client options, TLS), [`backoff`].
 //!
 //! The public API is what the `delta-bridge` binary, `delta-load` and the tests use: [`config`], [`service`],
 //! the device request and response types, the connection helpers [`pg::connect`] and
-//! [`mqtt::mqtt_options`], and [`LEADER_LOCK`] (for operators' and tests' look-ups in `pg_locks`).
+//! [`mqtt::mqtt_options`], and [`LEADER_LOCK`] and [`MIGRATE_LOCK`] (for operators' and tests' look-ups in
+//! `pg_locks`).
 
 // Narrowest visibility first: an item is `pub` only if the binary, delta-load or the tests use it.
 #![warn(unreachable_pub)]
@@ -28,8 +29,10 @@ pub(crate) mod capture;
 pub mod config;
 pub(crate) mod convert;
 pub(crate) mod deliver;
+pub(crate) mod fault;
 pub(crate) mod health;
 pub(crate) mod http;
+pub(crate) mod locks;
 pub(crate) mod metrics;
 pub mod mqtt;
 pub mod pg;
@@ -40,4 +43,4 @@ pub mod service;
 
 pub use capture::outbox::LEADER_LOCK;
 pub use provision::{IssueRequest, IssuedCredentials, ProvisionError};
-pub use schema::MigrateError;
+pub use schema::{MigrateError, MIGRATE_LOCK};

@@ -115,7 +115,8 @@ fn main() -> ExitCode {
                 if !cancel.is_cancelled() {
                     tracing::info!(http = %running.http_addr, "delta-bridge running");
                 }
-                running.wait().await;
+                // Err when an internal task died: exit 1 (the leader lock went with the process's session).
+                running.wait().await?;
                 Ok(())
             })
         }

@@ -3,8 +3,8 @@
 //! Labels are low-cardinality by construction: streams, failure reasons; never a device, merchant or branch.
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::convert::Stream;
@@ -45,6 +45,10 @@ impl FailureReason {
     }
 }
 
+/// The `lock` label values of `delta_bridge_lock_squatter`.
+pub(crate) const LOCK_LEADER: &str = "leader";
+pub(crate) const LOCK_MIGRATE: &str = "migrate";
+
 pub(crate) struct Metrics {
     registry: Registry,
     pub events_published: IntCounterVec,
@@ -56,6 +60,8 @@ pub(crate) struct Metrics {
     pub postgres_connected: IntGauge,
     pub mqtt_connected: IntGauge,
     pub leader: IntGauge,
+    /// By `lock`: [`LOCK_LEADER`] or [`LOCK_MIGRATE`].
+    pub lock_squatter: IntGaugeVec,
     pub devices_issued: IntCounter,
     pub devices_revoked: IntCounter,
     pub outbox_poll_seconds: Histogram,
@@ -103,6 +109,13 @@ impl Metrics {
         let postgres_connected = IntGauge::new("delta_bridge_postgres_connected", "1 while PostgreSQL is connected")?;
         let mqtt_connected = IntGauge::new("delta_bridge_mqtt_connected", "1 while the MQTT broker is connected")?;
         let leader = IntGauge::new("delta_bridge_leader", "1 on the replica that publishes")?;
+        let lock_squatter = IntGaugeVec::new(
+            Opts::new(
+                "delta_bridge_lock_squatter",
+                "1 while a session that is not a live bridge replica holds the bridge's advisory lock (leader, or migrate while a migration waits)",
+            ),
+            &["lock"],
+        )?;
         let devices_issued = IntCounter::new("delta_bridge_devices_issued_total", "Device credentials issued")?;
         let devices_revoked = IntCounter::new("delta_bridge_devices_revoked_total", "Device credentials revoked")?;
         let outbox_poll_seconds = Histogram::with_opts(
@@ -118,6 +131,7 @@ impl Metrics {
         registry.register(Box::new(postgres_connected.clone()))?;
         registry.register(Box::new(mqtt_connected.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(lock_squatter.clone()))?;
         registry.register(Box::new(devices_issued.clone()))?;
         registry.register(Box::new(devices_revoked.clone()))?;
         registry.register(Box::new(outbox_poll_seconds.clone()))?;
@@ -132,6 +146,9 @@ impl Metrics {
         for r in FailureReason::ALL {
             publish_failures.with_label_values(&[r.as_str()]);
         }
+        for lock in [LOCK_LEADER, LOCK_MIGRATE] {
+            lock_squatter.with_label_values(&[lock]);
+        }
         Ok(Metrics {
             registry,
             events_published,
@@ -143,6 +160,7 @@ impl Metrics {
             postgres_connected,
             mqtt_connected,
             leader,
+            lock_squatter,
             devices_issued,
             devices_revoked,
             outbox_poll_seconds,
@@ -181,6 +199,8 @@ mod tests {
             "delta_bridge_postgres_connected 0",
             "delta_bridge_mqtt_connected 0",
             "delta_bridge_leader 0",
+            "delta_bridge_lock_squatter{lock=\"leader\"} 0",
+            "delta_bridge_lock_squatter{lock=\"migrate\"} 0",
             "delta_bridge_devices_issued_total 0",
             "delta_bridge_devices_revoked_total 0",
             "delta_bridge_payload_bytes_bucket{stream=\"product\",le=\"64\"} 0",

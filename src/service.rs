@@ -1,9 +1,19 @@
 //! The service's entry points, what the binary calls: `run` (wires configuration, migrations, the pipeline and
 //! the HTTP server under one cancellation token), `migrate`, and `device issue`. The listener and the
 //! cancellation token are arguments, so tests bind port 0, learn the real address, and stop it at will.
+//!
+//! Every task `run` starts is essential and supervised: if one ends (panics, fails, or returns) while the bridge
+//! is not stopping, the supervisor stops the others and [`Running::wait`] returns [`TaskDied`], which the
+//! binary turns into exit code 1. The process then exits within 10 s, and with it the leader's PostgreSQL
+//! session and so the leader lock: a replica never stays leader without a pipeline or a publisher.
 
+use std::any::Any;
+use std::convert::Infallible;
+use std::fmt::Display;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -13,7 +23,8 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::health::Health;
 use crate::http::{self, AppState};
-use crate::metrics::Metrics;
+use crate::locks::{self, Holder};
+use crate::metrics::{Metrics, LOCK_MIGRATE};
 use crate::pipeline;
 use crate::provision::api::DeviceApi;
 use crate::provision::{IssueRequest, IssuedCredentials, ProvisionError, Provisioner};
@@ -34,15 +45,25 @@ pub enum ServiceError {
     Migrate(#[from] MigrateError),
 }
 
-/// Connects and applies migrations; returns the versions applied now.
+/// Connects and applies migrations; returns the versions applied now. Waits at most
+/// `postgres.migrate_lock_timeout` for the migration lock, logging who holds it meanwhile.
 pub async fn migrate_once(cfg: &Config) -> Result<Vec<i32>, MigrateError> {
-    let mut s = pg::connect(
-        &cfg.postgres_url(),
-        cfg.postgres.connect_timeout,
-        "delta-bridge-migrate",
+    migrate_reporting(cfg, &mut |_| {}).await
+}
+
+/// [`migrate_once`], calling `waiting` with the holders of the migration lock while it waits for it.
+async fn migrate_reporting(
+    cfg: &Config,
+    waiting: &mut (dyn FnMut(&[Holder]) + Send),
+) -> Result<Vec<i32>, MigrateError> {
+    let mut s = pg::connect(&cfg.postgres_url(), cfg.postgres.connect_timeout, locks::MIGRATE_APP).await?;
+    schema::migrate(
+        &mut s.client,
+        &cfg.postgres.schema,
+        cfg.postgres.migrate_lock_timeout,
+        waiting,
     )
-    .await?;
-    schema::migrate(&mut s.client, &cfg.postgres.schema).await
+    .await
 }
 
 /// `delta-bridge device issue`: the same code path as `POST /api/v1/devices`.
@@ -52,16 +73,130 @@ pub async fn issue_device(cfg: &Config, req: &IssueRequest) -> Result<IssuedCred
     Ok(provisioner.issue(req).await?)
 }
 
+/// An essential task of the bridge ended while the bridge was not stopping.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the {task} task died: {why}")]
+pub struct TaskDied {
+    /// `pipeline`, `publisher`, `http` or `device-expiry`.
+    pub task: &'static str,
+    pub why: String,
+}
+
+/// After a task died, how long the others get to stop before [`Running::wait`] returns anyway.
+const STOP_AFTER_DEATH: Duration = Duration::from_secs(8);
+
 /// A running bridge: its real HTTP address, and the handle to wait for it.
 pub struct Running {
     pub http_addr: SocketAddr,
     tracker: TaskTracker,
+    supervisor: Supervisor,
 }
 
 impl Running {
-    pub async fn wait(self) {
-        self.tracker.wait().await;
+    /// Waits until every task has ended. Ok after a clean shutdown (the cancellation token was cancelled);
+    /// Err when a task died, once the others have stopped (at most 8 s later).
+    pub async fn wait(self) -> Result<(), TaskDied> {
+        tokio::select! {
+            _ = self.tracker.wait() => {}
+            _ = async {
+                self.supervisor.death.cancelled().await;
+                tokio::time::sleep(self.supervisor.stop_after).await;
+            } => tracing::warn!("tasks still running {:?} after a task died; not waiting for them", self.supervisor.stop_after),
+        }
+        match self
+            .supervisor
+            .died
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            Some((d, _)) => Err(d),
+            None => Ok(()),
+        }
     }
+}
+
+/// Spawns the essential tasks and watches their JoinHandles: the first that ends while `cancel` is not
+/// cancelled is recorded, and `cancel` is cancelled so that the others stop.
+#[derive(Clone)]
+struct Supervisor {
+    cancel: CancellationToken,
+    /// Cancelled when a task died.
+    death: CancellationToken,
+    /// The death reported by [`Running::wait`], with its rank.
+    died: Arc<Mutex<Option<(TaskDied, Rank)>>>,
+    /// [`STOP_AFTER_DEATH`] (shorter in tests).
+    stop_after: Duration,
+}
+
+impl Supervisor {
+    fn new(cancel: CancellationToken) -> Supervisor {
+        Supervisor {
+            cancel,
+            death: CancellationToken::new(),
+            died: Arc::default(),
+            stop_after: STOP_AFTER_DEATH,
+        }
+    }
+
+    fn spawn<F, E>(&self, tracker: &TaskTracker, task: &'static str, fut: F)
+    where
+        F: Future<Output = Result<(), E>> + Send + 'static,
+        E: Display + Send + 'static,
+    {
+        let handle = tokio::spawn(fut);
+        let this = self.clone();
+        tracker.spawn(async move {
+            let (why, rank) = match handle.await {
+                Ok(Ok(())) if this.cancel.is_cancelled() => return,
+                Ok(Ok(())) => ("it returned while the bridge was running".to_string(), Rank::Returned),
+                Ok(Err(e)) => (e.to_string(), Rank::Failed),
+                Err(e) => match e.try_into_panic() {
+                    Ok(payload) => (format!("panicked: {}", panic_message(payload.as_ref())), Rank::Panicked),
+                    Err(e) => (e.to_string(), Rank::Panicked),
+                },
+            };
+            this.died(TaskDied { task, why }, rank);
+        });
+    }
+
+    /// Records the first death, unless a later one ranks higher: when one task dies the others that depend on
+    /// it follow (the publisher returns once the pipeline that fed it is gone; the pipeline fails once the
+    /// publisher is), and the report should name the cause.
+    fn died(&self, death: TaskDied, rank: Rank) {
+        tracing::error!(task = death.task, why = %death.why, "an essential task died; stopping the bridge, which exits 1");
+        let mut died = self.died.lock().unwrap_or_else(PoisonError::into_inner);
+        if died.as_ref().is_none_or(|(_, r)| *r < rank) {
+            *died = Some((death, rank));
+        }
+        drop(died);
+        self.death.cancel();
+        self.cancel.cancel();
+    }
+}
+
+/// How a task died, from the most likely consequence of another's death to the most likely cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Rank {
+    Returned,
+    Failed,
+    Panicked,
+}
+
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "(no message)"
+    }
+}
+
+/// For tasks that end only when cancelled: returning at all is what the supervisor looks for.
+async fn infallible(fut: impl Future<Output = ()>) -> Result<(), Infallible> {
+    fut.await;
+    Ok(())
 }
 
 /// Starts everything. With `migrate`, installs/upgrades the database objects first, retrying while the
@@ -79,6 +214,7 @@ pub async fn start(
     let health = Arc::new(Health::default());
     let http_addr = listener.local_addr()?;
     let tracker = TaskTracker::new();
+    let supervisor = Supervisor::new(cancel.clone());
     let provisioner = Arc::new(Provisioner::from_config(&cfg, metrics.clone())?);
     let state = AppState {
         health: health.clone(),
@@ -88,24 +224,24 @@ pub async fn start(
             provisioner: provisioner.clone(),
         }),
     };
-    {
-        let cancel = cancel.clone();
-        tracker.spawn(async move {
-            if let Err(e) = http::serve(listener, state, cancel).await {
-                tracing::error!(error = %e, "http server failed");
-            }
-        });
-    }
+    supervisor.spawn(&tracker, "http", http::serve(listener, state, cancel.clone()));
     if migrate {
         let mut backoff = Backoff::new();
         loop {
+            // While the migration waits for its lock, /metrics shows whether a session that is not another
+            // bridge's migration holds it.
+            let squatter = metrics.lock_squatter.with_label_values(&[LOCK_MIGRATE]);
+            let mut waiting = |holders: &[Holder]| {
+                squatter.set(i64::from(holders.iter().any(Holder::migrate_squat)));
+            };
             let attempt = tokio::select! {
-                r = migrate_once(&cfg) => r,
+                r = migrate_reporting(&cfg, &mut waiting) => r,
                 _ = cancel.cancelled() => {
                     tracker.close();
-                    return Ok(Running { http_addr, tracker });
+                    return Ok(Running { http_addr, tracker, supervisor });
                 }
             };
+            squatter.set(0); // not waiting any more, however the attempt ended
             match attempt {
                 Ok(v) if v.is_empty() => break,
                 Ok(v) => {
@@ -125,7 +261,7 @@ pub async fn start(
                         _ = tokio::time::sleep(wait) => {}
                         _ = cancel.cancelled() => {
                             tracker.close();
-                            return Ok(Running { http_addr, tracker });
+                            return Ok(Running { http_addr, tracker, supervisor });
                         }
                     }
                 }
@@ -133,11 +269,21 @@ pub async fn start(
         }
     }
     if provisioner.needs_expiry_sweep() && provisioner.has_keys() {
-        tracker.spawn(provisioner.run_expiry_sweep(cancel.clone()));
+        supervisor.spawn(
+            &tracker,
+            "device-expiry",
+            infallible(provisioner.run_expiry_sweep(cancel.clone())),
+        );
     }
-    tracker.spawn(pipeline::run(cfg, metrics, health, cancel));
+    let (pipeline, publisher) = pipeline::tasks(cfg, metrics, health, cancel);
+    supervisor.spawn(&tracker, "publisher", infallible(publisher));
+    supervisor.spawn(&tracker, "pipeline", pipeline);
     tracker.close();
-    Ok(Running { http_addr, tracker })
+    Ok(Running {
+        http_addr,
+        tracker,
+        supervisor,
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -153,5 +299,105 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(supervisor: Supervisor, tracker: TaskTracker) -> Running {
+        tracker.close();
+        Running {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tracker,
+            supervisor,
+        }
+    }
+
+    /// A task that runs until cancelled, like the bridge's own.
+    async fn until(cancel: CancellationToken) -> Result<(), Infallible> {
+        cancel.cancelled().await;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_clean_shutdown_is_ok() {
+        let cancel = CancellationToken::new();
+        let (sup, tracker) = (Supervisor::new(cancel.clone()), TaskTracker::new());
+        sup.spawn(&tracker, "a", until(cancel.clone()));
+        sup.spawn(&tracker, "b", until(cancel.clone()));
+        cancel.cancel();
+        assert_eq!(running(sup, tracker).wait().await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_task_stops_the_others_and_is_reported() {
+        let cancel = CancellationToken::new();
+        let (sup, tracker) = (Supervisor::new(cancel.clone()), TaskTracker::new());
+        sup.spawn(&tracker, "steady", until(cancel.clone()));
+        sup.spawn(&tracker, "doomed", async {
+            tokio::task::yield_now().await;
+            panic!("boom");
+            #[allow(unreachable_code)]
+            Ok::<(), Infallible>(())
+        });
+        let r = tokio::time::timeout(Duration::from_secs(5), running(sup, tracker).wait())
+            .await
+            .expect("wait returns");
+        assert_eq!(
+            r,
+            Err(TaskDied {
+                task: "doomed",
+                why: "panicked: boom".into()
+            })
+        );
+        assert!(cancel.is_cancelled(), "the others were told to stop");
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_reported_rather_than_a_return_it_caused() {
+        let sup = Supervisor::new(CancellationToken::new());
+        let died = |task, why: &str| TaskDied { task, why: why.into() };
+        sup.died(died("publisher", "returned"), Rank::Returned);
+        sup.died(died("pipeline", "the publisher is gone"), Rank::Failed);
+        sup.died(died("publisher", "panicked: boom"), Rank::Panicked);
+        sup.died(died("http", "panicked: later"), Rank::Panicked);
+        sup.died(died("other", "returned"), Rank::Returned);
+        let recorded = sup.died.lock().expect("lock").clone();
+        assert_eq!(recorded, Some((died("publisher", "panicked: boom"), Rank::Panicked)));
+    }
+
+    #[tokio::test]
+    async fn a_task_that_fails_or_returns_while_running_died() {
+        let cancel = CancellationToken::new();
+        let (sup, tracker) = (Supervisor::new(cancel.clone()), TaskTracker::new());
+        sup.spawn(&tracker, "failing", async { Err::<(), _>("no more publisher") });
+        let r = running(sup, tracker).wait().await;
+        assert_eq!(
+            r.map_err(|d| d.to_string()),
+            Err("the failing task died: no more publisher".into())
+        );
+
+        let cancel = CancellationToken::new();
+        let (sup, tracker) = (Supervisor::new(cancel.clone()), TaskTracker::new());
+        sup.spawn(&tracker, "quitter", infallible(async {}));
+        let r = running(sup, tracker).wait().await;
+        assert_eq!(r.map_err(|d| d.task), Err("quitter"));
+        assert!(cancel.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn wait_gives_up_on_tasks_that_do_not_stop_after_a_death() {
+        let cancel = CancellationToken::new();
+        let sup = Supervisor {
+            stop_after: Duration::from_millis(50),
+            ..Supervisor::new(cancel.clone())
+        };
+        let tracker = TaskTracker::new();
+        sup.spawn(&tracker, "stubborn", infallible(std::future::pending::<()>()));
+        sup.spawn(&tracker, "quitter", infallible(async {}));
+        let r = running(sup, tracker).wait().await;
+        assert_eq!(r.map_err(|d| d.task), Err("quitter"));
     }
 }

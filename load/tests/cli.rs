@@ -74,7 +74,7 @@ async fn reports_per_stream_as_documented_and_exits_non_zero_on_loss() {
 
     // No bridge: nothing is delivered, delta-load says so and exits 1.
     cancel.cancel();
-    running.wait().await;
+    running.wait().await.expect("the bridge stopped cleanly");
     let out =
         tokio::task::block_in_place(|| delta_load(&cfg_path, &["--rate", "20", "--duration", "1s", "--grace", "1s"]));
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));

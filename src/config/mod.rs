@@ -65,6 +65,9 @@ pub struct PostgresConfig {
     /// Schema of the business tables (merchants, branches, products, ...).
     pub schema: String,
     pub connect_timeout: Duration,
+    /// How long a migration waits for the migration lock (held by another replica's migration, or squatted)
+    /// before it gives up with an error naming the holder.
+    pub migrate_lock_timeout: Duration,
 }
 
 // Debug by hand where a field is a URL (it may carry a password) and by destructuring, so that a new field
@@ -76,12 +79,14 @@ impl fmt::Debug for PostgresConfig {
             password,
             schema,
             connect_timeout,
+            migrate_lock_timeout,
         } = self;
         f.debug_struct("PostgresConfig")
             .field("url", &redact_url(url))
             .field("password", password)
             .field("schema", schema)
             .field("connect_timeout", connect_timeout)
+            .field("migrate_lock_timeout", migrate_lock_timeout)
             .finish()
     }
 }

@@ -18,7 +18,14 @@ const KNOWN: &[(&str, &[&str])] = &[
     ("", &["env"]),
     (
         "postgres",
-        &["url", "password", "password_file", "schema", "connect_timeout"],
+        &[
+            "url",
+            "password",
+            "password_file",
+            "schema",
+            "connect_timeout",
+            "migrate_lock_timeout",
+        ],
     ),
     (
         "mqtt",

@@ -31,12 +31,14 @@ pub(super) fn redacted_toml(cfg: &Config) -> String {
         password,
         schema,
         connect_timeout,
+        migrate_lock_timeout,
     } = postgres;
     t.section("postgres");
     t.set("url", redact_url(url));
     t.secret("password", password.as_ref());
     t.set("schema", schema.as_str());
     t.duration("connect_timeout", *connect_timeout);
+    t.duration("migrate_lock_timeout", *migrate_lock_timeout);
 
     let MqttConfig {
         url,

@@ -40,6 +40,7 @@ fn defaults_are_valid() {
     assert!(c.mqtt.client_id.ends_with(&format!("-{}", std::process::id())));
     assert_eq!(c.credentials.ttl, Duration::from_secs(86400));
     assert_eq!(c.broker.kind, BrokerKind::None);
+    assert_eq!(c.postgres.migrate_lock_timeout, Duration::from_secs(60));
 }
 
 #[test]
@@ -87,6 +88,14 @@ fn errors_name_the_key() {
     assert_eq!(
         key_of(parse("[mqtt]\nkeep_alive = \"2s\"\n", &[]).unwrap_err()),
         "mqtt.keep_alive"
+    );
+    assert_eq!(
+        key_of(parse("[postgres]\nmigrate_lock_timeout = \"0s\"\n", &[]).unwrap_err()),
+        "postgres.migrate_lock_timeout"
+    );
+    assert_eq!(
+        key_of(parse("", &[("DELTA_BRIDGE__POSTGRES__MIGRATE_LOCK_TIMEOUT", "soon")]).unwrap_err()),
+        "postgres.migrate_lock_timeout"
     );
 }
 
@@ -246,6 +255,7 @@ url = "postgres://bridge@db.internal:6432/mstore?sslmode=require"
 password = "pg-secret"
 schema = "shop \"eu\""
 connect_timeout = "250ms"
+migrate_lock_timeout = "2m30s"
 [mqtt]
 url = "mqtts://broker.internal:8883"
 client_id = "bridge-{hostname}-{pid}"
@@ -335,6 +345,7 @@ fn check_config_prints_durations_as_the_file_takes_them() {
     let printed = c.redacted_toml();
     for line in [
         "connect_timeout = \"1m500ms\"",
+        "migrate_lock_timeout = \"2m30s\"",
         "keep_alive = \"1h30m\"",
         "ttl = \"1d12h\"",
         "min_ttl = \"1m30s\"",
@@ -389,6 +400,7 @@ url = "postgres://postgres@127.0.0.1:5432/postgres"
 # password: not set
 schema = "public"
 connect_timeout = "10s"
+migrate_lock_timeout = "1m"
 
 [mqtt]
 url = "mqtt://127.0.0.1:1883"

@@ -29,7 +29,14 @@ impl Raw {
             password: self.secret("postgres.password")?,
             schema,
             connect_timeout: self.duration("postgres.connect_timeout", "10s")?,
+            migrate_lock_timeout: self.duration("postgres.migrate_lock_timeout", "60s")?,
         };
+        if postgres.migrate_lock_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "postgres.migrate_lock_timeout",
+                "must be greater than 0",
+            ));
+        }
 
         let mqtt_url = self.non_empty("mqtt.url", "mqtt://127.0.0.1:1883")?;
         BrokerAddress::parse(&mqtt_url).map_err(|reason| ConfigError::invalid("mqtt.url", reason))?;

@@ -266,6 +266,7 @@ impl Publisher {
                 }
                 ev = events.recv(), if !*draining => match ev {
                     Some(event) => {
+                        crate::fault::check(crate::fault::Task::Publisher, &event.payload);
                         if unacked.contains(event.seq) {
                             continue; // re-read by a new leader session while still in flight here
                         }

@@ -9,9 +9,11 @@
 //! `tracker`, tested against a model of out-of-order commits. It never blocks on a full publisher: converted
 //! events wait in `ready` while the session keeps serving acknowledgements and health checks.
 
+mod leadership;
 mod tracker;
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +30,7 @@ use crate::health::Health;
 use crate::metrics::{FailureReason, Metrics};
 use crate::pg::{self, timed, PgError};
 
+use leadership::{Heartbeat, SquatterWatch};
 use tracker::{Snapshot, Tracker, GAP_FAST_EVERY};
 
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -44,11 +47,36 @@ const LINGER_POLL: Duration = Duration::from_millis(1);
 /// How often a standby tries the leader lock.
 const STANDBY_POLL: Duration = Duration::from_millis(250);
 
-/// Runs the data path until `cancel`, reconnecting to PostgreSQL with backoff. Every replica runs this; the
-/// one that holds the leader lock publishes, the others stand by (connected, so that they are ready).
-pub(crate) async fn run(cfg: Arc<Config>, metrics: Arc<Metrics>, health: Arc<Health>, cancel: CancellationToken) {
+/// The publisher task has stopped while the pipeline still runs: nothing handed to it would be published, so
+/// the pipeline stops too (and gives up the leader lock) instead of leading without publishing.
+#[derive(Debug, thiserror::Error)]
+#[error("the publisher task has stopped: events can no longer reach the broker")]
+pub(crate) struct PublisherGone;
+
+/// Why a database session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error(transparent)]
+    PublisherGone(#[from] PublisherGone),
+}
+
+/// The data path as its two tasks, for the caller to spawn and supervise: the pipeline ([`run`]) and the
+/// publisher it hands events to. Every replica runs both; the one that holds the leader lock publishes, the
+/// others stand by (connected, so that they are ready). Each runs until `cancel`; the pipeline also ends, with
+/// an error, when the publisher is gone.
+pub(crate) fn tasks(
+    cfg: Arc<Config>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+) -> (
+    impl Future<Output = Result<(), PublisherGone>> + Send + 'static,
+    impl Future<Output = ()> + Send + 'static,
+) {
     let (event_tx, event_rx) = mpsc::channel(cfg.bridge.batch_size as usize * 2);
-    let (outcome_tx, mut outcome_rx) = mpsc::unbounded_channel();
+    let (outcome_tx, outcome_rx) = mpsc::unbounded_channel();
     let publisher = Publisher::new(
         cfg.mqtt.clone(),
         metrics.clone(),
@@ -56,8 +84,19 @@ pub(crate) async fn run(cfg: Arc<Config>, metrics: Arc<Metrics>, health: Arc<Hea
         Duration::from_secs(5),
         cfg.bridge.max_pending,
     );
-    let publisher_task = tokio::spawn(publisher.run(event_rx, outcome_tx, cancel.clone()));
+    let publishing = publisher.run(event_rx, outcome_tx, cancel.clone());
+    (run(cfg, metrics, health, cancel, event_tx, outcome_rx), publishing)
+}
 
+/// Runs the pipeline until `cancel`, reconnecting to PostgreSQL with backoff.
+async fn run(
+    cfg: Arc<Config>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+    event_tx: mpsc::Sender<Event>,
+    mut outcome_rx: mpsc::UnboundedReceiver<Outcome>,
+) -> Result<(), PublisherGone> {
     let mut pipeline = Pipeline::new(cfg.clone(), metrics.clone());
     let mut backoff = Backoff::new();
     loop {
@@ -69,7 +108,8 @@ pub(crate) async fn run(cfg: Arc<Config>, metrics: Arc<Metrics>, health: Arc<Hea
         metrics.leader.set(0);
         match result {
             Ok(()) => break,
-            Err(e) => {
+            Err(SessionError::PublisherGone(e)) => return Err(e),
+            Err(SessionError::Pg(e)) => {
                 let wait = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in = ?wait, "postgres session ended");
                 tokio::select! {
@@ -79,8 +119,7 @@ pub(crate) async fn run(cfg: Arc<Config>, metrics: Arc<Metrics>, health: Arc<Hea
             }
         }
     }
-    drop(event_tx);
-    let _ = publisher_task.await;
+    Ok(())
 }
 
 struct Pipeline {
@@ -105,12 +144,15 @@ struct Pipeline {
     mean_event_bytes: f64,
     /// When a read last found rows (for the linger before arming the wake lock).
     last_rows: Option<Instant>,
+    /// The leader's heartbeat (delta_bridge.leader), by which standbys tell it from a squatter.
+    heartbeat: Heartbeat,
 }
 
 impl Pipeline {
     fn new(cfg: Arc<Config>, metrics: Arc<Metrics>) -> Pipeline {
         let now = Instant::now();
         Pipeline {
+            heartbeat: Heartbeat::new(cfg.mqtt.client_id.clone()),
             cfg,
             metrics,
             tracker: Tracker::new(),
@@ -136,7 +178,7 @@ impl Pipeline {
         health: &Health,
         cancel: &CancellationToken,
         backoff: &mut Backoff,
-    ) -> Result<(), PgError> {
+    ) -> Result<(), SessionError> {
         let mut s = pg::connect(
             &self.cfg.postgres_url(),
             self.cfg.postgres.connect_timeout,
@@ -159,7 +201,11 @@ impl Pipeline {
 
         // Stand by until we hold the leader lock (released by PostgreSQL when a leader's session dies).
         let mut announced = false;
+        let mut squatters = SquatterWatch::new(self.metrics.clone());
         while !stmts.try_lock(&s.client, LEADER_LOCK).await? {
+            if events.is_closed() && !cancel.is_cancelled() {
+                return Err(PublisherGone.into()); // never lead without a publisher
+            }
             if !announced {
                 tracing::info!("standing by: another replica is the leader");
                 announced = true;
@@ -170,15 +216,20 @@ impl Pipeline {
             while let Ok(o) = outcomes.try_recv() {
                 self.absorb(o);
             }
+            // Is the holder a live leader replica? If not, say so (metric, log): nothing publishes meanwhile.
+            squatters.check(&s.client).await?;
             // A try-lock every 250 ms (not a blocking pg_advisory_lock, which would show up as a lock wait
             // in the operators' monitoring): a standby takes over ~0.25 s after the leader's session ends.
             tokio::select! {
                 _ = tokio::time::sleep(STANDBY_POLL) => {}
                 _ = cancel.cancelled() => return Ok(()),
-                _ = &mut s.closed => return Err(PgError::Closed),
+                _ = &mut s.closed => return Err(PgError::Closed.into()),
             }
         }
+        drop(squatters);
         self.metrics.leader.set(1);
+        self.heartbeat.reset();
+        self.heartbeat.beat_if_due(&s.client).await?;
         tracing::info!("leader: publishing");
         timed(s.client.batch_execute(&format!("LISTEN {WAKE_CHANNEL}"))).await?;
         self.last_sweep = None; // sweep at once: a previous leader may have left rows below our cursor
@@ -189,9 +240,9 @@ impl Pipeline {
             }
             self.flush(&s.client, &stmts, false).await?;
             if cancel.is_cancelled() {
-                return self.shutdown(&s.client, &stmts, outcomes).await;
+                return Ok(self.shutdown(&s.client, &stmts, outcomes).await?);
             }
-            self.push_ready(events);
+            self.push_ready(events, cancel)?;
 
             let mut drained = true;
             self.metrics.pending_bytes.set(self.pending_bytes as i64);
@@ -206,16 +257,17 @@ impl Pipeline {
                     self.last_rows = Some(Instant::now());
                 }
                 self.take(rows, snap, &install_id);
-                self.push_ready(events);
+                self.push_ready(events, cancel)?;
             }
             if self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) && self.has_room() {
                 self.sweep(&s.client, &stmts, &install_id).await?;
-                self.push_ready(events);
+                self.push_ready(events, cancel)?;
             }
             if self.last_backlog.elapsed() >= BACKLOG_EVERY {
                 self.metrics.outbox_backlog.set(outbox::backlog(&s.client).await?);
                 self.last_backlog = Instant::now();
             }
+            self.heartbeat.beat_if_due(&s.client).await?;
             if !drained && self.ready.is_empty() {
                 continue;
             }
@@ -223,7 +275,7 @@ impl Pipeline {
                 // Busy lately: poll again shortly instead of making writers notify us.
                 tokio::select! {
                     _ = cancel.cancelled() => {}
-                    _ = &mut s.closed => return Err(PgError::Closed),
+                    _ = &mut s.closed => return Err(PgError::Closed.into()),
                     _ = tokio::time::sleep(LINGER_POLL) => {}
                 }
                 continue;
@@ -275,11 +327,12 @@ impl Pipeline {
             let wait = match self.first_ack_pending {
                 Some(t) => wait.min(DELETE_DELAY.saturating_sub(t.elapsed())),
                 None => wait,
-            };
+            }
+            .min(self.heartbeat.due_in());
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {}
-                _ = &mut s.closed => return Err(PgError::Closed),
+                _ = &mut s.closed => return Err(PgError::Closed.into()),
                 Some(payload) = s.notifications.recv() => {
                     let mut replay = payload == "replay";
                     while let Ok(p) = s.notifications.try_recv() {
@@ -367,16 +420,31 @@ impl Pipeline {
         }
     }
 
-    fn push_ready(&mut self, events: &mpsc::Sender<Event>) {
+    /// Hands converted events to the publisher while its channel has room. A closed channel (the publisher
+    /// task is gone) ends the session with an error unless the bridge is stopping: a leader must not keep the
+    /// lock without publishing.
+    fn push_ready(&mut self, events: &mpsc::Sender<Event>, cancel: &CancellationToken) -> Result<(), PublisherGone> {
+        if events.is_closed() && !cancel.is_cancelled() {
+            return Err(PublisherGone);
+        }
         while let Some(ev) = self.ready.pop_front() {
+            crate::fault::check(crate::fault::Task::Pipeline, &ev.payload);
             match events.try_send(ev) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(ev)) | Err(mpsc::error::TrySendError::Closed(ev)) => {
+                Err(mpsc::error::TrySendError::Full(ev)) => {
                     self.ready.push_front(ev);
                     break;
                 }
+                Err(mpsc::error::TrySendError::Closed(ev)) => {
+                    self.ready.push_front(ev);
+                    if cancel.is_cancelled() {
+                        break; // stopping: what is left stays in the outbox
+                    }
+                    return Err(PublisherGone);
+                }
             }
         }
+        Ok(())
     }
 
     fn absorb(&mut self, outcome: Outcome) {
@@ -464,16 +532,69 @@ impl Pipeline {
     ) -> Result<(), PgError> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
         loop {
+            // Still the leader, finishing: standbys must not take a drain for a hang. (The flush below reports
+            // a lost session; this is best effort.)
+            let _ = self.heartbeat.beat_if_due(client).await;
             tokio::select! {
                 o = outcomes.recv() => match o {
                     Some(o) => self.absorb(o),
                     None => break, // publisher finished
                 },
                 _ = tokio::time::sleep_until(deadline) => break,
+                _ = tokio::time::sleep(self.heartbeat.due_in()) => {}
             }
         }
         self.flush(client, stmts, true).await?;
         tracing::info!(unacknowledged = self.tracker.outstanding_len(), "bridge stopped");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::Stream;
+
+    fn event(seq: i64) -> Event {
+        Event {
+            seq,
+            warning: None,
+            stream: Stream::Product,
+            topic: "dev/m/b/product".into(),
+            event_id: format!("i-{seq}"),
+            payload: bytes::Bytes::from_static(b"{}"),
+            captured_at: chrono::Utc::now(),
+        }
+    }
+
+    fn pipeline() -> Pipeline {
+        let cfg = Config::parse("", std::path::Path::new("t.toml"), &[]).expect("config");
+        Pipeline::new(Arc::new(cfg), Arc::new(Metrics::new().expect("metrics")))
+    }
+
+    #[test]
+    fn a_full_publisher_channel_keeps_events_waiting() {
+        let mut p = pipeline();
+        let (tx, _rx) = mpsc::channel(1);
+        p.ready.extend([event(1), event(2)]);
+        assert!(p.push_ready(&tx, &CancellationToken::new()).is_ok());
+        assert_eq!(p.ready.len(), 1, "one handed over, one waits for room");
+    }
+
+    #[test]
+    fn a_closed_publisher_channel_ends_the_session_unless_stopping() {
+        let mut p = pipeline();
+        let (tx, rx) = mpsc::channel(8);
+        drop(rx); // the publisher task is gone
+        p.ready.push_back(event(1));
+        assert!(p.push_ready(&tx, &CancellationToken::new()).is_err());
+        assert!(
+            pipeline().push_ready(&tx, &CancellationToken::new()).is_err(),
+            "even with nothing to hand over"
+        );
+        let stopping = CancellationToken::new();
+        stopping.cancel();
+        assert!(p.push_ready(&tx, &stopping).is_ok());
+        assert_eq!(p.ready.len(), 1, "kept: it stays in the outbox");
     }
 }

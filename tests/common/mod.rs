@@ -140,11 +140,18 @@ impl Env {
 
     /// Starts the bridge binary as a child process with this environment's config file.
     pub fn bridge_process(&self, tag: &str) -> BridgeProcess {
-        self.bridge_process_with(tag, &[])
+        self.bridge_command(tag, "run", &[])
     }
 
     /// Like [`Env::bridge_process`], with extra environment variables (configuration overrides).
     pub fn bridge_process_with(&self, tag: &str, vars: &[(&str, &str)]) -> BridgeProcess {
+        self.bridge_command(tag, "run", vars)
+    }
+
+    /// Runs `delta-bridge --config <this environment's config> <command>` as a child process with the extra
+    /// environment variables `vars`; its stdout and stderr go to `bridge-{tag}.log` in the environment's
+    /// directory (see [`Env::log`]).
+    pub fn bridge_command(&self, tag: &str, command: &str, vars: &[(&str, &str)]) -> BridgeProcess {
         let cfg_path = self.dir.join(format!("bridge-{tag}.toml"));
         let port = delta_harness::servers::free_port().expect("port");
         // Each process its own MQTT client id: replicas sharing one would take each other's connection.
@@ -157,7 +164,7 @@ impl Env {
         let child = Command::new(env!("CARGO_BIN_EXE_delta-bridge"))
             .args(["--config"])
             .arg(&cfg_path)
-            .arg("run")
+            .arg(command)
             .env("RUST_LOG", "info")
             .envs(vars.iter().copied())
             .stdin(Stdio::null())
@@ -169,6 +176,13 @@ impl Env {
             child,
             http: format!("http://127.0.0.1:{port}"),
         }
+    }
+}
+
+impl Env {
+    /// What a bridge started by [`Env::bridge_command`] with this tag has logged so far.
+    pub fn log(&self, tag: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("bridge-{tag}.log"))).unwrap_or_default()
     }
 }
 
@@ -254,7 +268,7 @@ impl InProcessBridge {
     pub async fn stop(mut self) {
         self.cancel.cancel();
         if let Some(r) = self.running.take() {
-            r.wait().await;
+            r.wait().await.expect("the bridge stopped cleanly");
         }
     }
 }

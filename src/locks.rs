@@ -1,0 +1,240 @@
+//! Who holds the bridge's advisory locks, read from PostgreSQL itself (`pg_locks` joined with
+//! `pg_stat_activity`), and the leader's heartbeat that tells a publishing leader replica from a squatter.
+//!
+//! Any login can take an advisory lock, so a session of some other program (a psql session, a job that happens
+//! to use the same key) can hold the leader lock or the migration lock. A squatter is a session that holds a
+//! lock the bridge needs and is not a bridge replica doing its job: for the leader lock, anything but the
+//! replica whose heartbeat row (`delta_bridge.leader`, written by the leader every [`HEARTBEAT_EVERY`]) names its
+//! backend and is fresh; for the migration lock, anything but another bridge's migration. Plumbing: imports
+//! only `pg`.
+
+use std::fmt;
+use std::time::Duration;
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, GenericClient};
+
+use crate::pg::{timed, PgError};
+
+/// The application_name of a replica's data-path session (the leader's, and each standby's).
+pub(crate) const REPLICA_APP: &str = "delta-bridge";
+/// The application_name of the session that applies migrations (`migrate`, and `run` before it starts).
+pub(crate) const MIGRATE_APP: &str = "delta-bridge-migrate";
+
+/// How often the leader writes its heartbeat.
+pub(crate) const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// A leader replica whose heartbeat is older than this holds the lock without publishing (hung, stopped).
+pub(crate) const HEARTBEAT_STALE: Duration = Duration::from_secs(6);
+
+/// One session holding an advisory lock.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Holder {
+    /// The backend's pid (None for a prepared transaction, which has no session).
+    pub pid: Option<i32>,
+    /// `pg_stat_activity.usename`.
+    pub user: Option<String>,
+    pub application_name: Option<String>,
+    /// Leader lock only: seconds since this backend last wrote the leader's heartbeat (None: it never did, or
+    /// another backend wrote the last one).
+    pub heartbeat_age: Option<f64>,
+}
+
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.pid {
+            Some(pid) => write!(f, "pid {pid}")?,
+            None => write!(f, "a prepared transaction")?,
+        }
+        write!(
+            f,
+            " (user {:?}, application_name {:?})",
+            self.user.as_deref().unwrap_or("?"),
+            self.application_name.as_deref().unwrap_or("?")
+        )
+    }
+}
+
+/// Why a holder of the leader lock is a squatter.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Squat {
+    /// Not a bridge replica (by its application_name).
+    Foreign,
+    /// Calls itself a replica but is not the one that heartbeats as the leader. A replica that has just taken
+    /// the lock looks like this until its first heartbeat, a moment later: report it only if it lasts. (So
+    /// does the leader of an earlier version, which writes no heartbeat, during a rolling update from it.)
+    NoHeartbeat,
+    /// The leader replica, but it has not heartbeated for this many seconds: hung or stopped.
+    Stale(f64),
+}
+
+impl fmt::Display for Squat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Squat::Foreign => write!(f, "not a delta-bridge replica"),
+            Squat::NoHeartbeat => write!(
+                f,
+                "calls itself {REPLICA_APP} but is not the replica that heartbeats as the leader"
+            ),
+            Squat::Stale(age) => write!(
+                f,
+                "a delta-bridge leader whose last heartbeat is {age:.0} s old: it holds the lock without publishing"
+            ),
+        }
+    }
+}
+
+impl Holder {
+    /// For a holder of the leader lock: why it is a squatter, or None for a live leader replica.
+    /// `heartbeats`: the heartbeat table exists (in a database not migrated by this version a replica cannot
+    /// be told from a squatter by its heartbeat, and is trusted by its name).
+    pub(crate) fn leader_squat(&self, heartbeats: bool) -> Option<Squat> {
+        if self.application_name.as_deref() != Some(REPLICA_APP) {
+            return Some(Squat::Foreign);
+        }
+        match self.heartbeat_age {
+            Some(age) if age > HEARTBEAT_STALE.as_secs_f64() => Some(Squat::Stale(age)),
+            Some(_) => None,
+            None if heartbeats => Some(Squat::NoHeartbeat),
+            None => None,
+        }
+    }
+
+    /// For a holder of the migration lock: is it something other than another bridge's migration?
+    pub(crate) fn migrate_squat(&self) -> bool {
+        self.application_name.as_deref() != Some(MIGRATE_APP)
+    }
+}
+
+/// The holders of the advisory lock `key` in this database (other than this session), with the leader's
+/// heartbeat joined in when `heartbeat` (the leader lock). Bounded by [`crate::pg::QUERY_TIMEOUT`].
+const HOLDERS: &str = "
+SELECT l.pid, a.usename::text, a.application_name, NULL::float8
+  FROM pg_catalog.pg_locks l
+  LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+   AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+   AND ((l.classid::bigint << 32) | l.objid::bigint) = $1
+   AND l.pid IS DISTINCT FROM pg_backend_pid()
+ ORDER BY l.pid";
+
+const HOLDERS_WITH_HEARTBEAT: &str = "
+SELECT l.pid, a.usename::text, a.application_name,
+       extract(epoch FROM clock_timestamp() - h.heartbeat_at)::float8
+  FROM pg_catalog.pg_locks l
+  LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+  LEFT JOIN delta_bridge.leader h ON h.pid = l.pid
+ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+   AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+   AND ((l.classid::bigint << 32) | l.objid::bigint) = $1
+   AND l.pid IS DISTINCT FROM pg_backend_pid()
+ ORDER BY l.pid";
+
+fn holder(row: &tokio_postgres::Row) -> Holder {
+    Holder {
+        pid: row.get(0),
+        user: row.get(1),
+        application_name: row.get(2),
+        heartbeat_age: row.get(3),
+    }
+}
+
+/// Who holds the advisory lock `key` (no heartbeat).
+pub(crate) async fn holders<C: GenericClient>(client: &C, key: i64) -> Result<Vec<Holder>, PgError> {
+    Ok(timed(client.query(HOLDERS, &[&key]))
+        .await?
+        .iter()
+        .map(holder)
+        .collect())
+}
+
+/// Who holds the leader lock `key`, each with the age of its heartbeat; and whether there are heartbeats
+/// (false when the table does not exist: a database not migrated by this version, `run --no-migrate`).
+pub(crate) async fn leader_holders(client: &Client, key: i64) -> Result<(Vec<Holder>, bool), PgError> {
+    match timed(client.query(HOLDERS_WITH_HEARTBEAT, &[&key])).await {
+        Ok(rows) => Ok((rows.iter().map(holder).collect(), true)),
+        Err(e) if undefined_table(&e) => Ok((holders(client, key).await?, false)),
+        Err(e) => Err(e),
+    }
+}
+
+/// The leader's heartbeat: this backend leads, as `replica`, now. Returns false when the table does not exist
+/// (the database was not migrated by this version; `run --no-migrate`): the leader then publishes without.
+pub(crate) async fn heartbeat(client: &Client, replica: &str) -> Result<bool, PgError> {
+    let r = timed(client.execute(
+        "INSERT INTO delta_bridge.leader AS l (singleton, pid, replica, since, heartbeat_at)
+         VALUES (true, pg_backend_pid(), $1, clock_timestamp(), clock_timestamp())
+         ON CONFLICT (singleton) DO UPDATE
+            SET pid = EXCLUDED.pid, replica = EXCLUDED.replica, heartbeat_at = EXCLUDED.heartbeat_at,
+                since = CASE WHEN l.pid = EXCLUDED.pid THEN l.since ELSE EXCLUDED.since END",
+        &[&replica],
+    ))
+    .await;
+    match r {
+        Ok(_) => Ok(true),
+        Err(e) if undefined_table(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn undefined_table(e: &PgError) -> bool {
+    matches!(e, PgError::Query(q) if q.code() == Some(&SqlState::UNDEFINED_TABLE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holder(app: &str, age: Option<f64>) -> Holder {
+        Holder {
+            pid: Some(42),
+            user: Some("bridge".into()),
+            application_name: Some(app.into()),
+            heartbeat_age: age,
+        }
+    }
+
+    #[test]
+    fn a_leader_replica_with_a_fresh_heartbeat_is_no_squatter() {
+        assert_eq!(holder(REPLICA_APP, Some(0.5)).leader_squat(true), None);
+        assert_eq!(holder(REPLICA_APP, Some(5.9)).leader_squat(true), None);
+    }
+
+    #[test]
+    fn anything_else_holding_the_leader_lock_is_a_squatter() {
+        assert_eq!(holder("psql", Some(0.1)).leader_squat(true), Some(Squat::Foreign));
+        assert_eq!(holder("psql", None).leader_squat(false), Some(Squat::Foreign));
+        assert_eq!(
+            Holder {
+                application_name: None,
+                ..holder("", None)
+            }
+            .leader_squat(true),
+            Some(Squat::Foreign)
+        );
+        assert_eq!(holder(REPLICA_APP, None).leader_squat(true), Some(Squat::NoHeartbeat));
+        assert_eq!(
+            holder(REPLICA_APP, Some(6.5)).leader_squat(true),
+            Some(Squat::Stale(6.5))
+        );
+    }
+
+    #[test]
+    fn without_the_heartbeat_table_a_replica_is_trusted_by_its_name() {
+        assert_eq!(holder(REPLICA_APP, None).leader_squat(false), None);
+    }
+
+    #[test]
+    fn only_another_bridge_migration_may_hold_the_migration_lock() {
+        assert!(!holder(MIGRATE_APP, None).migrate_squat());
+        assert!(holder(REPLICA_APP, None).migrate_squat());
+        assert!(holder("psql", None).migrate_squat());
+    }
+
+    #[test]
+    fn a_holder_prints_its_pid_user_and_application_name() {
+        assert_eq!(
+            holder("psql", None).to_string(),
+            "pid 42 (user \"bridge\", application_name \"psql\")"
+        );
+    }
+}
