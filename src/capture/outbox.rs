@@ -1,9 +1,11 @@
 //! Queries on the outbox and the dead-letter table. Every function is one statement, bounded by
 //! [`crate::pg::QUERY_TIMEOUT`]; the pipeline decides what to read when.
 
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::FromSql;
 use tokio_postgres::{Client, Row, Statement};
 
-use crate::convert::Captured;
+use crate::convert::{Captured, ConvertError};
 use crate::pg::{timed, PgError};
 
 const COLUMNS: &str =
@@ -16,19 +18,91 @@ pub(crate) const WAKE_LOCK: i64 = 7_234_298_723_001;
 /// The NOTIFY channel writers use to wake the leader.
 pub(crate) const WAKE_CHANNEL: &str = "delta_bridge_wake";
 
-fn captured(row: &Row) -> Captured {
-    Captured {
-        id: row.get(0),
-        captured_at: row.get(1),
-        kind: row.get(2),
-        op: row.get(3),
-        merchant_code: row.get(4),
-        branch_code: row.get(5),
-        product_name: row.get(6),
-        old_row: row.get(7),
-        new_row: row.get(8),
-        items: row.get(9),
-        ctx: row.get(10),
+/// What the bridge reads without trouble; said in every [`Undecodable`] detail, since the value itself
+/// may be any column of any type in a business table (capture copies whole rows).
+const READABLE: &str = "the bridge reads JSON nested at most 128 levels deep, numbers within the range of a \
+                        64-bit float, and text in UTF-8 without unpaired surrogate escapes (\\ud800-\\udfff)";
+
+/// An outbox row whose id was read but whose content was not: a value nested too deep, a number beyond f64,
+/// text that is not UTF-8 (or that PostgreSQL cannot send as UTF-8). The pipeline dead-letters it like a
+/// row that cannot be converted; the dead-letter function copies the row server-side, so nothing more of it
+/// needs reading.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot read column {column} of the captured row: {cause} ({READABLE})")]
+pub(crate) struct Undecodable {
+    pub id: i64,
+    /// The outbox column (`new_row`, `branch_code`, ...).
+    pub column: String,
+    /// The decoder's (or PostgreSQL's) reason.
+    pub cause: String,
+}
+
+impl From<Undecodable> for ConvertError {
+    fn from(u: Undecodable) -> ConvertError {
+        ConvertError(u.to_string())
+    }
+}
+
+/// One outbox row as read: its content, or why it could not be read.
+pub(crate) type Fetched = Result<Captured, Undecodable>;
+
+/// The outbox id of a fetched row, read or not.
+pub(crate) fn fetched_id(f: &Fetched) -> i64 {
+    match f {
+        Ok(c) => c.id,
+        Err(u) => u.id,
+    }
+}
+
+/// Decodes one outbox row without panicking on its content. `Err` only when the id itself cannot be read:
+/// impossible while `id` is the table's bigint primary key, and then nothing can be done with the row (it can
+/// be neither dead-lettered nor passed over by the cursor), so the read fails like a lost session.
+fn captured(row: &Row) -> Result<Fetched, PgError> {
+    let id: i64 = row.try_get(0)?;
+    Ok(read_row(row, id))
+}
+
+fn read_row(row: &Row, id: i64) -> Fetched {
+    fn get<'a, T: FromSql<'a>>(row: &'a Row, idx: usize, id: i64) -> Result<T, Undecodable> {
+        row.try_get(idx).map_err(|e| {
+            let column = row
+                .columns()
+                .get(idx)
+                .map_or_else(|| format!("#{idx}"), |c| c.name().to_string());
+            // tokio-postgres says "error deserializing column N"; the decoder's own reason is its source.
+            let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
+            Undecodable { id, column, cause }
+        })
+    }
+    Ok(Captured {
+        id,
+        captured_at: get(row, 1, id)?,
+        kind: get(row, 2, id)?,
+        op: get(row, 3, id)?,
+        merchant_code: get(row, 4, id)?,
+        branch_code: get(row, 5, id)?,
+        product_name: get(row, 6, id)?,
+        old_row: get(row, 7, id)?,
+        new_row: get(row, 8, id)?,
+        items: get(row, 9, id)?,
+        ctx: get(row, 10, id)?,
+    })
+}
+
+fn decode_all(rows: &[Row]) -> Result<Vec<Fetched>, PgError> {
+    rows.iter().map(captured).collect()
+}
+
+/// PostgreSQL refused to send a value in the session's encoding (UTF-8): text that is not valid in a
+/// SQL_ASCII database, or a character with no UTF-8 equivalent. The whole statement fails, for every row
+/// it would have returned.
+fn unsendable(e: &PgError) -> bool {
+    match e {
+        PgError::Query(e) => matches!(
+            e.code(),
+            Some(c) if *c == SqlState::CHARACTER_NOT_IN_REPERTOIRE || *c == SqlState::UNTRANSLATABLE_CHARACTER
+        ),
+        _ => false,
     }
 }
 
@@ -60,24 +134,51 @@ impl Statements {
     }
 
     /// Rows with id > `after`, in id order.
-    pub(crate) async fn fetch_after(&self, client: &Client, after: i64, limit: i64) -> Result<Vec<Captured>, PgError> {
-        Ok(timed(client.query(&self.fetch_after, &[&after, &limit]))
-            .await?
-            .iter()
-            .map(captured)
-            .collect())
+    pub(crate) async fn fetch_after(&self, client: &Client, after: i64, limit: i64) -> Result<Vec<Fetched>, PgError> {
+        match timed(client.query(&self.fetch_after, &[&after, &limit])).await {
+            Ok(rows) => decode_all(&rows),
+            Err(e) if unsendable(&e) => {
+                let ids = ids_between(client, after, i64::MAX, limit).await?;
+                self.fetch_apart(client, &ids).await
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Rows with id in `ids` (gaps that may have committed late), in id order.
-    pub(crate) async fn fetch_ids(&self, client: &Client, ids: &[i64]) -> Result<Vec<Captured>, PgError> {
+    pub(crate) async fn fetch_ids(&self, client: &Client, ids: &[i64]) -> Result<Vec<Fetched>, PgError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(timed(client.query(&self.fetch_ids, &[&ids]))
-            .await?
-            .iter()
-            .map(captured)
-            .collect())
+        match timed(client.query(&self.fetch_ids, &[&ids])).await {
+            Ok(rows) => decode_all(&rows),
+            Err(e) if unsendable(&e) => self.fetch_apart(client, ids).await,
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads `ids` (ascending) after PostgreSQL refused to send them together: halves every part it refuses,
+    /// down to the single rows it cannot send, which come back as [`Undecodable`]. A few round trips per
+    /// such row; none at all while every row can be sent.
+    async fn fetch_apart(&self, client: &Client, ids: &[i64]) -> Result<Vec<Fetched>, PgError> {
+        let mut out = Vec::with_capacity(ids.len());
+        let mut parts = vec![ids];
+        while let Some(part) = parts.pop() {
+            match timed(client.query(&self.fetch_ids, &[&part])).await {
+                Ok(rows) => out.extend(decode_all(&rows)?),
+                Err(e) if unsendable(&e) => match part {
+                    [] => {}
+                    [id] => out.push(Err(unsendable_row(client, *id, &e).await?)),
+                    _ => {
+                        let (first, second) = part.split_at(part.len() / 2);
+                        parts.push(second);
+                        parts.push(first);
+                    }
+                },
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     /// Deletes delivered (or deliberately skipped) rows.
@@ -86,11 +187,11 @@ impl Statements {
     }
 
     pub(crate) async fn try_lock(&self, client: &Client, key: i64) -> Result<bool, PgError> {
-        Ok(timed(client.query_one(&self.try_lock, &[&key])).await?.get(0))
+        Ok(timed(client.query_one(&self.try_lock, &[&key])).await?.try_get(0)?)
     }
 
     pub(crate) async fn unlock(&self, client: &Client, key: i64) -> Result<bool, PgError> {
-        Ok(timed(client.query_one(&self.unlock, &[&key])).await?.get(0))
+        Ok(timed(client.query_one(&self.unlock, &[&key])).await?.try_get(0)?)
     }
 }
 
@@ -101,7 +202,40 @@ pub(crate) async fn ids_between(client: &Client, after: i64, upto: i64, limit: i
         &[&after, &upto, &limit],
     ))
     .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+}
+
+/// The row PostgreSQL cannot send, with the first column it cannot send (one probe per column).
+async fn unsendable_row(client: &Client, id: i64, refusal: &PgError) -> Result<Undecodable, PgError> {
+    let cause = match refusal {
+        PgError::Query(e) => e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |d| d.message().to_string()),
+        other => other.to_string(),
+    };
+    for column in COLUMNS.split(", ") {
+        let probe = timed(client.query_opt(
+            &format!("SELECT {column} FROM delta_bridge.outbox WHERE id = $1"),
+            &[&id],
+        ))
+        .await;
+        match probe {
+            Err(e) if unsendable(&e) => {
+                return Ok(Undecodable {
+                    id,
+                    column: column.to_string(),
+                    cause: format!("PostgreSQL cannot send it as UTF-8: {cause}"),
+                })
+            }
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+    }
+    Ok(Undecodable {
+        id,
+        column: "(any)".to_string(),
+        cause: format!("PostgreSQL cannot send the row as UTF-8: {cause}"),
+    })
 }
 
 /// Moves one row to the dead-letter table with the reason and detail an operator will read.
@@ -123,11 +257,11 @@ pub(crate) async fn dead_letter(client: &Client, id: i64, reason: &str, detail: 
 pub(crate) async fn backlog(client: &Client) -> Result<i64, PgError> {
     Ok(timed(client.query_one("SELECT count(*) FROM delta_bridge.outbox", &[]))
         .await?
-        .get(0))
+        .try_get(0)?)
 }
 
 pub(crate) async fn install_id(client: &Client) -> Result<String, PgError> {
     Ok(timed(client.query_one("SELECT install_id FROM delta_bridge.meta", &[]))
         .await?
-        .get(0))
+        .try_get(0)?)
 }

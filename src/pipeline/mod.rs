@@ -20,9 +20,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::capture::outbox::{self, Statements, LEADER_LOCK, WAKE_CHANNEL, WAKE_LOCK};
+use crate::capture::outbox::{self, Fetched, Statements, LEADER_LOCK, WAKE_CHANNEL, WAKE_LOCK};
 use crate::config::Config;
-use crate::convert::{self, Captured, Event};
+use crate::convert::{self, ConvertError, Event};
 use crate::deliver::{Outcome, Publisher};
 use crate::health::Health;
 use crate::metrics::{FailureReason, Metrics};
@@ -297,20 +297,23 @@ impl Pipeline {
     }
 
     /// Converts the fetched rows not already outstanding and queues their events. `advance`: rows came
-    /// from the cursor read.
-    fn take(&mut self, rows: Vec<Captured>, advance: bool, install_id: &str) {
+    /// from the cursor read. A row that could not be read is dead-lettered like one that cannot be converted.
+    fn take(&mut self, rows: Vec<Fetched>, advance: bool, install_id: &str) {
         let mut dispatch = self
             .tracker
-            .observe(rows.iter().map(|r| r.id), advance, Instant::now())
+            .observe(rows.iter().map(outbox::fetched_id), advance, Instant::now())
             .into_iter()
             .peekable();
         for row in rows {
+            let id = outbox::fetched_id(&row);
             // `dispatch` is a subsequence of the rows' ids, in their order.
-            if dispatch.next_if_eq(&row.id).is_none() {
+            if dispatch.next_if_eq(&id).is_none() {
                 continue;
             }
-            let id = row.id;
-            match convert::convert(&row, &self.cfg.env, install_id) {
+            let converted = row
+                .map_err(ConvertError::from)
+                .and_then(|row| convert::convert(&row, &self.cfg.env, install_id));
+            match converted {
                 Ok(Some(event)) => {
                     if let Some(w) = &event.warning {
                         tracing::warn!(id, warning = %w, "captured row published with a correction");
