@@ -28,6 +28,9 @@ pub(crate) mod capture;
 pub mod config;
 pub(crate) mod convert;
 pub(crate) mod deliver;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod health;
 pub(crate) mod http;
 pub(crate) mod metrics;
