@@ -30,6 +30,9 @@ pub mod config;
 pub(crate) mod convert;
 pub(crate) mod deliver;
 pub(crate) mod fault;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod health;
 pub(crate) mod http;
 pub(crate) mod locks;

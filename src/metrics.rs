@@ -16,7 +16,7 @@ pub(crate) enum FailureReason {
     Connection,
     /// PUBACK >= 0x80 that will not change, or a topic the broker cannot take (dead-lettered).
     Rejected,
-    /// The captured row cannot be converted into an event (dead-lettered before publishing).
+    /// The captured row cannot be converted into an event, or not even read (dead-lettered before publishing).
     Unconvertible,
     /// Over the broker's maximum packet size (dead-lettered).
     TooLarge,

@@ -1,37 +1,16 @@
 //! Queries on the outbox and the dead-letter table. Every function is one statement, bounded by
 //! [`crate::pg::QUERY_TIMEOUT`]; the pipeline decides what to read when.
 
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::FromSql;
 use tokio_postgres::{Client, Row, Statement};
 
-use crate::convert::Captured;
+use crate::convert::{Captured, ConvertError};
 use crate::pg::{timed, PgError};
 
 const COLUMNS: &str =
     "id, captured_at, kind, op, merchant_code, branch_code, product_name, old_row, new_row, items, ctx";
 const COLUMN_COUNT: usize = 11;
-
-/// Session-level advisory lock held by the publishing replica.
-pub const LEADER_LOCK: i64 = 7_234_298_723_002;
-/// Held exclusively by the leader while it idles: writers then NOTIFY (see sql/001_capture.sql).
-pub(crate) const WAKE_LOCK: i64 = 7_234_298_723_001;
-/// The NOTIFY channel writers use to wake the leader.
-pub(crate) const WAKE_CHANNEL: &str = "delta_bridge_wake";
-
-fn captured(row: &Row) -> Captured {
-    Captured {
-        id: row.get(0),
-        captured_at: row.get(1),
-        kind: row.get(2),
-        op: row.get(3),
-        merchant_code: row.get(4),
-        branch_code: row.get(5),
-        product_name: row.get(6),
-        old_row: row.get(7),
-        new_row: row.get(8),
-        items: row.get(9),
-        ctx: row.get(10),
-    }
-}
 
 /// What a read knew of the transactions around it (64-bit transaction ids): in its snapshot, every
 /// transaction below `xmin` had ended; and no transaction had been given an id at or above `next_xid` when
@@ -44,10 +23,130 @@ pub(crate) struct Snapshot {
     pub(crate) next_xid: i64,
 }
 
+/// The rows one read selects: the open gaps that are there and up to `$3` rows after the cursor `$1`, in id
+/// order, with the snapshot's xmin and the next transaction id as the last two columns (NULL row columns when
+/// nothing matched). `age(xid)` is the next transaction id minus xid, for a statement without an id of its own.
+fn next_rows(columns: &str) -> String {
+    format!(
+        "WITH x AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin),
+              s AS (SELECT xmin::text::bigint AS xmin, xmin::text::bigint + age(xid(xmin)) AS next_xid FROM x),
+              r AS ((SELECT {columns} FROM delta_bridge.outbox WHERE id = ANY($2))
+                    UNION ALL
+                    (SELECT {columns} FROM delta_bridge.outbox WHERE id > $1 ORDER BY id LIMIT $3))
+         SELECT r.*, s.xmin, s.next_xid FROM s LEFT JOIN r ON true ORDER BY r.id"
+    )
+}
+
+fn snapshot_of(rows: &[Row], at: usize) -> Result<Snapshot, PgError> {
+    match rows.first() {
+        Some(r) => Ok(Snapshot {
+            xmin: r.try_get(at)?,
+            next_xid: r.try_get(at + 1)?,
+        }),
+        None => Err(PgError::Protocol("the outbox read returned no snapshot row".into())),
+    }
+}
+
+/// Session-level advisory lock held by the publishing replica.
+pub const LEADER_LOCK: i64 = 7_234_298_723_002;
+/// Held exclusively by the leader while it idles: writers then NOTIFY (see sql/001_capture.sql).
+pub(crate) const WAKE_LOCK: i64 = 7_234_298_723_001;
+/// The NOTIFY channel writers use to wake the leader.
+pub(crate) const WAKE_CHANNEL: &str = "delta_bridge_wake";
+
+/// What the bridge reads without trouble; said in every [`Undecodable`] detail, since the value itself
+/// may be any column of any type in a business table (capture copies whole rows).
+const READABLE: &str = "the bridge reads JSON nested at most 128 levels deep, numbers within the range of a \
+                        64-bit float, and text in UTF-8 without unpaired surrogate escapes (\\ud800-\\udfff)";
+
+/// An outbox row whose id was read but whose content was not: a value nested too deep, a number beyond f64,
+/// text that is not UTF-8 (or that PostgreSQL cannot send as UTF-8). The pipeline dead-letters it like a
+/// row that cannot be converted; the dead-letter function copies the row server-side, so nothing more of it
+/// needs reading.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot read column {column} of the captured row: {cause} ({READABLE})")]
+pub(crate) struct Undecodable {
+    pub id: i64,
+    /// The outbox column (`new_row`, `branch_code`, ...).
+    pub column: String,
+    /// The decoder's (or PostgreSQL's) reason.
+    pub cause: String,
+}
+
+impl From<Undecodable> for ConvertError {
+    fn from(u: Undecodable) -> ConvertError {
+        ConvertError(u.to_string())
+    }
+}
+
+/// One outbox row as read: its content, or why it could not be read.
+pub(crate) type Fetched = Result<Captured, Undecodable>;
+
+/// The outbox id of a fetched row, read or not.
+pub(crate) fn fetched_id(f: &Fetched) -> i64 {
+    match f {
+        Ok(c) => c.id,
+        Err(u) => u.id,
+    }
+}
+
+/// Decodes one outbox row without panicking on its content. `Err` only when the id itself cannot be read:
+/// impossible while `id` is the table's bigint primary key, and then nothing can be done with the row (it can
+/// be neither dead-lettered nor passed over by the cursor), so the read fails like a lost session.
+fn captured(row: &Row) -> Result<Fetched, PgError> {
+    let id: i64 = row.try_get(0)?;
+    Ok(read_row(row, id))
+}
+
+fn read_row(row: &Row, id: i64) -> Fetched {
+    fn get<'a, T: FromSql<'a>>(row: &'a Row, idx: usize, id: i64) -> Result<T, Undecodable> {
+        row.try_get(idx).map_err(|e| {
+            let column = row
+                .columns()
+                .get(idx)
+                .map_or_else(|| format!("#{idx}"), |c| c.name().to_string());
+            // tokio-postgres says "error deserializing column N"; the decoder's own reason is its source.
+            let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
+            Undecodable { id, column, cause }
+        })
+    }
+    Ok(Captured {
+        id,
+        captured_at: get(row, 1, id)?,
+        kind: get(row, 2, id)?,
+        op: get(row, 3, id)?,
+        merchant_code: get(row, 4, id)?,
+        branch_code: get(row, 5, id)?,
+        product_name: get(row, 6, id)?,
+        old_row: get(row, 7, id)?,
+        new_row: get(row, 8, id)?,
+        items: get(row, 9, id)?,
+        ctx: get(row, 10, id)?,
+    })
+}
+
+fn decode_all(rows: &[Row]) -> Result<Vec<Fetched>, PgError> {
+    rows.iter().map(captured).collect()
+}
+
+/// PostgreSQL refused to send a value in the session's encoding (UTF-8): text that is not valid in a
+/// SQL_ASCII database, or a character with no UTF-8 equivalent. The whole statement fails, for every row
+/// it would have returned.
+fn unsendable(e: &PgError) -> bool {
+    match e {
+        PgError::Query(e) => matches!(
+            e.code(),
+            Some(c) if *c == SqlState::CHARACTER_NOT_IN_REPERTOIRE || *c == SqlState::UNTRANSLATABLE_CHARACTER
+        ),
+        _ => false,
+    }
+}
+
 /// The statements the leader runs on every loop, prepared once per session so that each is a single round
 /// trip, and so that several can be pipelined on the session (the wake-lock and the fetch behind it).
 pub(crate) struct Statements {
     fetch_next: Statement,
+    list_next: Statement,
     fetch_ids: Statement,
     delete: Statement,
     try_lock: Statement,
@@ -57,19 +156,9 @@ pub(crate) struct Statements {
 impl Statements {
     pub(crate) async fn prepare(client: &Client) -> Result<Statements, PgError> {
         Ok(Statements {
-            // One statement, so one snapshot: the open gaps and the rows after the cursor, in id order, with
-            // the snapshot's xmin and the next transaction id last (NULL row columns when nothing matched).
-            // `age(xid)` is the next transaction id minus xid (for a statement that has no id of its own).
-            fetch_next: timed(client.prepare(&format!(
-                "WITH x AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin),
-                      s AS (SELECT xmin::text::bigint AS xmin,
-                                   xmin::text::bigint + age(xid(xmin)) AS next_xid FROM x),
-                      r AS ((SELECT {COLUMNS} FROM delta_bridge.outbox WHERE id = ANY($2))
-                            UNION ALL
-                            (SELECT {COLUMNS} FROM delta_bridge.outbox WHERE id > $1 ORDER BY id LIMIT $3))
-                 SELECT r.*, s.xmin, s.next_xid FROM s LEFT JOIN r ON true ORDER BY r.id"
-            )))
-            .await?,
+            // One statement, so one snapshot: see `next_rows`.
+            fetch_next: timed(client.prepare(&next_rows(COLUMNS))).await?,
+            list_next: timed(client.prepare(&next_rows("id"))).await?,
             fetch_ids: timed(client.prepare(&format!(
                 "SELECT {COLUMNS} FROM delta_bridge.outbox WHERE id = ANY($1) ORDER BY id"
             )))
@@ -81,42 +170,75 @@ impl Statements {
     }
 
     /// In one snapshot: the rows of `gaps` that are there, and up to `limit` rows with id > `after`, all in
-    /// id order; and the snapshot they were read in.
+    /// id order; and the snapshot they were read in. When PostgreSQL refuses to send one of them, the ids are
+    /// listed in one snapshot instead and the rows read apart (the listed rows stay: only the leader deletes).
     pub(crate) async fn fetch_next(
         &self,
         client: &Client,
         after: i64,
         gaps: &[i64],
         limit: i64,
-    ) -> Result<(Vec<Captured>, Snapshot), PgError> {
-        let rows = timed(client.query(&self.fetch_next, &[&after, &gaps, &limit])).await?;
-        let snapshot_at = COLUMN_COUNT;
-        let snap = match rows.first() {
-            Some(r) => Snapshot {
-                xmin: r.try_get(snapshot_at)?,
-                next_xid: r.try_get(snapshot_at + 1)?,
-            },
-            None => return Err(PgError::Protocol("the outbox read returned no snapshot row".into())),
-        };
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            if r.try_get::<_, Option<i64>>(0)?.is_some() {
-                out.push(captured(r));
+    ) -> Result<(Vec<Fetched>, Snapshot), PgError> {
+        match timed(client.query(&self.fetch_next, &[&after, &gaps, &limit])).await {
+            Ok(rows) => {
+                let snap = snapshot_of(&rows, COLUMN_COUNT)?;
+                let mut out = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    if r.try_get::<_, Option<i64>>(0)?.is_some() {
+                        out.push(captured(r)?);
+                    }
+                }
+                Ok((out, snap))
             }
+            Err(e) if unsendable(&e) => {
+                let listed = timed(client.query(&self.list_next, &[&after, &gaps, &limit])).await?;
+                let snap = snapshot_of(&listed, 1)?;
+                let mut ids = Vec::with_capacity(listed.len());
+                for r in &listed {
+                    if let Some(id) = r.try_get::<_, Option<i64>>(0)? {
+                        ids.push(id);
+                    }
+                }
+                Ok((self.fetch_apart(client, &ids).await?, snap))
+            }
+            Err(e) => Err(e),
         }
-        Ok((out, snap))
     }
 
     /// Rows with id in `ids` (gaps that may have committed late), in id order.
-    pub(crate) async fn fetch_ids(&self, client: &Client, ids: &[i64]) -> Result<Vec<Captured>, PgError> {
+    pub(crate) async fn fetch_ids(&self, client: &Client, ids: &[i64]) -> Result<Vec<Fetched>, PgError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(timed(client.query(&self.fetch_ids, &[&ids]))
-            .await?
-            .iter()
-            .map(captured)
-            .collect())
+        match timed(client.query(&self.fetch_ids, &[&ids])).await {
+            Ok(rows) => decode_all(&rows),
+            Err(e) if unsendable(&e) => self.fetch_apart(client, ids).await,
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads `ids` (ascending) after PostgreSQL refused to send them together: halves every part it refuses,
+    /// down to the single rows it cannot send, which come back as [`Undecodable`]; returned in id order. A few
+    /// round trips per such row; none at all while every row can be sent.
+    async fn fetch_apart(&self, client: &Client, ids: &[i64]) -> Result<Vec<Fetched>, PgError> {
+        let mut out = Vec::with_capacity(ids.len());
+        let mut parts = vec![ids];
+        while let Some(part) = parts.pop() {
+            match timed(client.query(&self.fetch_ids, &[&part])).await {
+                Ok(rows) => out.extend(decode_all(&rows)?),
+                Err(e) if unsendable(&e) => match part {
+                    [] => {}
+                    [id] => out.push(Err(unsendable_row(client, *id, &e).await?)),
+                    _ => {
+                        let (first, second) = part.split_at(part.len() / 2);
+                        parts.push(second);
+                        parts.push(first);
+                    }
+                },
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     /// Deletes delivered (or deliberately skipped) rows.
@@ -125,11 +247,11 @@ impl Statements {
     }
 
     pub(crate) async fn try_lock(&self, client: &Client, key: i64) -> Result<bool, PgError> {
-        Ok(timed(client.query_one(&self.try_lock, &[&key])).await?.get(0))
+        Ok(timed(client.query_one(&self.try_lock, &[&key])).await?.try_get(0)?)
     }
 
     pub(crate) async fn unlock(&self, client: &Client, key: i64) -> Result<bool, PgError> {
-        Ok(timed(client.query_one(&self.unlock, &[&key])).await?.get(0))
+        Ok(timed(client.query_one(&self.unlock, &[&key])).await?.try_get(0)?)
     }
 }
 
@@ -140,7 +262,40 @@ pub(crate) async fn ids_between(client: &Client, after: i64, upto: i64, limit: i
         &[&after, &upto, &limit],
     ))
     .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+}
+
+/// The row PostgreSQL cannot send, with the first column it cannot send (one probe per column).
+async fn unsendable_row(client: &Client, id: i64, refusal: &PgError) -> Result<Undecodable, PgError> {
+    let cause = match refusal {
+        PgError::Query(e) => e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |d| d.message().to_string()),
+        other => other.to_string(),
+    };
+    for column in COLUMNS.split(", ") {
+        let probe = timed(client.query_opt(
+            &format!("SELECT {column} FROM delta_bridge.outbox WHERE id = $1"),
+            &[&id],
+        ))
+        .await;
+        match probe {
+            Err(e) if unsendable(&e) => {
+                return Ok(Undecodable {
+                    id,
+                    column: column.to_string(),
+                    cause: format!("PostgreSQL cannot send it as UTF-8: {cause}"),
+                })
+            }
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+    }
+    Ok(Undecodable {
+        id,
+        column: "(any)".to_string(),
+        cause: format!("PostgreSQL cannot send the row as UTF-8: {cause}"),
+    })
 }
 
 /// Moves one row to the dead-letter table with the reason and detail an operator will read.
@@ -162,11 +317,11 @@ pub(crate) async fn dead_letter(client: &Client, id: i64, reason: &str, detail: 
 pub(crate) async fn backlog(client: &Client) -> Result<i64, PgError> {
     Ok(timed(client.query_one("SELECT count(*) FROM delta_bridge.outbox", &[]))
         .await?
-        .get(0))
+        .try_get(0)?)
 }
 
 pub(crate) async fn install_id(client: &Client) -> Result<String, PgError> {
     Ok(timed(client.query_one("SELECT install_id FROM delta_bridge.meta", &[]))
         .await?
-        .get(0))
+        .try_get(0)?)
 }

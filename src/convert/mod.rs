@@ -5,9 +5,11 @@
 //! order, number types, the reason / transaction_id / updated_by rules) is decided here. A row that cannot be
 //! converted yields a [`ConvertError`] whose text goes to the dead-letter table for an operator.
 
+#[cfg(test)]
+mod props;
 pub(crate) mod topic;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use serde::Serialize;
 use serde_json::{Number, Value};
 
@@ -166,18 +168,34 @@ struct ItemData {
 }
 
 /// Converts one captured row. `Ok(None)` means the change alters no published column: nothing to send.
+///
+/// Total: any row, whatever its json holds, yields an event, nothing, or a [`ConvertError`]; never a panic
+/// (property-tested below, fuzzed in fuzz/). An event it returns matches its schema in docs/schemas.
 pub(crate) fn convert(c: &Captured, env: &str, install_id: &str) -> Result<Option<Event>, ConvertError> {
     let new = match &c.new_row {
         Some(v @ Value::Object(_)) => v,
         _ => return err("captured row has no new row"),
     };
+    // The contract's seq is a positive integer and its timestamp has a four-digit year; the outbox's
+    // sequence and clock give both, a row put there by hand may not.
+    if c.id < 1 {
+        return err(format!("outbox id {} cannot be a seq (they start at 1)", c.id));
+    }
+    if !(0..=9999).contains(&c.captured_at.year()) {
+        return err(format!("captured_at {} is outside the years 0000-9999", c.captured_at));
+    }
     let (stream, event_type) = match c.kind.as_str() {
         "stock" => (Stream::Product, "stock_updated"),
         "product" => (Stream::Product, "product_updated"),
         "quantity" => (Stream::Inventory, "quantity_updated"),
         "sale" if c.op == "INSERT" => (Stream::Transaction, "transaction_created"),
         "sale" => (Stream::Transaction, "transaction_updated"),
-        other => return err(format!("unknown capture kind {other:?}")),
+        other => {
+            return err(format!(
+                "unknown capture kind {}",
+                shown(&Value::String(other.to_string()))
+            ))
+        }
     };
     let merchant = c.merchant_code.as_deref().unwrap_or("");
     let branch = c.branch_code.as_deref().unwrap_or("");
@@ -207,7 +225,7 @@ pub(crate) fn convert(c: &Captured, env: &str, install_id: &str) -> Result<Optio
                 product_name: text(new, "name")?,
                 old_stock,
                 new_stock,
-                delta: new_stock - old_stock,
+                delta: delta("stock", old_stock, new_stock)?,
                 reason: ctx.reason(),
                 transaction_id: ctx.transaction_id,
                 updated_by: ctx.updated_by(new)?,
@@ -246,7 +264,7 @@ pub(crate) fn convert(c: &Captured, env: &str, install_id: &str) -> Result<Optio
                 product_name,
                 old_quantity,
                 new_quantity,
-                delta: new_quantity - old_quantity,
+                delta: delta("quantity", old_quantity, new_quantity)?,
                 reason: ctx.reason(),
                 transaction_id: ctx.transaction_id,
                 updated_by: ctx.updated_by(new)?,
@@ -269,7 +287,7 @@ pub(crate) fn convert(c: &Captured, env: &str, install_id: &str) -> Result<Optio
             head.encode(SaleData {
                 transaction_id: int(new, "id")?,
                 transaction_code: text(new, "transaction_code")?,
-                offline_id: opt_text(new, "offline_id")?,
+                offline_id: opt_text(new, "offline_id")?.map(uuid).transpose()?,
                 status: text(new, "status")?,
                 grand_total: number(new, "grand_total")?,
                 created_by: opt_text(new, "created_by")?,
@@ -342,14 +360,53 @@ fn parse_id(v: &Value, key: &str, what: &str) -> Result<Option<i64>, ConvertErro
         Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
         Some(Value::String(s)) => match s.trim().parse::<i64>() {
             Ok(i) => Ok(Some(i)),
-            Err(_) => err(format!("{what} is {s:?}, not an integer id")),
+            Err(_) => err(format!(
+                "{what} is {}, not an integer id",
+                shown(&Value::String(s.clone()))
+            )),
         },
         Some(Value::Number(n)) => n
             .as_i64()
             .map(Some)
             .ok_or_else(|| ConvertError(format!("{what} is {n}, not an integer id"))),
-        Some(other) => err(format!("{what} is {other}, not an integer id")),
+        Some(other) => err(format!("{what} is {}, not an integer id", shown(other))),
     }
+}
+
+/// `new - old`, or why it does not fit the event's 64-bit integer.
+fn delta(what: &str, old: i64, new: i64) -> Result<i64, ConvertError> {
+    new.checked_sub(old)
+        .ok_or_else(|| ConvertError(format!("{what} delta {new} - {old} does not fit a 64-bit integer")))
+}
+
+/// A UUID in the contract's lower-case canonical form (a text column may hold upper case); anything else
+/// is refused.
+fn uuid(s: String) -> Result<String, ConvertError> {
+    let canonical = s.len() == 36
+        && s.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        });
+    if canonical {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        err(format!("offline_id is {}, not a UUID", shown(&Value::String(s))))
+    }
+}
+
+/// A value as an operator reads it in a dead letter's detail: its JSON, cut short when long (a row's column
+/// may hold megabytes).
+fn shown(v: &Value) -> String {
+    const MAX: usize = 120;
+    let text = v.to_string();
+    if text.len() <= MAX {
+        return text;
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len())
 }
 
 fn old_row(c: &Captured) -> Result<&Value, ConvertError> {
@@ -363,7 +420,7 @@ fn int(v: &Value, key: &str) -> Result<i64, ConvertError> {
         Some(Value::Number(n)) => n
             .as_i64()
             .ok_or_else(|| ConvertError(format!("{key} is {n}, not an integer"))),
-        Some(other) => err(format!("{key} is {other}, not an integer")),
+        Some(other) => err(format!("{key} is {}, not an integer", shown(other))),
         None => err(format!("{key} is missing")),
     }
 }
@@ -373,7 +430,7 @@ fn int(v: &Value, key: &str) -> Result<i64, ConvertError> {
 fn number(v: &Value, key: &str) -> Result<Number, ConvertError> {
     match v.get(key) {
         Some(Value::Number(n)) => Ok(n.clone()),
-        Some(other) => err(format!("{key} is {other}, not a finite number")),
+        Some(other) => err(format!("{key} is {}, not a finite number", shown(other))),
         None => err(format!("{key} is missing")),
     }
 }
@@ -386,7 +443,7 @@ fn opt_text(v: &Value, key: &str) -> Result<Option<String>, ConvertError> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => err(format!("{key} is {other}, not text")),
+        Some(other) => err(format!("{key} is {}, not text", shown(other))),
     }
 }
 
@@ -625,5 +682,94 @@ mod tests {
             .warning
             .as_deref()
             .is_some_and(|w| w.contains("delta_bridge.transaction_id")));
+    }
+
+    #[test]
+    fn deltas_beyond_i64_are_refused_not_wrapped() {
+        let c = captured(
+            "stock",
+            "UPDATE",
+            Some(product(i64::MIN, 1.0, Value::Null)),
+            product(1, 1.0, Value::Null),
+            ctx(None, None, None, None),
+        );
+        assert!(convert(&c, "dev", "i").unwrap_err().0.contains("stock delta"));
+        let inv = |q: i64| json!({"id": 1, "branch_id": 1, "product_id": 7, "quantity": q, "updated_by": null});
+        let c = captured(
+            "quantity",
+            "UPDATE",
+            Some(inv(-1)),
+            inv(i64::MAX),
+            ctx(None, None, None, None),
+        );
+        assert!(convert(&c, "dev", "i").unwrap_err().0.contains("quantity delta"));
+        let c = captured("quantity", "INSERT", None, inv(i64::MIN), ctx(None, None, None, None));
+        let e = convert(&c, "dev", "i").expect("ok").expect("event");
+        let d = &serde_json::from_slice::<Value>(&e.payload).expect("json")["data"];
+        assert_eq!(d["delta"], json!(i64::MIN), "a new row's delta is its quantity");
+    }
+
+    #[test]
+    fn rows_put_in_the_outbox_by_hand_cannot_break_the_contract() {
+        let mut c = captured(
+            "product",
+            "INSERT",
+            None,
+            product(1, 1.0, Value::Null),
+            ctx(None, None, None, None),
+        );
+        c.id = 0;
+        assert!(convert(&c, "dev", "i").unwrap_err().0.contains("seq"));
+        c.id = 1;
+        c.captured_at = Utc.with_ymd_and_hms(10000, 1, 1, 0, 0, 0).single().expect("valid");
+        assert!(convert(&c, "dev", "i").unwrap_err().0.contains("captured_at"));
+    }
+
+    #[test]
+    fn offline_id_is_published_in_canonical_form_or_refused() {
+        let row = |offline: &str| {
+            json!({"id": 5, "transaction_code": "TX-1", "offline_id": offline, "status": "paid",
+                   "grand_total": 1, "created_by": null, "device_id": null})
+        };
+        let mut c = captured(
+            "sale",
+            "INSERT",
+            None,
+            row("6F1C2B1E-0000-4000-8000-00000000000A"),
+            ctx(None, None, None, None),
+        );
+        c.items = Some(json!([]));
+        let e = convert(&c, "dev", "i").expect("ok").expect("event");
+        let d = &serde_json::from_slice::<Value>(&e.payload).expect("json")["data"];
+        assert_eq!(d["offline_id"], json!("6f1c2b1e-0000-4000-8000-00000000000a"));
+        c.new_row = Some(row("not-a-uuid"));
+        assert!(convert(&c, "dev", "i").unwrap_err().0.contains("not a UUID"));
+    }
+
+    #[test]
+    fn a_huge_value_is_cut_short_in_the_reason() {
+        let big = "x".repeat(5 << 20);
+        let c = captured(
+            "product",
+            "INSERT",
+            None,
+            json!({"id": 1, "name": "x", "price": big, "stock": 0}),
+            ctx(None, None, None, None),
+        );
+        let why = convert(&c, "dev", "i").unwrap_err().0;
+        assert!(
+            why.len() < 300 && why.contains("price") && why.contains("bytes"),
+            "{why}"
+        );
+        let mut c = captured(
+            "product",
+            "INSERT",
+            None,
+            product(1, 1.0, Value::Null),
+            ctx(None, None, None, None),
+        );
+        c.branch_code = Some("é/".repeat(1000));
+        let why = convert(&c, "dev", "i").unwrap_err().0;
+        assert!(why.len() < 400 && why.contains("branch code"), "{why}");
     }
 }

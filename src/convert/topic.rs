@@ -17,7 +17,9 @@ pub(crate) fn update_topic(env: &str, merchant: &str, branch: &str, stream: Stre
     for (what, v) in [("merchant code", merchant), ("branch code", branch)] {
         if !is_valid_level(v) {
             return Err(format!(
-                "{what} {v:?} cannot be a topic level (empty, or contains '/', '+', '#' or spaces)"
+                "{what} {} cannot be a topic level (empty, longer than 128 bytes, or contains '/', '+', '#', \
+                 spaces or control characters)",
+                super::shown(&serde_json::Value::String(v.to_string()))
             ));
         }
     }

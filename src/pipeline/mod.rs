@@ -22,9 +22,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::capture::outbox::{self, Statements, LEADER_LOCK, WAKE_CHANNEL, WAKE_LOCK};
+use crate::capture::outbox::{self, Fetched, Statements, LEADER_LOCK, WAKE_CHANNEL, WAKE_LOCK};
 use crate::config::Config;
-use crate::convert::{self, Captured, Event};
+use crate::convert::{self, ConvertError, Event};
 use crate::deliver::{Outcome, Publisher};
 use crate::health::Health;
 use crate::metrics::{FailureReason, Metrics};
@@ -378,26 +378,32 @@ impl Pipeline {
 
     /// Converts the rows of one read (gaps and rows after the cursor, one snapshot) not already outstanding
     /// and queues their events, in id order.
-    fn take(&mut self, rows: Vec<Captured>, snap: Snapshot, install_id: &str) {
-        let dispatch = self.tracker.observe(rows.iter().map(|r| r.id), snap, Instant::now());
+    fn take(&mut self, rows: Vec<Fetched>, snap: Snapshot, install_id: &str) {
+        let dispatch = self
+            .tracker
+            .observe(rows.iter().map(outbox::fetched_id), snap, Instant::now());
         self.queue(rows, dispatch, install_id);
     }
 
     /// Converts the rows the sweep read (at or below the cursor) not already outstanding.
-    fn take_swept(&mut self, rows: Vec<Captured>, install_id: &str) {
-        let dispatch = self.tracker.observe_swept(rows.iter().map(|r| r.id));
+    fn take_swept(&mut self, rows: Vec<Fetched>, install_id: &str) {
+        let dispatch = self.tracker.observe_swept(rows.iter().map(outbox::fetched_id));
         self.queue(rows, dispatch, install_id);
     }
 
-    fn queue(&mut self, rows: Vec<Captured>, dispatch: Vec<i64>, install_id: &str) {
+    /// A row that could not be read is dead-lettered like one that cannot be converted.
+    fn queue(&mut self, rows: Vec<Fetched>, dispatch: Vec<i64>, install_id: &str) {
         let mut dispatch = dispatch.into_iter().peekable();
         for row in rows {
+            let id = outbox::fetched_id(&row);
             // `dispatch` is a subsequence of the rows' ids, in their order.
-            if dispatch.next_if_eq(&row.id).is_none() {
+            if dispatch.next_if_eq(&id).is_none() {
                 continue;
             }
-            let id = row.id;
-            match convert::convert(&row, &self.cfg.env, install_id) {
+            let converted = row
+                .map_err(ConvertError::from)
+                .and_then(|row| convert::convert(&row, &self.cfg.env, install_id));
+            match converted {
                 Ok(Some(event)) => {
                     if let Some(w) = &event.warning {
                         tracing::warn!(id, warning = %w, "captured row published with a correction");
