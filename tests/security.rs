@@ -498,11 +498,14 @@ async fn bridge_functions_are_refused_to_the_writer_and_inert_elsewhere() {
     migrate(&env).await;
     db.batch_execute(&format!(
         "INSERT INTO transactions (id, branch_id, transaction_code, status, grand_total)
-           VALUES ({VICTIM_SALE}, 3, 'VICTIM-{VICTIM_SALE}', 'paid', 50);
-         DELETE FROM delta_bridge.outbox;"
+           VALUES ({VICTIM_SALE}, 3, 'VICTIM-{VICTIM_SALE}', 'paid', 50)"
     ))
     .await
     .expect("the other merchant's sale");
+    // (Its own statement: capture runs at commit, after every statement of a transaction.)
+    db.batch_execute("DELETE FROM delta_bridge.outbox")
+        .await
+        .expect("clear");
     let functions = bridge_functions(&db).await;
     assert!(functions.len() >= 5, "the bridge's functions: {}", functions.len());
     println!(
