@@ -17,10 +17,10 @@
 -- * The stock and quantity events of a transaction that wrote sales name the highest-numbered sale it touched
 --   (through the sale's row or its items) that still exists: one lookup in that index, not a setting.
 -- * Every function is SECURITY DEFINER with SET search_path = pg_catalog, pg_temp: every function, operator
---   and type name in them resolves in pg_catalog first (pg_temp is searched for tables only, after pg_catalog,
---   and never for functions or operators; tables are always schema-qualified here), so nothing a writer creates
---   in public or anywhere else runs inside them, as the owner or as anyone. No function sets a setting any more,
---   so the SET clause (which would undo a set_config(.., true) made inside the function) loses nothing.
+--   and type name in them resolves in pg_catalog first (pg_temp is searched for tables and types only, after
+--   pg_catalog, never for functions or operators; tables are always schema-qualified here), so nothing a
+--   writer creates in public or anywhere else runs inside them, as the owner or as anyone. No function sets a
+--   setting any more, so the SET clause (which would undo a set_config(.., true) made inside it) loses nothing.
 -- * The functions that look up this transaction's rows (in sale_dirty, sale_notes and the outbox) run with
 --   enable_seqscan = off. Those tables look empty to the planner most of the time (their rows live for one
 --   transaction, the outbox's for milliseconds), so it would plan a sequential scan, keep that plan for the
