@@ -31,7 +31,8 @@
 --   created, not when it fires (checked on PostgreSQL 15 by tests/security.rs): the triggers on the business
 --   tables keep capturing every writer's changes, while a writer can neither call a bridge function nor attach
 --   one to a table of its own. replay() is for operators: the owner grants EXECUTE on it to their role.
--- * Each trigger function checks TG_RELID against the business table it is written for and does nothing
+-- * Each trigger function checks TG_RELID against the business table it is written for (or a partition of it,
+--   to which PostgreSQL clones the table's triggers; attaching one takes the table's owner) and does nothing
 --   anywhere else, in case someone allowed to attach it puts it on another table.
 -- * The writer's settings still read are delta_bridge.reason, .transaction_id and .actor (they describe the
 --   writer's own changes, in its own transaction) and .no_wake (two-phase commit). USAGE on the schema stays
@@ -105,27 +106,30 @@ CREATE OR REPLACE FUNCTION delta_bridge.note_sale() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     x xid8;
+    tbl oid := TG_RELID;
     a bigint;          -- the sale a row belongs to now
     b bigint;          -- and the one it belonged to (an item moved, or deleted)
     is_new boolean := false;
     added boolean := false;
 BEGIN
-    IF TG_LEVEL <> 'ROW' THEN
+    IF tbl NOT IN ('@schema_literal@.transactions'::regclass, '@schema_literal@.transaction_items'::regclass) THEN
+        -- A partition (its triggers are clones of the table's), or a table that is none of ours.
+        tbl := (SELECT a.relid FROM pg_partition_ancestors(TG_RELID) a WHERE a.relid IN ('@schema_literal@.transactions'::regclass, '@schema_literal@.transaction_items'::regclass));
+    END IF;
+    IF TG_LEVEL <> 'ROW' OR tbl IS NULL THEN
         RETURN NULL;
-    ELSIF TG_RELID = '@schema_literal@.transactions'::regclass THEN
+    ELSIF tbl = '@schema_literal@.transactions'::regclass THEN
         IF TG_OP IN ('INSERT', 'UPDATE') THEN
             a := NEW.id;
             is_new := TG_OP = 'INSERT';
         END IF;
-    ELSIF TG_RELID = '@schema_literal@.transaction_items'::regclass THEN
+    ELSE
         IF TG_OP IN ('INSERT', 'UPDATE') THEN
             a := NEW.transaction_id;
         END IF;
         IF TG_OP IN ('UPDATE', 'DELETE') THEN
             b := OLD.transaction_id;
         END IF;
-    ELSE
-        RETURN NULL;
     END IF;
     x := pg_current_xact_id();
     IF a IS NOT NULL THEN
@@ -201,8 +205,11 @@ CREATE OR REPLACE FUNCTION delta_bridge.capture_sales() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off AS $$
 DECLARE x xid8;
 BEGIN
-    IF TG_LEVEL <> 'ROW' OR (TG_RELID <> '@schema_literal@.transactions'::regclass
-                             AND TG_RELID <> '@schema_literal@.transaction_items'::regclass) THEN
+    IF TG_LEVEL <> 'ROW' THEN
+        RETURN NULL;
+    END IF;
+    IF TG_RELID NOT IN ('@schema_literal@.transactions'::regclass, '@schema_literal@.transaction_items'::regclass)
+       AND NOT EXISTS (SELECT 1 FROM pg_partition_ancestors(TG_RELID) a WHERE a.relid IN ('@schema_literal@.transactions'::regclass, '@schema_literal@.transaction_items'::regclass)) THEN
         RETURN NULL;
     END IF;
     x := pg_current_xact_id();
@@ -221,8 +228,11 @@ CREATE OR REPLACE FUNCTION delta_bridge.capture_product() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off AS $$
 DECLARE x xid8; sale bigint; c json; m text; b text;
 BEGIN
-    IF TG_LEVEL <> 'ROW' OR TG_OP NOT IN ('INSERT', 'UPDATE')
-       OR TG_RELID <> '@schema_literal@.products'::regclass THEN
+    IF TG_LEVEL <> 'ROW' OR TG_OP NOT IN ('INSERT', 'UPDATE') THEN
+        RETURN NULL;
+    END IF;
+    IF TG_RELID <> '@schema_literal@.products'::regclass
+       AND NOT EXISTS (SELECT 1 FROM pg_partition_ancestors(TG_RELID) a WHERE a.relid = '@schema_literal@.products'::regclass) THEN
         RETURN NULL;
     END IF;
     x := pg_current_xact_id();
@@ -265,8 +275,11 @@ CREATE OR REPLACE FUNCTION delta_bridge.capture_inventory() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off AS $$
 DECLARE x xid8; sale bigint; c json; m text; b text; pname text;
 BEGIN
-    IF TG_LEVEL <> 'ROW' OR TG_OP NOT IN ('INSERT', 'UPDATE')
-       OR TG_RELID <> '@schema_literal@.inventory'::regclass THEN
+    IF TG_LEVEL <> 'ROW' OR TG_OP NOT IN ('INSERT', 'UPDATE') THEN
+        RETURN NULL;
+    END IF;
+    IF TG_RELID <> '@schema_literal@.inventory'::regclass
+       AND NOT EXISTS (SELECT 1 FROM pg_partition_ancestors(TG_RELID) a WHERE a.relid = '@schema_literal@.inventory'::regclass) THEN
         RETURN NULL;
     END IF;
     x := pg_current_xact_id();
