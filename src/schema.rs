@@ -23,6 +23,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "capture", include_str!("../sql/001_capture.sql")),
     (2, "devices", include_str!("../sql/002_devices.sql")),
     (3, "leader", include_str!("../sql/003_leader.sql")),
+    (4, "writer_isolation", include_str!("../sql/004_writer_isolation.sql")),
 ];
 
 /// The business tables the capture triggers attach to.
@@ -73,6 +74,11 @@ pub(crate) fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// A quoted identifier as it goes inside a string literal (`'"my""schema".products'::regclass`).
+fn quote_ident_in_literal(s: &str) -> String {
+    quote_ident(s).replace('\'', "''")
+}
+
 /// Applies every migration not yet applied. Returns the versions applied now (empty when up to date).
 ///
 /// Waits at most `lock_timeout` for the migration lock. While another session holds it, `waiting` is called
@@ -85,6 +91,9 @@ pub(crate) async fn migrate(
     waiting: &mut (dyn FnMut(&[Holder]) + Send),
 ) -> Result<Vec<i32>, MigrateError> {
     let tx = client.transaction().await?;
+    // Names in the migrations resolve in pg_catalog (and the schemas they name): an operator or function that
+    // someone created in public cannot bind into a trigger's WHEN clause, a default or an index.
+    tx.batch_execute("SET LOCAL search_path = pg_catalog, pg_temp").await?;
     let started = Instant::now();
     let mut reported: Option<(Vec<Holder>, Instant)> = None;
     loop {
@@ -152,7 +161,9 @@ pub(crate) async fn migrate(
         if applied.contains(version) {
             continue;
         }
-        let sql = sql.replace("@schema@", &quote_ident(schema));
+        let sql = sql
+            .replace("@schema_literal@", &quote_ident_in_literal(schema))
+            .replace("@schema@", &quote_ident(schema));
         tx.batch_execute(&sql).await.map_err(|source| MigrateError::Failed {
             version: *version,
             name,
@@ -189,5 +200,6 @@ mod tests {
     fn quotes_identifiers() {
         assert_eq!(super::quote_ident("public"), "\"public\"");
         assert_eq!(super::quote_ident("we\"ird"), "\"we\"\"ird\"");
+        assert_eq!(super::quote_ident_in_literal("o'brien"), "\"o''brien\"");
     }
 }
