@@ -356,6 +356,11 @@ fn valid_topic(t: &str) -> bool {
 
 /// Drives the rumqttc event loop in its own task: `EventLoop::poll` must not be dropped mid-way, so it is
 /// never raced in a `select!`; events reach the publisher through a channel instead.
+///
+/// When the broker closes the connection right after a PUBACK (Mosquitto 2.0.11 does after a refusal when
+/// `max_queued_messages` is 0), rumqttc reads both in one go and returns the error first, leaving the PUBACK
+/// in its buffer (`state.events`): those events happened before the error, so they are forwarded first.
+/// Otherwise the refusal would never be seen and the event sent again on every reconnect.
 async fn drive(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Result<MqttEvent, ConnectionError>>) {
     loop {
         match eventloop.poll().await {
@@ -365,6 +370,9 @@ async fn drive(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Result<MqttEv
                 }
             }
             Err(e) => {
+                for ev in eventloop.state.events.drain(..) {
+                    let _ = tx.send(Ok(ev));
+                }
                 let _ = tx.send(Err(e));
                 return;
             }
