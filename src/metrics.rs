@@ -22,15 +22,19 @@ pub(crate) enum FailureReason {
     TooLarge,
     /// A refusal the broker may not repeat (0x80, 0x83, 0x91, 0x97): sent again with backoff.
     Retried,
+    /// Refused as not authorised (0x87) with no success since its previous refusal: held, not dead-lettered
+    /// (the topic or the bridge's whole account may be refused; several in a row pause publishing).
+    Held,
 }
 
 impl FailureReason {
-    pub(crate) const ALL: [FailureReason; 5] = [
+    pub(crate) const ALL: [FailureReason; 6] = [
         FailureReason::Connection,
         FailureReason::Rejected,
         FailureReason::Unconvertible,
         FailureReason::TooLarge,
         FailureReason::Retried,
+        FailureReason::Held,
     ];
 
     /// The label value, also the `reason` column of `delta_bridge.dead_letter`.
@@ -41,6 +45,7 @@ impl FailureReason {
             FailureReason::Unconvertible => "unconvertible",
             FailureReason::TooLarge => "too_large",
             FailureReason::Retried => "retried",
+            FailureReason::Held => "held",
         }
     }
 }
@@ -54,6 +59,7 @@ pub(crate) struct Metrics {
     pub outbox_backlog: IntGauge,
     pub postgres_connected: IntGauge,
     pub mqtt_connected: IntGauge,
+    pub publishing_paused: IntGauge,
     pub leader: IntGauge,
     pub devices_issued: IntCounter,
     pub devices_revoked: IntCounter,
@@ -97,6 +103,10 @@ impl Metrics {
         )?;
         let postgres_connected = IntGauge::new("delta_bridge_postgres_connected", "1 while PostgreSQL is connected")?;
         let mqtt_connected = IntGauge::new("delta_bridge_mqtt_connected", "1 while the MQTT broker is connected")?;
+        let publishing_paused = IntGauge::new(
+            "delta_bridge_publishing_paused",
+            "1 while publishing is paused because the broker refuses the bridge's account (not authorised) on every topic tried",
+        )?;
         let leader = IntGauge::new("delta_bridge_leader", "1 on the replica that publishes")?;
         let devices_issued = IntCounter::new("delta_bridge_devices_issued_total", "Device credentials issued")?;
         let devices_revoked = IntCounter::new("delta_bridge_devices_revoked_total", "Device credentials revoked")?;
@@ -111,6 +121,7 @@ impl Metrics {
         registry.register(Box::new(outbox_backlog.clone()))?;
         registry.register(Box::new(postgres_connected.clone()))?;
         registry.register(Box::new(mqtt_connected.clone()))?;
+        registry.register(Box::new(publishing_paused.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(devices_issued.clone()))?;
         registry.register(Box::new(devices_revoked.clone()))?;
@@ -135,6 +146,7 @@ impl Metrics {
             outbox_backlog,
             postgres_connected,
             mqtt_connected,
+            publishing_paused,
             leader,
             devices_issued,
             devices_revoked,
@@ -172,6 +184,8 @@ mod tests {
             "delta_bridge_outbox_backlog 0",
             "delta_bridge_postgres_connected 0",
             "delta_bridge_mqtt_connected 0",
+            "delta_bridge_publishing_paused 0",
+            "delta_bridge_publish_failures_total{reason=\"held\"} 0",
             "delta_bridge_leader 0",
             "delta_bridge_devices_issued_total 0",
             "delta_bridge_devices_revoked_total 0",
