@@ -41,6 +41,11 @@ use unacked::{AckClass, Sequenced, Submit, Unacked, Verdict, PAUSE_AFTER, PROBE_
 /// at once) is reconnected to with a growing delay instead.
 const STABLE: Duration = Duration::from_secs(10);
 
+/// While paused, the new events looked at for a probe on a topic with nothing unacknowledged (the others are
+/// held), at most, per probe: a burst of changes on a refused topic ahead of the others is passed this many
+/// at a time, without sending any.
+const PROBE_LOOKAHEAD: usize = 100;
+
 /// What became of one event.
 #[derive(Debug)]
 pub(crate) enum Outcome {
@@ -304,12 +309,14 @@ impl Publisher {
                 }
                 _ = tokio::time::sleep_until(next_due.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std)), if next_due.is_some() => {
                     let now = tokio::time::Instant::now().into_std();
-                    // Paused, and the probe due is a new event: one, if the pipeline has one waiting.
-                    if !*draining && unacked.wants_fresh(now) {
-                        if let Ok(event) = events.try_recv() {
-                            if let Err(end) = self.take(&client, unacked, outcomes, event, max_packet, now) {
-                                return end;
-                            }
+                    // Paused, and the probe due is a new event: the first waiting on a free topic, if any.
+                    for _ in 0..PROBE_LOOKAHEAD {
+                        if *draining || !unacked.wants_fresh(now) {
+                            break;
+                        }
+                        let Ok(event) = events.try_recv() else { break };
+                        if let Err(end) = self.take(&client, unacked, outcomes, event, max_packet, now) {
+                            return end;
                         }
                     }
                     let due = unacked.due(now);
