@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{metric, Env, Received, Subscriber};
+use common::{metric, Env, InProcessBridge, Received, Subscriber};
 use delta_bridge::config::Config;
 use delta_harness::servers::Mosquitto;
 
@@ -98,8 +98,8 @@ fn row(m: &Received) -> (String, i64) {
     }
 }
 
-async fn scenario(tag: &str, broker_extra: &'static str) {
-    let env = dynsec_env(tag, broker_extra);
+/// The bridge logged in as its own account, a watcher subscribed to `dev/#`, and a database client.
+async fn start(env: &Env) -> (InProcessBridge, Subscriber, tokio_postgres::Client) {
     let secrets: Vec<(String, String)> = [
         ("DELTA_BRIDGE__MQTT__USERNAME", "bridge"),
         ("DELTA_BRIDGE__MQTT__PASSWORD", BRIDGE_PASSWORD),
@@ -111,6 +111,29 @@ async fn scenario(tag: &str, broker_extra: &'static str) {
     let bridge = env.bridge_with(cfg).await;
     let sub = Subscriber::start_as(&env.mqtt.url(), "watcher", "dev/#", Some(("watcher", WATCHER_PASSWORD))).await;
     let db = env.client().await;
+    assert_eq!(metric(&bridge.http, PAUSED).await, Some(0.0), "exposed from start-up");
+    (bridge, sub, db)
+}
+
+async fn wait_paused(bridge: &InProcessBridge, paused: bool, limit: Duration, db: &tokio_postgres::Client) {
+    let start = Instant::now();
+    loop {
+        if metric(&bridge.http, PAUSED).await == Some(f64::from(u8::from(paused))) {
+            return;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "delta_bridge_publishing_paused not {} within {limit:?}; dead letters: {:?}",
+            u8::from(paused),
+            dead_letters(db).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn scenario(tag: &str, broker_extra: &'static str) {
+    let env = dynsec_env(tag, broker_extra);
+    let (bridge, sub, db) = start(&env).await;
 
     // The account works: one change goes through.
     db.batch_execute("UPDATE products SET stock = 1 WHERE id = 1")
@@ -121,7 +144,7 @@ async fn scenario(tag: &str, broker_extra: &'static str) {
 
     // The bridge's role loses its publish right, then ~20 changes land on four topics: two branches of the
     // first merchant, the product and inventory streams of the second; products 3/4 and 25, 50 and inventory
-    // row 45 change several times each, one transaction per change.
+    // row 45 change several times each; five transactions.
     ctrl(
         &env,
         &["removeRoleACL", "bridge-publisher", "publishClientSend", "dev/#"],
@@ -253,4 +276,67 @@ async fn an_account_refused_on_every_topic_pauses_and_resumes_when_its_right_ret
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_when_the_broker_disconnects_after_each_refusal() {
     scenario("paused-dc", "").await;
+}
+
+/// A burst of refusals on a topic the broker forbids (the second merchant), with nothing accepted in between,
+/// looks like a refused account and pauses publishing; the next probe, a change on another topic, is
+/// accepted, which ends the pause, and the burst is dead-lettered (each event refused again after that
+/// success) while the rest flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_on_a_forbidden_topic_pauses_until_another_topic_is_accepted_then_is_dead_lettered() {
+    let env = dynsec_env("burst", QUEUE_BOUND);
+    ctrl(
+        &env,
+        &["removeRoleACL", "bridge-publisher", "publishClientSend", "dev/#"],
+    );
+    ctrl(
+        &env,
+        &[
+            "addRoleACL",
+            "bridge-publisher",
+            "publishClientSend",
+            "dev/MCH-MST-001/#",
+            "allow",
+        ],
+    );
+    let (bridge, sub, db) = start(&env).await;
+    for _ in 0..4 {
+        db.batch_execute("UPDATE products SET stock = stock - 1 WHERE id = 50")
+            .await
+            .expect("write");
+    }
+    wait_paused(&bridge, true, Duration::from_secs(10), &db).await;
+    assert!(dead_letters(&db).await.is_empty(), "nothing dead-lettered while paused");
+    let paused = Instant::now();
+
+    db.batch_execute("UPDATE products SET stock = 7 WHERE id = 3")
+        .await
+        .expect("write");
+    sub.wait_for(Duration::from_secs(30), "the change on an allowed topic", |m| {
+        m.iter().any(|x| x.payload["data"]["product_id"] == 3)
+    })
+    .await;
+    eprintln!("allowed change delivered {:?} after the pause", paused.elapsed());
+    wait_paused(&bridge, false, Duration::from_secs(5), &db).await;
+    let start = Instant::now();
+    let dead = loop {
+        let dead = dead_letters(&db).await;
+        if dead.len() >= 4 {
+            break dead;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the burst not dead-lettered: {dead:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(dead.len(), 4, "{dead:?}");
+    assert!(
+        dead.iter()
+            .all(|d| d.contains(" rejected ") && d.contains("NotAuthorized")),
+        "{dead:?}"
+    );
+    assert!(!sub.snapshot().iter().any(|x| x.payload["data"]["product_id"] == 50));
+    sub.stop().await;
+    bridge.stop().await;
 }
