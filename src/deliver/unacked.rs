@@ -6,8 +6,8 @@
 //! The client tells us a packet id only when a publish goes out (`Outgoing::Publish(pkid)`, in the order
 //! the requests were queued), and packet ids are reused as soon as they are acknowledged, so requests are
 //! paired FIFO with outgoing publishes, then FIFO per packet id with PUBACKs. It must never let an event go
-//! without a PUBACK for it: after any connection error everything unacknowledged is sent again, in seq
-//! order, so one row's events keep their order.
+//! without a PUBACK for it: after any connection error everything unacknowledged (but what is held, below)
+//! is sent again, in seq order, so one row's events keep their order.
 //!
 //! A refusal as not authorised (0x87) says nothing by itself about whether the topic or the bridge's whole
 //! account is refused. PUBACKs come back in the order the broker processed the publishes, so a success after
@@ -234,7 +234,8 @@ impl<E: Sequenced> Unacked<E> {
     }
 
     /// A PUBACK for `pkid`. `None`: nothing of ours was in flight with that id, or it is no longer ours.
-    /// After a success, held events wait in `due`: call it.
+    /// Call `due` after it: the held events a success released, and the rest of a reconnect's resend, wait
+    /// there.
     pub(crate) fn on_puback(&mut self, pkid: u16, class: AckClass, now: Instant) -> Option<Verdict<E>> {
         let queue = self.inflight.get_mut(&pkid)?;
         let seq = queue.pop_front();
