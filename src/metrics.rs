@@ -22,15 +22,19 @@ pub(crate) enum FailureReason {
     TooLarge,
     /// A refusal the broker may not repeat (0x80, 0x83, 0x91, 0x97): sent again with backoff.
     Retried,
+    /// Refused as not authorised (0x87) with no success since its previous refusal: held, not dead-lettered
+    /// (the topic or the bridge's whole account may be refused; several in a row pause publishing).
+    Held,
 }
 
 impl FailureReason {
-    pub(crate) const ALL: [FailureReason; 5] = [
+    pub(crate) const ALL: [FailureReason; 6] = [
         FailureReason::Connection,
         FailureReason::Rejected,
         FailureReason::Unconvertible,
         FailureReason::TooLarge,
         FailureReason::Retried,
+        FailureReason::Held,
     ];
 
     /// The label value, also the `reason` column of `delta_bridge.dead_letter`.
@@ -41,6 +45,7 @@ impl FailureReason {
             FailureReason::Unconvertible => "unconvertible",
             FailureReason::TooLarge => "too_large",
             FailureReason::Retried => "retried",
+            FailureReason::Held => "held",
         }
     }
 }
@@ -59,6 +64,7 @@ pub(crate) struct Metrics {
     pub pending_bytes: IntGauge,
     pub postgres_connected: IntGauge,
     pub mqtt_connected: IntGauge,
+    pub publishing_paused: IntGauge,
     pub leader: IntGauge,
     /// By `lock`: [`LOCK_LEADER`] or [`LOCK_MIGRATE`].
     pub lock_squatter: IntGaugeVec,
@@ -108,6 +114,10 @@ impl Metrics {
         )?;
         let postgres_connected = IntGauge::new("delta_bridge_postgres_connected", "1 while PostgreSQL is connected")?;
         let mqtt_connected = IntGauge::new("delta_bridge_mqtt_connected", "1 while the MQTT broker is connected")?;
+        let publishing_paused = IntGauge::new(
+            "delta_bridge_publishing_paused",
+            "1 while publishing is paused because the broker refuses the bridge's account (not authorised) on every topic tried",
+        )?;
         let leader = IntGauge::new("delta_bridge_leader", "1 on the replica that publishes")?;
         let lock_squatter = IntGaugeVec::new(
             Opts::new(
@@ -130,6 +140,7 @@ impl Metrics {
         registry.register(Box::new(pending_bytes.clone()))?;
         registry.register(Box::new(postgres_connected.clone()))?;
         registry.register(Box::new(mqtt_connected.clone()))?;
+        registry.register(Box::new(publishing_paused.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(lock_squatter.clone()))?;
         registry.register(Box::new(devices_issued.clone()))?;
@@ -159,6 +170,7 @@ impl Metrics {
             pending_bytes,
             postgres_connected,
             mqtt_connected,
+            publishing_paused,
             leader,
             lock_squatter,
             devices_issued,
@@ -198,6 +210,8 @@ mod tests {
             "delta_bridge_pending_bytes 0",
             "delta_bridge_postgres_connected 0",
             "delta_bridge_mqtt_connected 0",
+            "delta_bridge_publishing_paused 0",
+            "delta_bridge_publish_failures_total{reason=\"held\"} 0",
             "delta_bridge_leader 0",
             "delta_bridge_lock_squatter{lock=\"leader\"} 0",
             "delta_bridge_lock_squatter{lock=\"migrate\"} 0",

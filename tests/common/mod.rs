@@ -326,6 +326,16 @@ pub struct Subscriber {
 
 impl Subscriber {
     pub async fn start(broker_url: &str, client_id: &str, filter: &str) -> Subscriber {
+        Self::start_as(broker_url, client_id, filter, None).await
+    }
+
+    /// Like [`Subscriber::start`], logged in as `(username, password)` (a broker without anonymous access).
+    pub async fn start_as(
+        broker_url: &str,
+        client_id: &str,
+        filter: &str,
+        credentials: Option<(&str, &str)>,
+    ) -> Subscriber {
         let port: u16 = broker_url
             .rsplit(':')
             .next()
@@ -336,6 +346,9 @@ impl Subscriber {
         opts.set_clean_start(false);
         opts.set_session_expiry_interval(Some(3600));
         opts.set_max_packet_size(Some(64 * 1024 * 1024));
+        if let Some((username, password)) = credentials {
+            opts.set_credentials(username, password);
+        }
         let messages = Arc::new(Mutex::new(Vec::new()));
         let invalid = Arc::new(Mutex::new(Vec::new()));
         let (sink, bad) = (messages.clone(), invalid.clone());
