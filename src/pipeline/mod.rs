@@ -34,6 +34,8 @@ use leadership::{Heartbeat, SquatterWatch};
 use tracker::{Snapshot, Tracker, GAP_FAST_EVERY};
 
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// A leader without a broker connection this long gives up the lead.
+const BROKER_LOST_RELEASE: Duration = Duration::from_secs(10);
 const BACKLOG_EVERY: Duration = Duration::from_secs(2);
 /// Acknowledged rows are deleted in batches: at this size, or after this delay.
 const DELETE_BATCH: usize = 500;
@@ -58,6 +60,10 @@ pub(crate) struct PublisherGone;
 enum SessionError {
     #[error(transparent)]
     Pg(#[from] PgError),
+    /// The leader lost the broker for [`BROKER_LOST_RELEASE`]: it lets go of the lead (the session's end
+    /// releases the lock) so that a replica that reaches the broker publishes.
+    #[error("no broker connection for {0:?}: leadership released")]
+    BrokerLost(Duration),
     #[error(transparent)]
     PublisherGone(#[from] PublisherGone),
 }
@@ -109,9 +115,9 @@ async fn run(
         match result {
             Ok(()) => break,
             Err(SessionError::PublisherGone(e)) => return Err(e),
-            Err(SessionError::Pg(e)) => {
+            Err(e @ (SessionError::Pg(_) | SessionError::BrokerLost(_))) => {
                 let wait = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?wait, "postgres session ended");
+                tracing::warn!(error = %e, retry_in = ?wait, "session ended");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = cancel.cancelled() => break,
@@ -202,12 +208,17 @@ impl Pipeline {
         // Stand by until we hold the leader lock (released by PostgreSQL when a leader's session dies).
         let mut announced = false;
         let mut squatters = SquatterWatch::new(self.metrics.clone());
-        while !stmts.try_lock(&s.client, LEADER_LOCK).await? {
+        // Only a replica connected to the broker takes the lead: one cut off from it could not publish.
+        while !(health.mqtt.load(Ordering::SeqCst) && stmts.try_lock(&s.client, LEADER_LOCK).await?) {
             if events.is_closed() && !cancel.is_cancelled() {
                 return Err(PublisherGone.into()); // never lead without a publisher
             }
             if !announced {
-                tracing::info!("standing by: another replica is the leader");
+                if health.mqtt.load(Ordering::SeqCst) {
+                    tracing::info!("standing by: another replica is the leader");
+                } else {
+                    tracing::info!("standing by: no broker connection yet");
+                }
                 announced = true;
             }
             self.metrics.leader.set(0);
@@ -234,7 +245,15 @@ impl Pipeline {
         timed(s.client.batch_execute(&format!("LISTEN {WAKE_CHANNEL}"))).await?;
         self.last_sweep = None; // sweep at once: a previous leader may have left rows below our cursor
 
+        let mut broker_lost: Option<Instant> = None;
         loop {
+            if health.mqtt.load(Ordering::SeqCst) {
+                broker_lost = None;
+            } else if broker_lost.get_or_insert_with(Instant::now).elapsed() >= BROKER_LOST_RELEASE {
+                // A leader cut off from the broker (a partition, its own network) would hold the lock and
+                // publish nothing; if the broker is down for everyone, the next leader waits for it too.
+                return Err(SessionError::BrokerLost(BROKER_LOST_RELEASE));
+            }
             while let Ok(o) = outcomes.try_recv() {
                 self.absorb(o);
             }
