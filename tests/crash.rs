@@ -124,6 +124,120 @@ async fn broker_sigkill_under_load_loses_nothing() {
     drop(bridge);
 }
 
+/// A device that is offline while the broker is killed: its persistent session holds what the broker queued
+/// for it, and the broker saves that only every second. What it queued (and already acknowledged to the
+/// bridge) since its last save is gone with the process; the bridge does not publish those events again,
+/// as it would need to (e.g. a window of recently acknowledged events republished after a reconnect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "loses events: a SIGKILLed Mosquitto forgets what it queued for an offline device since its last \
+            autosave (up to 1 s), and the bridge does not yet republish a window of acknowledged events after \
+            reconnecting"]
+async fn broker_sigkill_loses_nothing_queued_for_an_offline_device() {
+    let mut env = Env::start("crash-broker-offline");
+    let bridge = env.bridge_process("a");
+    common::wait_ready_at(&bridge.http, Duration::from_secs(30)).await;
+    // The device subscribes once, then goes offline; its session (expiry 1 h) queues what is published.
+    let offline = common::Subscriber::start(&env.mqtt.url(), "device-offline", "dev/#").await;
+    offline.stop().await;
+    // An online device is the reference: it receives everything (as the other broker test shows).
+    let online = common::Subscriber::start(&env.mqtt.url(), "device-online", "dev/#").await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // both sessions saved
+
+    let target = env.load_target();
+    let opts = LoadOptions {
+        duration: Duration::from_secs(20),
+        ..load_options()
+    };
+    let load = tokio::spawn(async move { loadgen::run(&target, &opts, CancellationToken::new()).await });
+    let kills = 2;
+    let mut killed_at = Vec::new();
+    for i in 0..kills {
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        eprintln!("fault {}: SIGKILL the broker while the device is offline", i + 1);
+        killed_at.push(std::time::Instant::now());
+        tokio::task::block_in_place(|| env.mqtt.kill());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::task::block_in_place(|| env.mqtt.start_again()).expect("broker starts again");
+    }
+    let report = load.await.expect("load task").expect("load runs");
+    print_report("broker SIGKILL x2, one device offline", &report);
+    common::assert_nothing_lost_or_invented(&report);
+
+    let reference = online.snapshot();
+    let sent: std::collections::HashSet<String> = reference
+        .iter()
+        .filter_map(|m| m.payload["event_id"].as_str().map(str::to_string))
+        .collect();
+    // The offline device comes back and drains its queue.
+    let back = common::Subscriber::start(&env.mqtt.url(), "device-offline", "dev/#").await;
+    let mut last = usize::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let n = back.count();
+        if n == last {
+            break;
+        }
+        last = n;
+    }
+    let got = back.snapshot();
+    common::assert_duplicates_identical(&got);
+    let received: std::collections::HashSet<String> = got
+        .iter()
+        .filter_map(|m| m.payload["event_id"].as_str().map(str::to_string))
+        .collect();
+    let missing: Vec<&String> = sent.iter().filter(|id| !received.contains(*id)).collect();
+    eprintln!(
+        "offline device: {} of the {} events the online device received, {} missing (e.g. {:?})",
+        received.intersection(&sent).count(),
+        sent.len(),
+        missing.len(),
+        missing.iter().take(5).collect::<Vec<_>>()
+    );
+    // When the online device first received the missing events: all within the ~1-2 s before a kill (the
+    // broker's autosave is every second, and saving takes time).
+    let mut first_seen = std::collections::HashSet::new();
+    let firsts: Vec<&common::Received> = reference
+        .iter()
+        .filter(|m| first_seen.insert(m.payload["event_id"].as_str().unwrap_or_default().to_string()))
+        .collect();
+    let mut previous: Option<std::time::Instant> = None;
+    for (i, k) in killed_at.iter().enumerate() {
+        let before: Vec<f64> = firsts
+            .iter()
+            .filter(|m| m.payload["event_id"].as_str().is_some_and(|id| !received.contains(id)))
+            .filter(|m| m.at <= *k && previous.is_none_or(|p| m.at > p))
+            .map(|m| k.duration_since(m.at).as_secs_f64())
+            .collect();
+        let recent = before.iter().filter(|s| **s <= 2.0).count();
+        let mut older: Vec<f64> = before.iter().copied().filter(|s| *s > 2.0).collect();
+        older.sort_by(f64::total_cmp);
+        eprintln!(
+            "kill {}: {} missing events had first reached the online device in the 2 s before it, {} earlier \
+             (seconds before the kill: {:.2?})",
+            i + 1,
+            recent,
+            older.len(),
+            &older[..older.len().min(10)]
+        );
+        previous = Some(*k);
+    }
+    let after_last = firsts
+        .iter()
+        .filter(|m| m.payload["event_id"].as_str().is_some_and(|id| !received.contains(id)))
+        .filter(|m| previous.is_some_and(|p| m.at > p))
+        .count();
+    eprintln!("missing events received by the online device after the last kill: {after_last}");
+    // The assertion the bridge does not meet yet (hence #[ignore]): the broker lost acknowledged messages.
+    assert!(
+        missing.is_empty(),
+        "{} events never reached the offline device",
+        missing.len()
+    );
+    back.stop().await;
+    online.stop().await;
+    drop(bridge);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_postmaster_sigkill_under_load_loses_nothing() {
     let mut env = Env::start("crash-postgres");
