@@ -128,6 +128,7 @@ async fn a_standby_takes_over_within_5s_of_a_sigkill_or_a_lost_session_without_l
     // (or just after it, still in flight from the old leader) and again after it, by the next leader's
     // republish of what had not been deleted.
     let msgs = device.snapshot();
+    common::assert_duplicates_identical(&msgs);
     let mut seen: HashMap<&str, Vec<Instant>> = HashMap::new();
     for m in &msgs {
         seen.entry(m.payload["event_id"].as_str().unwrap_or_default())

@@ -8,8 +8,11 @@
 //! - [`subscriber`]: an MQTT 5 subscription held the way a device holds one.
 //! - [`loadgen`]: the load engine behind `delta-load`, the benchmarks and the fault tests.
 //! - [`schemas`]: the payload JSON Schemas of `docs/schemas/`, which every received message is checked against.
+//! - [`chaos`]: crash faults on a schedule (leader, broker, database, lost session) under the load, with a
+//!   probe that measures each recovery; behind `benches/chaos.rs` and `tests/chaos.rs`.
 //! - [`demo`]: `delta-bridge demo`, the one-command tour (runs the bridge binary as a child process).
 
+pub mod chaos;
 pub mod demo;
 pub mod loadgen;
 pub mod schemas;

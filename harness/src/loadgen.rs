@@ -103,6 +103,8 @@ struct Got {
     row: (char, i64),
     at: Instant,
     payload: Value,
+    /// The payload's bytes as received (duplicates must repeat them exactly).
+    raw: Vec<u8>,
 }
 
 #[derive(Debug, Default, Serialize, Clone)]
@@ -134,6 +136,12 @@ pub struct Report {
     pub device_mismatches: u64,
     /// Payloads received that do not match their event type's schema in docs/schemas (must be 0).
     pub schema_violations: u64,
+    /// Redeliveries whose payload bytes differ from the first delivery of the same event_id (must be 0: a
+    /// duplicate is the same event sent again, not a new rendering of it).
+    pub duplicates_not_identical: u64,
+    /// The first few of those (for diagnosis).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub duplicates_not_identical_examples: Vec<String>,
     /// The first few first deliveries that arrived after a later change of the same row (for diagnosis).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub out_of_order_examples: Vec<String>,
@@ -152,6 +160,12 @@ impl Report {
     }
     pub fn written(&self) -> u64 {
         self.streams.values().map(|s| s.written).sum()
+    }
+    pub fn duplicated(&self) -> u64 {
+        self.streams.values().map(|s| s.duplicated).sum()
+    }
+    pub fn out_of_order(&self) -> u64 {
+        self.streams.values().map(|s| s.out_of_order).sum()
     }
 
     /// A human summary, one line per stream.
@@ -176,11 +190,15 @@ impl Report {
             ));
         }
         out.push_str(&format!(
-            "phantom events: {}   device/database mismatches: {}   payloads not matching their schema: {}\n",
-            self.phantom, self.device_mismatches, self.schema_violations
+            "phantom events: {}   device/database mismatches: {}   payloads not matching their schema: {}   \
+             duplicates not byte-identical to the first delivery: {}\n",
+            self.phantom, self.device_mismatches, self.schema_violations, self.duplicates_not_identical
         ));
         for e in &self.out_of_order_examples {
             out.push_str(&format!("out of order: {e}\n"));
+        }
+        for e in &self.duplicates_not_identical_examples {
+            out.push_str(&format!("duplicate differs: {e}\n"));
         }
         out
     }
@@ -334,7 +352,7 @@ pub async fn run(target: &Target, opts: &LoadOptions, cancel: CancellationToken)
             }
         }
         if let Ok(v) = parsed {
-            if let Some(g) = classify(run_id, v, at) {
+            if let Some(g) = classify(run_id, v, &p.payload, at) {
                 if let Ok(mut sink) = sink.lock() {
                     sink.push(g);
                 }
@@ -420,7 +438,7 @@ pub async fn run(target: &Target, opts: &LoadOptions, cancel: CancellationToken)
     Ok(report)
 }
 
-fn classify(run: u32, v: Value, at: Instant) -> Option<Got> {
+fn classify(run: u32, v: Value, raw: &[u8], at: Instant) -> Option<Got> {
     let t = v["event_type"].as_str()?;
     let d = &v["data"];
     let (letter, stream, marker_field, row) = match t {
@@ -454,6 +472,7 @@ fn classify(run: u32, v: Value, at: Instant) -> Option<Got> {
         row,
         at,
         payload: v,
+        raw: raw.to_vec(),
     })
 }
 
@@ -728,7 +747,7 @@ fn account(rate: f64, written_for: Duration, ledger: &Ledger, got: &[Got], devic
             s.written += 1;
         }
     }
-    let mut seen_ids: HashSet<&str> = HashSet::new();
+    let mut seen_ids: HashMap<&str, &[u8]> = HashMap::new();
     let mut seen_keys: HashSet<Key> = HashSet::new();
     let mut last_seq: HashMap<(char, i64), (i64, &str, Instant)> = HashMap::new();
     let mut latencies: HashMap<&str, Vec<f64>> = HashMap::new();
@@ -736,10 +755,22 @@ fn account(rate: f64, written_for: Duration, ledger: &Ledger, got: &[Got], devic
         let Some(s) = report.streams.get_mut(g.stream) else {
             continue;
         };
-        if !seen_ids.insert(g.event_id.as_str()) {
+        if let Some(first) = seen_ids.get(g.event_id.as_str()) {
             s.duplicated += 1;
+            if *first != g.raw.as_slice() {
+                report.duplicates_not_identical += 1;
+                if report.duplicates_not_identical_examples.len() < 5 {
+                    report.duplicates_not_identical_examples.push(format!(
+                        "event {}: first {} then {}",
+                        g.event_id,
+                        String::from_utf8_lossy(first),
+                        String::from_utf8_lossy(&g.raw)
+                    ));
+                }
+            }
             continue;
         }
+        seen_ids.insert(g.event_id.as_str(), g.raw.as_slice());
         let Some(key) = g.key else { continue };
         let op = key.1;
         match ledger.outcome.get(&op) {
@@ -929,6 +960,41 @@ mod tests {
         assert_eq!(d.products.get(&1).map(|e| e.1), Some(Some(10)));
         d.apply(&ev(6, 8));
         assert_eq!(d.products.get(&1).map(|e| e.1), Some(Some(8)));
+    }
+
+    #[test]
+    fn a_redelivery_with_other_bytes_is_counted() {
+        let mut ledger = Ledger::default();
+        ledger.expected.insert(1, vec![('P', 1, 10)]);
+        ledger.outcome.insert(1, Outcome::Committed);
+        let at = Instant::now();
+        let got = |raw: &str| Got {
+            key: Some(('P', 1, 10)),
+            stream: "product",
+            event_id: "e1".into(),
+            seq: 1,
+            row: ('p', 10),
+            at,
+            payload: serde_json::json!({"event_type": "product_updated"}),
+            raw: raw.as_bytes().to_vec(),
+        };
+        let same = account(
+            1.0,
+            Duration::from_secs(1),
+            &ledger,
+            &[got("{\"a\":1}"), got("{\"a\":1}")],
+            0,
+        );
+        assert_eq!((same.duplicated(), same.duplicates_not_identical), (1, 0));
+        let other = account(
+            1.0,
+            Duration::from_secs(1),
+            &ledger,
+            &[got("{\"a\":1}"), got("{\"a\": 1}")],
+            0,
+        );
+        assert_eq!((other.duplicated(), other.duplicates_not_identical), (1, 1));
+        assert_eq!(other.lost(), 0);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use rumqttc::v5::MqttOptions;
 
 use crate::loadgen::Target;
-use crate::servers::{LocalEnvError, Mosquitto, Postgres};
+use crate::servers::{ExtraListen, LocalEnvError, Mosquitto, Postgres};
 
 /// The business tables the bridge attaches to (`sql/reference_schema.sql`).
 pub const REFERENCE_SCHEMA: &str = include_str!("../../sql/reference_schema.sql");
@@ -47,6 +47,9 @@ pub struct StackOptions<'a> {
     /// An existing directory to work in instead of a new temporary one; the stack then creates and removes
     /// only its own `pg/` and `mqtt/` inside it.
     pub dir: Option<PathBuf>,
+    /// Addresses both servers listen on besides 127.0.0.1 (e.g. the host side of a test's veth pairs, for a
+    /// bridge in a network namespace). A custom `mqtt` starter gets them passed to it by the caller.
+    pub listen_also: Vec<ExtraListen>,
 }
 
 impl<'a> StackOptions<'a> {
@@ -57,6 +60,7 @@ impl<'a> StackOptions<'a> {
             seed: None,
             mqtt: None,
             dir: None,
+            listen_also: Vec::new(),
         }
     }
 }
@@ -82,10 +86,10 @@ impl Stack {
                 detail: e.to_string(),
             })?,
         };
-        let pg = Postgres::start(&dir.join("pg"), opts.durable)?;
+        let pg = Postgres::start_on(&dir.join("pg"), opts.durable, &opts.listen_also)?;
         let mqtt = match opts.mqtt {
             Some(start) => start(&dir.join("mqtt"))?,
-            None => Mosquitto::start(&dir.join("mqtt"))?,
+            None => Mosquitto::start_on(&dir.join("mqtt"), "allow_anonymous true\n", &opts.listen_also)?,
         };
         pg.psql("postgres", &format!("CREATE DATABASE {DATABASE}"))?;
         pg.psql(DATABASE, REFERENCE_SCHEMA)?;

@@ -118,12 +118,13 @@ fn main() -> ExitCode {
             }
         }
     }
-    if report.lost() > 0 || report.phantom > 0 || report.schema_violations > 0 {
+    if report.lost() > 0 || report.phantom > 0 || report.schema_violations > 0 || report.duplicates_not_identical > 0 {
         eprintln!(
-            "delta-load: {} events lost, {} phantom, {} not matching their schema",
+            "delta-load: {} events lost, {} phantom, {} not matching their schema, {} redelivered with other bytes",
             report.lost(),
             report.phantom,
-            report.schema_violations
+            report.schema_violations,
+            report.duplicates_not_identical
         );
         return ExitCode::FAILURE;
     }

@@ -3,6 +3,8 @@
 //! that records what a device would receive. Waits for SUBACK and readiness instead of sleeping.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
@@ -70,7 +72,8 @@ impl Env {
         })
     }
 
-    fn start_with(opts: StackOptions<'_>) -> Env {
+    /// Like [`Env::start`], with the stack's options (extra listen addresses, a broker of one's own).
+    pub fn start_with(opts: StackOptions<'_>) -> Env {
         let stack = Stack::start(StackOptions {
             tag: &format!("test-{}", opts.tag),
             seed: Some(SAMPLE_DATA),
@@ -148,20 +151,49 @@ impl Env {
         self.bridge_command(tag, "run", vars)
     }
 
+    /// Starts the bridge binary as a child process, placed as `at` says (e.g. inside a network namespace,
+    /// reaching the servers at other addresses).
+    pub fn bridge_process_at(&self, tag: &str, at: &Placement) -> BridgeProcess {
+        self.bridge_spawn(tag, "run", &[], at)
+    }
+
     /// Runs `delta-bridge --config <this environment's config> <command>` as a child process with the extra
     /// environment variables `vars`; its stdout and stderr go to `bridge-{tag}.log` in the environment's
     /// directory (see [`Env::log`]).
     pub fn bridge_command(&self, tag: &str, command: &str, vars: &[(&str, &str)]) -> BridgeProcess {
+        self.bridge_spawn(tag, command, vars, &Placement::default())
+    }
+
+    fn bridge_spawn(&self, tag: &str, command: &str, vars: &[(&str, &str)], at: &Placement) -> BridgeProcess {
         let cfg_path = self.dir.join(format!("bridge-{tag}.toml"));
         let port = delta_harness::servers::free_port().expect("port");
         // Each process its own MQTT client id: replicas sharing one would take each other's connection.
+        let pg = format!("127.0.0.1:{}", self.pg.port);
+        let mqtt = format!("127.0.0.1:{}", self.mqtt.port);
         let toml = self
             .config_toml("")
-            .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+            .replace("127.0.0.1:0", &format!("{}:{port}", at.http))
+            .replace(&pg, &format!("{}:{}", at.postgres, self.pg.port))
+            .replace(&mqtt, &format!("{}:{}", at.mqtt, self.mqtt.port))
             .replace("client_id = \"bridge-", &format!("client_id = \"bridge-{tag}-"));
+        let client_id = toml
+            .lines()
+            .find_map(|l| l.strip_prefix("client_id = \""))
+            .and_then(|l| l.strip_suffix('"'))
+            .expect("client_id")
+            .to_string();
         std::fs::write(&cfg_path, toml).expect("write config");
         let log = std::fs::File::create(self.dir.join(format!("bridge-{tag}.log"))).expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_delta-bridge"))
+        let mut cmd = match &at.netns {
+            // `ip netns exec` execs the program in place: the child's pid is the bridge's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_delta-bridge")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_delta-bridge")),
+        };
+        let child = cmd
             .args(["--config"])
             .arg(&cfg_path)
             .arg(command)
@@ -174,7 +206,8 @@ impl Env {
             .expect("spawn bridge");
         BridgeProcess {
             child,
-            http: format!("http://127.0.0.1:{port}"),
+            http: format!("http://{}:{port}", at.http),
+            client_id,
         }
     }
 }
@@ -208,11 +241,16 @@ pub async fn wait_ready_at(http: &str, limit: Duration) {
 }
 
 /// What a load run (under faults or not) must show: every committed change received, nothing uncommitted, each
-/// row's first deliveries in commit order, every payload matching its schema, and a device that drops stale
-/// `seq` ending with the database's values.
+/// row's first deliveries in commit order, every duplicate byte for byte the first delivery of its event,
+/// every payload matching its schema, and a device that drops stale `seq` ending with the database's values.
 pub fn assert_nothing_lost_or_invented(report: &Report) {
     assert_eq!(report.lost(), 0, "every committed change arrives");
     assert_eq!(report.phantom, 0, "nothing that was not committed arrives");
+    assert_eq!(
+        report.duplicates_not_identical, 0,
+        "every redelivery repeats the first delivery's bytes: {:#?}",
+        report.duplicates_not_identical_examples
+    );
     assert_eq!(
         report.schema_violations, 0,
         "every payload matches its schema in docs/schemas"
@@ -279,9 +317,35 @@ impl Drop for InProcessBridge {
     }
 }
 
+/// Where a bridge process runs and the addresses it uses: by default on the host, everything on 127.0.0.1.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    /// A network namespace to run in (`ip netns exec`).
+    pub netns: Option<String>,
+    /// The address it reaches PostgreSQL at (the servers' port).
+    pub postgres: String,
+    /// The address it reaches the broker at.
+    pub mqtt: String,
+    /// The address its HTTP port listens on (and the test scrapes).
+    pub http: String,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Placement {
+            netns: None,
+            postgres: "127.0.0.1".into(),
+            mqtt: "127.0.0.1".into(),
+            http: "127.0.0.1".into(),
+        }
+    }
+}
+
 pub struct BridgeProcess {
     pub child: Child,
     pub http: String,
+    /// Its MQTT client id (what the broker's log names it by).
+    pub client_id: String,
 }
 
 impl BridgeProcess {
@@ -426,6 +490,31 @@ pub fn keys(v: &Value) -> Vec<String> {
     v.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default()
 }
 
+/// Every message received more than once (same event_id) carries exactly the bytes of its first delivery: a
+/// redelivery is the same event sent again, never a new rendering of it. Returns the number of duplicates.
+pub fn assert_duplicates_identical(msgs: &[Received]) -> usize {
+    let mut first: HashMap<&str, &[u8]> = HashMap::new();
+    let mut duplicates = 0;
+    for m in msgs {
+        let id = m.payload["event_id"].as_str().expect("every event has an event_id");
+        match first.get(id) {
+            None => {
+                first.insert(id, &m.raw);
+            }
+            Some(bytes) => {
+                duplicates += 1;
+                assert!(
+                    *bytes == m.raw.as_slice(),
+                    "event {id} redelivered with other bytes:\nfirst: {}\nagain: {}",
+                    String::from_utf8_lossy(bytes),
+                    String::from_utf8_lossy(&m.raw)
+                );
+            }
+        }
+    }
+    duplicates
+}
+
 pub fn by_event_id(msgs: &[Received]) -> HashMap<String, Vec<&Received>> {
     let mut m: HashMap<String, Vec<&Received>> = HashMap::new();
     for r in msgs {
@@ -459,4 +548,121 @@ pub async fn verify_with_jwks(http: &str, token: &str, alg: jsonwebtoken::Algori
     decode::<Value>(token, &DecodingKey::from_jwk(jwk).expect("decoding key"), &v)
         .expect("the token verifies")
         .claims
+}
+
+/// Who published what, as the broker saw it: follows a Mosquitto log written with `log_type debug` and
+/// records, for every `Received PUBLISH from CLIENT (d0, q1, ...)` line, the client id, whether the DUP flag
+/// was set, and when the test read the line (a few ms after the broker wrote it: the log is read every 5 ms).
+pub struct PublishLog {
+    pub entries: Arc<Mutex<Vec<Published>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub client_id: String,
+    pub dup: bool,
+    pub topic: String,
+    pub at: Instant,
+}
+
+impl PublishLog {
+    pub fn follow(path: PathBuf) -> PublishLog {
+        use std::io::{BufRead, BufReader, Seek, SeekFrom};
+        use std::sync::atomic::Ordering;
+        let entries = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sink, done) = (entries.clone(), stop.clone());
+        // Only what is written from now on.
+        let start = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let thread = std::thread::spawn(move || {
+            let mut pos = start;
+            let mut partial = String::new();
+            while !done.load(Ordering::SeqCst) {
+                if let Ok(mut f) = std::fs::File::open(&path) {
+                    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                    if len < pos {
+                        pos = 0; // truncated
+                    }
+                    if len > pos && f.seek(SeekFrom::Start(pos)).is_ok() {
+                        let mut reader = BufReader::new(f);
+                        let mut line = String::new();
+                        while let Ok(n) = reader.read_line(&mut line) {
+                            if n == 0 {
+                                break;
+                            }
+                            pos += n as u64;
+                            if !line.ends_with('\n') {
+                                partial.push_str(&line);
+                                line.clear();
+                                continue;
+                            }
+                            let full = std::mem::take(&mut partial) + &line;
+                            line.clear();
+                            if let Some(p) = parse_publish_line(&full) {
+                                sink.lock().expect("lock").push(p);
+                            }
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        PublishLog {
+            entries,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<Published> {
+        self.entries.lock().expect("lock").clone()
+    }
+}
+
+fn parse_publish_line(line: &str) -> Option<Published> {
+    let rest = line.split_once("Received PUBLISH from ")?.1;
+    let (client, rest) = rest.split_once(" (")?;
+    let dup = rest.starts_with("d1");
+    let topic = rest.split('\'').nth(1).unwrap_or_default().to_string();
+    Some(Published {
+        client_id: client.to_string(),
+        dup,
+        topic,
+        at: Instant::now(),
+    })
+}
+
+impl Drop for PublishLog {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The backend holding the leader lock, from PostgreSQL's own lock table (the truth, not a replica's view).
+pub async fn lock_holder(db: &tokio_postgres::Client) -> Option<i32> {
+    db.query_opt(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
+            AND ((classid::bigint << 32) | objid::bigint) = $1 AND objsubid = 1",
+        &[&delta_bridge::LEADER_LOCK],
+    )
+    .await
+    .expect("pg_locks")
+    .map(|r| r.get(0))
+}
+
+/// The sum of every series of a metric (all label sets) on a fresh scrape; None if the bridge does not answer.
+pub async fn metric_sum(http: &str, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("{http}/metrics")).await.ok()?.text().await.ok()?;
+    Some(
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+            .filter_map(|l| l.rsplit(' ').next())
+            .filter_map(|v| v.parse::<f64>().ok())
+            .sum(),
+    )
 }
