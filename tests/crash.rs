@@ -130,8 +130,8 @@ async fn broker_sigkill_under_load_loses_nothing() {
 /// as it would need to (e.g. a window of recently acknowledged events republished after a reconnect).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "loses events: a SIGKILLed Mosquitto forgets what it queued for an offline device since its last \
-            autosave (up to 1 s), and the bridge does not yet republish a window of acknowledged events after \
-            reconnecting"]
+            autosave (every second; 1-2 s of events lost per kill, ~800-1,800 at ~800 events/s), and the bridge \
+            does not yet republish a window of acknowledged events after reconnecting"]
 async fn broker_sigkill_loses_nothing_queued_for_an_offline_device() {
     let mut env = Env::start("crash-broker-offline");
     let bridge = env.bridge_process("a");
