@@ -117,7 +117,12 @@ async fn run(
             Err(SessionError::PublisherGone(e)) => return Err(e),
             Err(e @ (SessionError::Pg(_) | SessionError::BrokerLost(_))) => {
                 let wait = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?wait, "session ended");
+                match e {
+                    SessionError::BrokerLost(_) => {
+                        tracing::warn!(error = %e, retry_in = ?wait, "leadership released: no broker connection")
+                    }
+                    _ => tracing::warn!(error = %e, retry_in = ?wait, "postgres session ended"),
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = cancel.cancelled() => break,
