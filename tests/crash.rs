@@ -35,17 +35,10 @@ fn load_options() -> LoadOptions {
 
 async fn outbox_left(env: &Env) -> (i64, i64) {
     let db = env.client().await;
-    let left: i64 = db
-        .query_one("SELECT count(*) FROM delta_bridge.outbox", &[])
-        .await
-        .expect("q")
-        .get(0);
-    let dead: i64 = db
-        .query_one("SELECT count(*) FROM delta_bridge.dead_letter", &[])
-        .await
-        .expect("q")
-        .get(0);
-    (left, dead)
+    (
+        common::bridge_rows(&db, "outbox").await,
+        common::bridge_rows(&db, "dead_letter").await,
+    )
 }
 
 fn print_report(what: &str, report: &Report) {

@@ -79,16 +79,8 @@ async fn no_loss_and_no_phantoms_through_bridge_broker_and_database_restarts() {
         "the bridge saw the broker go away"
     );
     let db = env.client().await;
-    let left: i64 = db
-        .query_one("SELECT count(*) FROM delta_bridge.outbox", &[])
-        .await
-        .expect("q")
-        .get(0);
-    let dead: i64 = db
-        .query_one("SELECT count(*) FROM delta_bridge.dead_letter", &[])
-        .await
-        .expect("q")
-        .get(0);
+    let left = common::bridge_rows(&db, "outbox").await;
+    let dead = common::bridge_rows(&db, "dead_letter").await;
     assert_eq!((left, dead), (0, 0), "everything delivered, nothing dead-lettered");
     drop(bridge);
 }

@@ -155,11 +155,6 @@ async fn a_standby_takes_over_within_5s_of_a_sigkill_or_a_lost_session_without_l
         msgs.len(),
         seen.len()
     );
-    let left: i64 = db
-        .query_one("SELECT count(*) FROM delta_bridge.outbox", &[])
-        .await
-        .expect("q")
-        .get(0);
-    assert_eq!(left, 0, "the outbox drained");
+    assert_eq!(common::bridge_rows(&db, "outbox").await, 0, "the outbox drained");
     device.stop().await;
 }

@@ -111,28 +111,12 @@ async fn a_broker_outage_with_huge_sales_and_a_large_replay_stays_within_the_byt
     // The broker comes back: everything is delivered, nothing is left behind.
     tokio::task::block_in_place(|| env.mqtt.restart()).expect("broker restarts");
     let sub = Subscriber::start(&env.mqtt.url(), "device-memory", "dev/#").await;
-    let start = Instant::now();
-    loop {
-        let left: i64 = db
-            .query_one("SELECT count(*) FROM delta_bridge.outbox", &[])
-            .await
-            .expect("q")
-            .get(0);
-        if left == 0 {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(180),
-            "{left} events still waiting"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let dead: i64 = db
-        .query_one("SELECT count(*) FROM delta_bridge.dead_letter", &[])
-        .await
-        .expect("q")
-        .get(0);
-    assert_eq!(dead, 0, "nothing dead-lettered");
+    common::wait_outbox_empty(&db, Duration::from_secs(180)).await;
+    assert_eq!(
+        common::bridge_rows(&db, "dead_letter").await,
+        0,
+        "nothing dead-lettered"
+    );
     eprintln!("all delivered after {:?}", t0.elapsed());
     sub.stop().await;
 }

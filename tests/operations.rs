@@ -58,22 +58,7 @@ async fn unconvertible_rows_are_dead_lettered_without_blocking_and_can_be_replay
     assert!(detail.contains("branch code"), "the detail says why: {detail}");
     // Nothing stuck in the outbox: the bad row moved out, and the acknowledged one is deleted (in batches,
     // within milliseconds of its PUBACK).
-    let start = Instant::now();
-    loop {
-        let left: i64 = db
-            .query_one("SELECT count(*) FROM delta_bridge.outbox", &[])
-            .await
-            .expect("q")
-            .get(0);
-        if left == 0 {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "{left} rows stuck in the outbox"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_outbox_empty(&db, Duration::from_secs(5)).await;
 
     // A transaction id that is not an id does not cost the devices their stock change: published with null.
     db.batch_execute(

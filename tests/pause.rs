@@ -72,13 +72,6 @@ async fn dead_letters(db: &tokio_postgres::Client) -> Vec<String> {
     .collect()
 }
 
-async fn outbox_len(db: &tokio_postgres::Client) -> i64 {
-    db.query_one("SELECT count(*) FROM delta_bridge.outbox", &[])
-        .await
-        .expect("outbox")
-        .get(0)
-}
-
 /// How many times the bridge connected to the broker so far, as the broker logged it.
 fn bridge_connections(env: &Env) -> usize {
     std::fs::read_to_string(env.mqtt.dir().join("mosquitto.log"))
@@ -209,7 +202,11 @@ async fn scenario(tag: &str, broker_extra: &'static str) {
     assert_eq!(common::sample(&after, PAUSED), Some(1.0), "still paused");
     assert!(dead_letters(&db).await.is_empty());
     assert_eq!(sub.count(), 1, "nothing delivered while the account may not publish");
-    assert_eq!(outbox_len(&db).await, 20, "the backlog waits in the outbox");
+    assert_eq!(
+        common::bridge_rows(&db, "outbox").await,
+        20,
+        "the backlog waits in the outbox"
+    );
 
     // The right comes back: every event arrives within 60 s, in order per row, and the pause ends.
     ctrl(
@@ -233,7 +230,7 @@ async fn scenario(tag: &str, broker_extra: &'static str) {
     eprintln!("backlog delivered {:?} after the ACL was restored", restored.elapsed());
     loop {
         let text = common::scrape(&bridge.http).await;
-        if common::sample(&text, PAUSED) == Some(0.0) && outbox_len(&db).await == 0 {
+        if common::sample(&text, PAUSED) == Some(0.0) && common::bridge_rows(&db, "outbox").await == 0 {
             break;
         }
         assert!(

@@ -227,6 +227,30 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// Rows in the bridge's table `delta_bridge.{table}` (`outbox`, `dead_letter`).
+pub async fn bridge_rows(db: &tokio_postgres::Client, table: &str) -> i64 {
+    db.query_one(&format!("SELECT count(*) FROM delta_bridge.{table}"), &[])
+        .await
+        .expect("count rows")
+        .get(0)
+}
+
+/// Waits until the outbox is empty (everything delivered or dead-lettered); panics after `limit`.
+pub async fn wait_outbox_empty(db: &tokio_postgres::Client, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let left = bridge_rows(db, "outbox").await;
+        if left == 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{left} rows still in the outbox after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn wait_ready_at(http: &str, limit: Duration) {
     let start = Instant::now();
     loop {
