@@ -172,7 +172,11 @@ fn run_async<F: std::future::Future<Output = anyhow::Result<()>>>(fut: F) -> Exi
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(fut) {
+    let result = rt.block_on(fut);
+    // Dropping a runtime waits for its blocking threads without limit (a DNS lookup or file read stuck on a
+    // dead network): a stopping or failed bridge must be gone in seconds, whatever those threads do.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("delta-bridge: {e:#}");

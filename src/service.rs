@@ -82,8 +82,11 @@ pub struct TaskDied {
     pub why: String,
 }
 
-/// After a task died, how long the others get to stop before [`Running::wait`] returns anyway.
-const STOP_AFTER_DEATH: Duration = Duration::from_secs(8);
+/// After a task died, how long the others get to stop before [`Running::wait`] returns anyway. Short: once a
+/// task is dead nothing the others finish is recorded (the publisher's PUBACKs no longer reach the outbox, the
+/// pipeline's reads no longer reach the broker), so a long drain only delays the standby's takeover, and the
+/// process must be gone within 10 s of the death even on a loaded machine.
+const STOP_AFTER_DEATH: Duration = Duration::from_secs(3);
 
 /// A running bridge: its real HTTP address, and the handle to wait for it.
 pub struct Running {
@@ -94,7 +97,7 @@ pub struct Running {
 
 impl Running {
     /// Waits until every task has ended. Ok after a clean shutdown (the cancellation token was cancelled);
-    /// Err when a task died, once the others have stopped (at most 8 s later).
+    /// Err when a task died, once the others have stopped (at most 3 s later).
     pub async fn wait(self) -> Result<(), TaskDied> {
         tokio::select! {
             _ = self.tracker.wait() => {}
