@@ -5,6 +5,7 @@
 //! with a message an operator can act on. Secrets (passwords, tokens, keys) may come from the TOML, the
 //! environment, or a file (`<key>_file`), and are wrapped in [`Secret`] so that they never print.
 
+mod pgtls;
 mod raw;
 mod render;
 mod secret;
@@ -15,6 +16,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub(crate) use pgtls::{split as split_pg_tls, RootCert, SslMode as PgSslMode};
 pub use raw::ENV_PREFIX;
 pub use secret::{redact_url, Secret};
 

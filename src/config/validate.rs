@@ -17,10 +17,12 @@ impl Raw {
         }
 
         let pg_url = self.non_empty("postgres.url", "postgres://postgres@127.0.0.1:5432/postgres")?;
-        if pg_url.parse::<tokio_postgres::Config>().is_err() {
+        let (pg_rest, _) =
+            super::pgtls::split(&pg_url).map_err(|reason| ConfigError::invalid("postgres.url", reason))?;
+        if let Err(e) = pg_rest.parse::<tokio_postgres::Config>() {
             return Err(ConfigError::invalid(
                 "postgres.url",
-                format!("{:?} is not a PostgreSQL connection URL", redact_url(&pg_url)),
+                format!("{:?} is not a PostgreSQL connection URL ({e})", redact_url(&pg_url)),
             ));
         }
         let schema = self.non_empty("postgres.schema", "public")?;
