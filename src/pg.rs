@@ -24,7 +24,9 @@ pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum PgError {
     #[error("invalid postgres.url: {0}")]
     Url(String),
-    #[error("cannot connect to PostgreSQL: {0}")]
+    /// Printed with its causes: tokio-postgres' own text is only the kind ("error performing TLS handshake"),
+    /// the reason (a certificate from an unknown issuer, a host name it does not carry) is in the cause.
+    #[error("cannot connect to PostgreSQL: {}", with_causes(.0))]
     Connect(#[source] tokio_postgres::Error),
     #[error("PostgreSQL connection attempt timed out")]
     ConnectTimeout,
@@ -117,6 +119,21 @@ where
         notifications: rx,
         closed: closed_rx,
     })
+}
+
+/// `error: cause: its cause…`, each text once (an io::Error prints the error it wraps).
+fn with_causes(e: &tokio_postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Whether the attempt failed in the TLS handshake (rustls said no), rather than on the network or at login.

@@ -175,6 +175,8 @@ pub struct BrokerConfig {
     pub admin_username: Option<String>,
     pub admin_password: Option<Secret>,
     pub api_url: Option<String>,
+    /// PEM file of CA certificates for an `https://` `api_url` (default: the system's roots).
+    pub api_ca_file: Option<PathBuf>,
     pub api_key: Option<String>,
     pub api_secret: Option<Secret>,
 }
@@ -186,6 +188,7 @@ impl fmt::Debug for BrokerConfig {
             admin_username,
             admin_password,
             api_url,
+            api_ca_file,
             api_key,
             api_secret,
         } = self;
@@ -194,6 +197,7 @@ impl fmt::Debug for BrokerConfig {
             .field("admin_username", admin_username)
             .field("admin_password", admin_password)
             .field("api_url", &api_url.as_deref().map(redact_url))
+            .field("api_ca_file", api_ca_file)
             .field("api_key", api_key)
             .field("api_secret", api_secret)
             .finish()

@@ -53,6 +53,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "admin_password",
             "admin_password_file",
             "api_url",
+            "api_ca_file",
             "api_key",
             "api_secret",
             "api_secret_file",

@@ -87,6 +87,7 @@ pub(super) fn redacted_toml(cfg: &Config) -> String {
         admin_username,
         admin_password,
         api_url,
+        api_ca_file,
         api_key,
         api_secret,
     } = broker;
@@ -95,6 +96,7 @@ pub(super) fn redacted_toml(cfg: &Config) -> String {
     t.opt("admin_username", admin_username.as_deref());
     t.secret("admin_password", admin_password.as_ref());
     t.opt("api_url", api_url.as_deref().map(redact_url));
+    t.opt("api_ca_file", api_ca_file.as_deref().map(path));
     t.opt("api_key", api_key.as_deref());
     t.secret("api_secret", api_secret.as_ref());
 

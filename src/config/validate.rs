@@ -123,6 +123,7 @@ impl Raw {
             admin_username: self.string("broker.admin_username")?,
             admin_password: self.secret("broker.admin_password")?,
             api_url: self.string("broker.api_url")?,
+            api_ca_file: self.string("broker.api_ca_file")?.map(PathBuf::from),
             api_key: self.string("broker.api_key")?,
             api_secret: self.secret("broker.api_secret")?,
         };
@@ -140,6 +141,27 @@ impl Raw {
                 ))
             }
             _ => {}
+        }
+        let api_https = match broker
+            .api_url
+            .as_deref()
+            .map(|u| url::Url::parse(u).map(|u| u.scheme().to_string()))
+        {
+            None => false,
+            Some(Ok(scheme)) if scheme == "https" => true,
+            Some(Ok(scheme)) if scheme == "http" => false,
+            Some(_) => {
+                return Err(ConfigError::invalid(
+                    "broker.api_url",
+                    "must be an http:// or https:// URL (EMQX's REST API, e.g. https://emqx:18084)",
+                ))
+            }
+        };
+        if broker.api_ca_file.is_some() && !api_https {
+            return Err(ConfigError::invalid(
+                "broker.api_ca_file",
+                "is used only with an https:// broker.api_url",
+            ));
         }
 
         let bridge = BridgeConfig {

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::{BrokerBackend, BrokerError, Grant, ADMIN_TIMEOUT};
 use crate::config::{BrokerConfig, Secret};
+use crate::tls::{Roots, Verify};
 
 pub(crate) struct Emqx {
     http: reqwest::Client,
@@ -28,18 +29,21 @@ impl Emqx {
         let base = cfg.api_url.clone().ok_or_else(|| need("api_url"))?;
         let key = cfg.api_key.clone().ok_or_else(|| need("api_key"))?;
         let secret = cfg.api_secret.clone().ok_or_else(|| need("api_secret"))?;
-        if !base.starts_with("http://") {
-            // reqwest is built without TLS here (a TLS feature would also demand a process-wide rustls
-            // provider from every other reqwest user); an https API goes through a local TLS sidecar.
+        let mut http = reqwest::Client::builder().timeout(ADMIN_TIMEOUT);
+        if base.starts_with("https://") {
+            // The API is verified like every TLS peer of the bridge (chain and host name, against
+            // broker.api_ca_file or the system's roots), with our own rustls configuration: reqwest's
+            // defaults would trust no root at all in this build.
+            let roots = Roots::from_option(cfg.api_ca_file.as_deref());
+            let tls = crate::tls::client_config(&roots, Verify::Full)
+                .map_err(|e| BrokerError::Config(format!("broker.api_ca_file: {e}")))?;
+            http = http.use_preconfigured_tls(tls).https_only(true);
+        } else if !base.starts_with("http://") {
             return Err(BrokerError::Config(
-                "broker.api_url must be an http:// URL (EMQX's REST API on a private network, or a local TLS proxy)"
-                    .into(),
+                "broker.api_url must be an http:// or https:// URL".into(),
             ));
         }
-        let http = reqwest::Client::builder()
-            .timeout(ADMIN_TIMEOUT)
-            .build()
-            .map_err(BrokerError::Request)?;
+        let http = http.build().map_err(BrokerError::Request)?;
         Ok(Emqx {
             http,
             base: base.trim_end_matches('/').to_string(),
@@ -157,17 +161,34 @@ impl BrokerBackend for Emqx {
 mod tests {
     use super::*;
 
-    #[test]
-    fn https_api_url_is_refused_at_start() {
-        let cfg = BrokerConfig {
+    fn emqx_at(url: &str, ca: Option<&str>) -> BrokerConfig {
+        BrokerConfig {
             kind: crate::config::BrokerKind::Emqx,
             admin_username: None,
             admin_password: None,
-            api_url: Some("https://emqx:18084".into()),
+            api_url: Some(url.into()),
+            api_ca_file: ca.map(Into::into),
             api_key: Some("k".into()),
             api_secret: Some(Secret::new("s")),
-        };
-        assert!(matches!(Emqx::new(&cfg), Err(BrokerError::Config(_))));
+        }
+    }
+
+    #[test]
+    fn an_unreadable_api_ca_file_is_refused_at_start_with_its_key() {
+        let cfg = emqx_at("https://emqx:18084", Some("/nonexistent/emqx-ca.pem"));
+        match Emqx::new(&cfg) {
+            Err(BrokerError::Config(why)) => {
+                assert!(
+                    why.contains("broker.api_ca_file") && why.contains("/nonexistent/emqx-ca.pem"),
+                    "{why}"
+                )
+            }
+            other => panic!("expected a configuration error, got {:?}", other.map(|_| ())),
+        }
+        assert!(matches!(
+            Emqx::new(&emqx_at("ftp://emqx", None)),
+            Err(BrokerError::Config(_))
+        ));
     }
 
     #[test]
