@@ -100,6 +100,49 @@ fn errors_name_the_key() {
 }
 
 #[test]
+fn tls_settings_are_checked_with_the_key_and_the_reason() {
+    for (toml, key, says) in [
+        (
+            "[postgres]\nurl = \"postgres://db/x?sslmode=verify-ca\"\n",
+            "postgres.url",
+            "needs sslrootcert",
+        ),
+        (
+            "[postgres]\nurl = \"host=db sslmode=verify-any\"\n",
+            "postgres.url",
+            "not one of",
+        ),
+        (
+            "[postgres]\nurl = \"postgres://db/x?sslcert=/c.pem\"\n",
+            "postgres.url",
+            "unknown option",
+        ),
+        (
+            "[broker]\napi_url = \"http://emqx:18083\"\napi_ca_file = \"/ca.pem\"\n",
+            "broker.api_ca_file",
+            "https://",
+        ),
+        ("[broker]\napi_url = \"ftp://emqx\"\n", "broker.api_url", "https://"),
+    ] {
+        match parse(toml, &[]) {
+            Err(ConfigError::Invalid { key: k, reason }) => {
+                assert_eq!(k, key, "{toml}");
+                assert!(reason.contains(says), "{toml}: {reason}");
+            }
+            other => panic!("{toml}: {other:?}"),
+        }
+    }
+    let ok = parse(
+        "[postgres]\nurl = \"postgres://db/x?sslmode=verify-full&sslrootcert=/ca.pem\"\n\
+         [broker]\napi_url = \"https://emqx:18084\"\napi_ca_file = \"/emqx-ca.pem\"\n",
+        &[],
+    )
+    .expect("valid");
+    assert_eq!(ok.broker.api_ca_file.as_deref(), Some(Path::new("/emqx-ca.pem")));
+    assert!(ok.redacted_toml().contains("api_ca_file = \"/emqx-ca.pem\"\n"));
+}
+
+#[test]
 fn secrets_never_print() {
     let c = parse(
         "[postgres]\nurl = \"postgres://u:hunter2@h/db\"\n[mqtt]\npassword = \"s3cret-mqtt\"\n\
@@ -428,6 +471,7 @@ kind = "none"
 # admin_username: not set
 # admin_password: not set
 # api_url: not set
+# api_ca_file: not set
 # api_key: not set
 # api_secret: not set
 

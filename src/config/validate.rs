@@ -20,9 +20,11 @@ impl Raw {
         let (pg_rest, _) =
             super::pgtls::split(&pg_url).map_err(|reason| ConfigError::invalid("postgres.url", reason))?;
         if let Err(e) = pg_rest.parse::<tokio_postgres::Config>() {
+            // The cause says which option (never its value): "unknown option `sslcert`".
+            let why = std::error::Error::source(&e).map_or_else(|| e.to_string(), |c| c.to_string());
             return Err(ConfigError::invalid(
                 "postgres.url",
-                format!("{:?} is not a PostgreSQL connection URL ({e})", redact_url(&pg_url)),
+                format!("{:?} is not a PostgreSQL connection URL ({why})", redact_url(&pg_url)),
             ));
         }
         let schema = self.non_empty("postgres.schema", "public")?;
