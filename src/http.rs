@@ -29,6 +29,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(crate::openapi::routes())
         .fallback(not_found)
         .with_state(state.clone())
         .merge(crate::provision::api::routes(state.devices))
