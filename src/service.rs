@@ -227,7 +227,11 @@ pub async fn start(
             provisioner: provisioner.clone(),
         }),
     };
-    supervisor.spawn(&tracker, "http", http::serve(listener, state, cancel.clone()));
+    supervisor.spawn(
+        &tracker,
+        "http",
+        http::serve(listener, state, cfg.http.max_connections, cancel.clone()),
+    );
     if migrate {
         let mut backoff = Backoff::new();
         loop {
