@@ -225,6 +225,7 @@ pub async fn start(
         devices: Arc::new(DeviceApi {
             admin_token: cfg.http.admin_token.clone(),
             provisioner: provisioner.clone(),
+            throttle: Default::default(),
         }),
     };
     supervisor.spawn(
