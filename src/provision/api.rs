@@ -64,23 +64,27 @@ fn authorize(api: &DeviceApi, client: SocketAddr, headers: &HeaderMap) -> Result
         )));
     };
     let now = Instant::now();
-    if let Verdict::Limited(wait) = api.throttle.check(client.ip(), now) {
-        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-        let mut r = error(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!("too many failed authentications from this address; retry in {secs}s"),
-        );
-        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        return Err(Box::new(r));
-    }
+    let last = match api.throttle.admit(client.ip(), now) {
+        Verdict::Check { last } => last,
+        Verdict::Limited(wait) => {
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("too many failed authentications from this address; retry in {secs}s"),
+            );
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            return Err(Box::new(r));
+        }
+    };
     let given = bearer_token(headers);
     let ok: bool = Sha256::digest(given.as_bytes())
         .ct_eq(&Sha256::digest(expected.expose().as_bytes()))
         .into();
     if ok && !given.is_empty() {
+        api.throttle.succeeded(client.ip(), now);
         Ok(())
     } else {
-        if api.throttle.failed(client.ip(), now) {
+        if last {
             tracing::warn!(client = %client.ip(), "failed admin authentications: answering this address 429 for a while");
         }
         let mut r = error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
@@ -189,5 +193,56 @@ async fn jwks(State(api): State<Arc<DeviceApi>>) -> Response {
     match api.provisioner.jwks() {
         Ok(v) => ([(header::CACHE_CONTROL, "public, max-age=300")], Json(v)).into_response(),
         Err(e) => failure(e, "jwks"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(name: header::HeaderName, value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(name, HeaderValue::from_str(value).expect("header value"));
+        h
+    }
+
+    #[test]
+    fn the_bearer_scheme_in_any_case_the_token_exactly() {
+        for (value, token) in [
+            ("Bearer abc", "abc"),
+            ("bearer abc", "abc"),
+            ("BEARER abc", "abc"),
+            ("Bearer   abc", "abc"),
+            ("Bearer ABC", "ABC"),
+            ("Basic abc", ""),
+            ("Bearerabc", ""),
+            ("Bearer", ""),
+            ("abc", ""),
+        ] {
+            assert_eq!(bearer_token(&headers(header::AUTHORIZATION, value)), token, "{value:?}");
+        }
+        assert_eq!(bearer_token(&HeaderMap::new()), "");
+    }
+
+    #[test]
+    fn json_content_types() {
+        for ok in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON",
+            "application/merge-patch+json",
+        ] {
+            assert!(is_json(&headers(header::CONTENT_TYPE, ok)), "{ok}");
+        }
+        for no in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "application/jsonp",
+            "text/json",
+            "",
+        ] {
+            assert!(!is_json(&headers(header::CONTENT_TYPE, no)), "{no:?}");
+        }
+        assert!(!is_json(&HeaderMap::new()));
     }
 }

@@ -1,8 +1,8 @@
 //! The limit on failed admin authentication (docs/api.md#authentication): per client address, a bucket of
 //! [`BURST`] failures that refills at [`PER_SECOND`] a second. A request with a missing or wrong token takes
-//! one failure from its address's bucket; while the bucket holds less than one, every device-API request from
-//! that address is answered 429 *without its token being compared*, and with the time until the next
-//! failure is allowed.
+//! one failure from its address's bucket (a right one gives it back); while the bucket holds less than one,
+//! every device-API request from that address is answered 429 *without its token being compared*, and with
+//! the time until the next failure is allowed.
 //!
 //! Not comparing is what makes it a limit: if a right token were still served while wrong ones got 429, the
 //! 429 itself would tell a guesser that the guess was wrong, and guessing could go on at full speed. The cost
@@ -80,8 +80,10 @@ struct Table {
 /// What a client address may do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
-    /// Its token is compared.
-    Check,
+    /// Its token is compared. One failure is set aside for it before the comparison, so that requests in
+    /// parallel cannot get more comparisons than the bucket holds; [`AuthThrottle::succeeded`] gives it back.
+    /// `last`: that was the address's last failure (worth a log line if the token is wrong).
+    Check { last: bool },
     /// Answered 429; it may try again after this long.
     Limited(Duration),
 }
@@ -102,42 +104,45 @@ impl Default for AuthThrottle {
     }
 }
 
-impl AuthThrottle {
-    /// Before the token is compared: whether `ip` may have it compared now.
-    pub(crate) fn check(&self, ip: IpAddr, now: Instant) -> Verdict {
-        let mut guard = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        let t = &mut *guard;
-        let full = t.buckets.len() >= MAX_ADDRESSES;
-        let wait = match t.buckets.get_mut(&Key::of(ip)) {
-            Some(b) => b.wait(now),
-            // Without a bucket of its own an address has failed too little to be limited, unless the table
-            // is full and it is counted in the shared bucket.
-            None if full => t.overflow.wait(now),
-            None => None,
-        };
-        wait.map_or(Verdict::Check, Verdict::Limited)
-    }
-
-    /// After a missing or wrong token from `ip`: takes one failure from its bucket. Returns true when this
-    /// failure used the last one (the address is limited from now on), for the log.
-    pub(crate) fn failed(&self, ip: IpAddr, now: Instant) -> bool {
-        let mut t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        let key = Key::of(ip);
-        if !t.buckets.contains_key(&key) && t.buckets.len() >= MAX_ADDRESSES {
-            t.buckets.retain(|_, b| {
+impl Table {
+    /// The bucket that counts `key`: its own (made when there is room, after forgetting the buckets that have
+    /// refilled if the table is full), else the shared overflow bucket.
+    fn bucket(&mut self, key: Key, now: Instant) -> &mut Bucket {
+        if !self.buckets.contains_key(&key) && self.buckets.len() >= MAX_ADDRESSES {
+            self.buckets.retain(|_, b| {
                 b.refill(now);
                 b.tokens < BURST
             });
         }
-        let table = &mut *t;
-        let bucket = if table.buckets.len() < MAX_ADDRESSES || table.buckets.contains_key(&key) {
-            table.buckets.entry(key).or_insert_with(|| Bucket::full(now))
+        if self.buckets.len() < MAX_ADDRESSES || self.buckets.contains_key(&key) {
+            self.buckets.entry(key).or_insert_with(|| Bucket::full(now))
         } else {
-            &mut table.overflow
-        };
+            &mut self.overflow
+        }
+    }
+}
+
+impl AuthThrottle {
+    /// Before the token is compared: whether `ip` may have it compared now (and if so, one failure is set
+    /// aside for it).
+    pub(crate) fn admit(&self, ip: IpAddr, now: Instant) -> Verdict {
+        let mut t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        let bucket = t.bucket(Key::of(ip), now);
+        if let Some(wait) = bucket.wait(now) {
+            return Verdict::Limited(wait);
+        }
+        bucket.tokens -= 1.0;
+        Verdict::Check {
+            last: bucket.tokens < 1.0,
+        }
+    }
+
+    /// The token was right: the failure set aside for it goes back (a success never counts).
+    pub(crate) fn succeeded(&self, ip: IpAddr, now: Instant) {
+        let mut t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        let bucket = t.bucket(Key::of(ip), now);
         bucket.refill(now);
-        bucket.tokens = (bucket.tokens - 1.0).max(0.0);
-        bucket.tokens < 1.0
+        bucket.tokens = (bucket.tokens + 1.0).min(BURST);
     }
 }
 
@@ -150,31 +155,53 @@ mod tests {
         IpAddr::V4(Ipv4Addr::new(10, 0, 0, last))
     }
 
+    fn fail_burst(t: &AuthThrottle, ip: IpAddr, now: Instant) {
+        for i in 0..BURST as usize {
+            let last = i + 1 == BURST as usize;
+            assert_eq!(t.admit(ip, now), Verdict::Check { last }, "failure {i}");
+        }
+    }
+
     #[test]
     fn a_burst_then_the_refill_rate() {
         let t = AuthThrottle::default();
         let now = Instant::now();
-        for i in 0..BURST as usize {
-            assert_eq!(t.check(v4(1), now), Verdict::Check, "failure {i}");
-            t.failed(v4(1), now);
-        }
-        let Verdict::Limited(wait) = t.check(v4(1), now) else {
+        fail_burst(&t, v4(1), now);
+        let Verdict::Limited(wait) = t.admit(v4(1), now) else {
             panic!("limited after the burst")
         };
         assert_eq!(wait, Duration::from_secs_f64(1.0 / PER_SECOND));
         // Another address is not affected.
-        assert_eq!(t.check(v4(2), now), Verdict::Check);
-        // One failure's worth later it may try once more, and is limited again after failing.
+        assert_eq!(t.admit(v4(2), now), Verdict::Check { last: false });
+        // One failure's worth later it may try once more, and is limited again after it.
         let later = now + wait;
-        assert_eq!(t.check(v4(1), later), Verdict::Check);
-        assert!(t.failed(v4(1), later));
-        assert!(matches!(t.check(v4(1), later), Verdict::Limited(_)));
+        assert_eq!(t.admit(v4(1), later), Verdict::Check { last: true });
+        assert!(matches!(t.admit(v4(1), later), Verdict::Limited(_)));
         // Long enough without failures: the whole burst again.
-        let much_later = later + Duration::from_secs_f64(BURST / PER_SECOND);
-        for _ in 0..BURST as usize {
-            assert_eq!(t.check(v4(1), much_later), Verdict::Check);
-            t.failed(v4(1), much_later);
+        fail_burst(&t, v4(1), later + Duration::from_secs_f64(BURST / PER_SECOND));
+    }
+
+    #[test]
+    fn successes_never_count() {
+        let t = AuthThrottle::default();
+        let now = Instant::now();
+        for _ in 0..1000 {
+            assert!(matches!(t.admit(v4(1), now), Verdict::Check { .. }));
+            t.succeeded(v4(1), now);
         }
+        fail_burst(&t, v4(1), now);
+        assert!(matches!(t.admit(v4(1), now), Verdict::Limited(_)));
+    }
+
+    #[test]
+    fn requests_in_parallel_get_no_more_comparisons_than_the_bucket_holds() {
+        let t = AuthThrottle::default();
+        let now = Instant::now();
+        // Every admission sets a failure aside before any comparison is done.
+        let admitted = (0..100)
+            .filter(|_| matches!(t.admit(v4(1), now), Verdict::Check { .. }))
+            .count();
+        assert_eq!(admitted, BURST as usize);
     }
 
     #[test]
@@ -184,18 +211,17 @@ mod tests {
         let a: IpAddr = "2001:db8:1:2::1".parse().expect("ip");
         let same64: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("ip");
         let other64: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
-        for _ in 0..BURST as usize {
-            t.failed(a, now);
-        }
-        assert!(matches!(t.check(same64, now), Verdict::Limited(_)));
-        assert_eq!(t.check(other64, now), Verdict::Check);
+        fail_burst(&t, a, now);
+        assert!(matches!(t.admit(same64, now), Verdict::Limited(_)));
+        assert!(matches!(t.admit(other64, now), Verdict::Check { .. }));
 
         let mapped = IpAddr::V6(Ipv4Addr::new(10, 0, 0, 7).to_ipv6_mapped());
-        for _ in 0..BURST as usize {
-            t.failed(mapped, now);
-        }
-        assert!(matches!(t.check(v4(7), now), Verdict::Limited(_)));
-        assert_eq!(t.check(IpAddr::V6(Ipv6Addr::LOCALHOST), now), Verdict::Check);
+        fail_burst(&t, mapped, now);
+        assert!(matches!(t.admit(v4(7), now), Verdict::Limited(_)));
+        assert!(matches!(
+            t.admit(IpAddr::V6(Ipv6Addr::LOCALHOST), now),
+            Verdict::Check { .. }
+        ));
     }
 
     #[test]
@@ -204,20 +230,19 @@ mod tests {
         let now = Instant::now();
         let addr = |i: u32| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
         for i in 0..MAX_ADDRESSES as u32 {
-            t.failed(addr(i), now);
+            assert!(matches!(t.admit(addr(i), now), Verdict::Check { .. }));
         }
         assert_eq!(t.table.lock().expect("lock").buckets.len(), MAX_ADDRESSES);
         // Every bucket still in use: new addresses share the overflow bucket and are limited together.
         let extra = MAX_ADDRESSES as u32;
         for i in 0..BURST as u32 {
-            assert_eq!(t.check(addr(extra + i), now), Verdict::Check);
-            t.failed(addr(extra + i), now);
+            assert!(matches!(t.admit(addr(extra + i), now), Verdict::Check { .. }));
         }
         assert_eq!(t.table.lock().expect("lock").buckets.len(), MAX_ADDRESSES);
-        assert!(matches!(t.check(addr(extra + 1000), now), Verdict::Limited(_)));
+        assert!(matches!(t.admit(addr(extra + 1000), now), Verdict::Limited(_)));
         // Once the old buckets have refilled they are forgotten and a new address gets its own bucket.
         let later = now + Duration::from_secs_f64(BURST / PER_SECOND + 1.0);
-        t.failed(addr(extra + 2000), later);
+        assert!(matches!(t.admit(addr(extra + 2000), later), Verdict::Check { .. }));
         let table = t.table.lock().expect("lock");
         assert_eq!(table.buckets.len(), 1);
         assert!(table.buckets.contains_key(&Key::of(addr(extra + 2000))));
