@@ -19,6 +19,7 @@ mod har;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::Env;
@@ -41,24 +42,32 @@ fn repo() -> &'static Path {
 }
 
 /// .tools/venv/bin with the pinned tools, installed if missing; None only under `SKIP_SCHEMATHESIS=1`.
-/// A failed installation fails the test: a silent skip would look like a pass.
+/// A failed installation fails the test: a silent skip would look like a pass. The tests of this file run at
+/// once; the installation runs once for them all (two pip installs into one virtualenv would collide).
 fn api_tools(what: &str) -> Option<PathBuf> {
     if std::env::var("SKIP_SCHEMATHESIS").is_ok_and(|v| v == "1") {
         eprintln!("openapi: SKIPPED {what}: SKIP_SCHEMATHESIS=1 (the schemathesis and openapi-spec-validator checks did not run)");
         return None;
     }
-    let out = Command::new(repo().join("scripts/setup-api-tools"))
-        .output()
-        .expect("run scripts/setup-api-tools");
-    assert!(
-        out.status.success(),
-        "scripts/setup-api-tools could not install schemathesis and openapi-spec-validator from PyPI ({}):\n{}\n\
-         Without them the API's contract is not tested. Fix the installation (network, python3-venv), or set \
-         SKIP_SCHEMATHESIS=1 to skip these checks deliberately.",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(repo().join(".tools/venv/bin"))
+    static INSTALLED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let installed = INSTALLED.get_or_init(|| {
+        let out = Command::new(repo().join("scripts/setup-api-tools"))
+            .output()
+            .map_err(|e| format!("cannot run scripts/setup-api-tools: {e}"))?;
+        if out.status.success() {
+            Ok(repo().join(".tools/venv/bin"))
+        } else {
+            Err(format!("{}:\n{}", out.status, String::from_utf8_lossy(&out.stderr)))
+        }
+    });
+    match installed {
+        Ok(bin) => Some(bin.clone()),
+        Err(why) => panic!(
+            "scripts/setup-api-tools could not install schemathesis and openapi-spec-validator from PyPI ({why})\n\
+             Without them the API's contract is not tested. Fix the installation (network, python3-venv), or set \
+             SKIP_SCHEMATHESIS=1 to skip these checks deliberately."
+        ),
+    }
 }
 
 fn read_document() -> (Vec<u8>, Value) {
