@@ -529,7 +529,7 @@ async fn no_secret_is_ever_printed_or_logged() {
         &issue_args("cli-device-2"),
     );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("broker"), "{}", text(&out));
+    assert!(text(&out).contains("broker admin connection failed"), "{}", text(&out));
     let emqx = Setup {
         broker: format!("kind = \"emqx\"\n{emqx_settings}"),
         ..query.clone()
