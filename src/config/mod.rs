@@ -141,6 +141,9 @@ impl fmt::Debug for MqttConfig {
 pub struct HttpConfig {
     pub listen: SocketAddr,
     pub admin_token: Option<Secret>,
+    /// Connections served at once; one more is closed as soon as it is accepted. Bounds the memory hostile
+    /// or stalled clients can pin (each holds at most a 64 KiB body and hyper's read buffer).
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

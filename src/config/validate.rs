@@ -97,7 +97,11 @@ impl Raw {
                 ));
             }
         }
-        let http = HttpConfig { listen, admin_token };
+        let http = HttpConfig {
+            listen,
+            admin_token,
+            max_connections: self.integer("http.max_connections", 256, 1, 65_536)? as usize,
+        };
 
         let credentials = CredentialsConfig {
             signing_key_file: self.string("credentials.signing_key_file")?.map(PathBuf::from),

@@ -8,6 +8,7 @@
 //! - [`broker`]: Mosquitto dynamic security, EMQX REST API, or nothing.
 //! - [`api`]: the HTTP handlers.
 //! - [`reserved`]: the ids the bridge keeps for itself (pure).
+//! - [`throttle`]: the per-address limit on failed admin authentication.
 //!
 //! The service keeps no state of its own: each call reads and locks the device's row, talks to the broker,
 //! and commits only once the broker agreed, so any replica can serve any call. Never returns a database or
@@ -31,6 +32,7 @@ pub(crate) mod broker;
 pub(crate) mod credentials;
 pub(crate) mod reserved;
 pub(crate) mod store;
+pub(crate) mod throttle;
 
 use acl::AclRule;
 use broker::{BrokerBackend, BrokerError, Grant};
