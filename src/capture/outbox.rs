@@ -298,17 +298,27 @@ async fn unsendable_row(client: &Client, id: i64, refusal: &PgError) -> Result<U
     })
 }
 
-/// Moves one row to the dead-letter table with the reason and detail an operator will read.
-pub(crate) async fn dead_letter(client: &Client, id: i64, reason: &str, detail: &str) -> Result<u64, PgError> {
+/// Moves rows to the dead-letter table, each with the reason and detail an operator will read, in one
+/// statement (one round trip, a join on the arrays: linear in the rows). `ids`, `reasons` and `details` are
+/// parallel, and `ids` holds each id once (a row moved twice in one statement would be an error). A row no
+/// longer in the outbox is passed over. The row's content is copied server-side, whether or not the bridge
+/// could read it.
+pub(crate) async fn dead_letters(
+    client: &Client,
+    ids: &[i64],
+    reasons: &[&str],
+    details: &[&str],
+) -> Result<u64, PgError> {
     timed(client.execute(
-        "WITH moved AS (DELETE FROM delta_bridge.outbox WHERE id = $1 RETURNING *)
+        "WITH d AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]) AS d (id, reason, detail)),
+              moved AS (DELETE FROM delta_bridge.outbox o USING d WHERE o.id = d.id
+                        RETURNING o.id, o.captured_at, o.kind, o.op, o.merchant_code, o.branch_code,
+                                  o.product_name, o.old_row, o.new_row, o.items, o.ctx, d.reason, d.detail)
          INSERT INTO delta_bridge.dead_letter (id, captured_at, kind, op, merchant_code, branch_code, product_name,
                                                old_row, new_row, items, ctx, reason, detail)
-         SELECT id, captured_at, kind, op, merchant_code, branch_code, product_name, old_row, new_row, items, ctx,
-                $2, $3
-           FROM moved
+         SELECT * FROM moved
          ON CONFLICT (id) DO UPDATE SET failed_at = now(), reason = EXCLUDED.reason, detail = EXCLUDED.detail",
-        &[&id, &reason, &detail],
+        &[&ids, &reasons, &details],
     ))
     .await
 }

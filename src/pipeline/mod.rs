@@ -12,7 +12,7 @@
 mod leadership;
 mod tracker;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -40,6 +40,10 @@ const BACKLOG_EVERY: Duration = Duration::from_secs(2);
 /// Acknowledged rows are deleted in batches: at this size, or after this delay.
 const DELETE_BATCH: usize = 500;
 const DELETE_DELAY: Duration = Duration::from_millis(20);
+/// Rows are moved to the dead letters in statements of at most this many, with the leader's heartbeat
+/// between them: a replay of tens of thousands of rows that fail again is a few hundred round trips, and the
+/// leader never looks hung meanwhile.
+const DEAD_BATCH: usize = 500;
 /// After a read that found rows, keep polling (every LINGER_POLL) for this long before asking writers to
 /// NOTIFY: under steady load rows keep coming, the bridge never arms the wake lock, and no writer pays for
 /// NOTIFY's commit lock. Costs at most LINGER_POLL of latency while it lasts.
@@ -141,7 +145,8 @@ struct Pipeline {
     /// Converted, waiting for room in the publisher's channel.
     ready: VecDeque<Event>,
     to_delete: Vec<i64>,
-    to_dead: Vec<(i64, FailureReason, String)>,
+    /// Unconvertible or refused rows, in the order they failed, to move to the dead letters.
+    to_dead: VecDeque<(i64, FailureReason, String)>,
     /// Consecutive failures to take the wake lock (backoff).
     arm_failures: u32,
     last_sweep: Option<Instant>,
@@ -169,7 +174,7 @@ impl Pipeline {
             tracker: Tracker::new(),
             ready: VecDeque::new(),
             to_delete: Vec::new(),
-            to_dead: Vec::new(),
+            to_dead: VecDeque::new(),
             arm_failures: 0,
             last_sweep: None,
             last_backlog: now,
@@ -444,7 +449,7 @@ impl Pipeline {
                 Err(e) => {
                     tracing::warn!(id, error = %e, "cannot convert captured row; moved to delta_bridge.dead_letter");
                     self.metrics.failure(FailureReason::Unconvertible);
-                    self.to_dead.push((id, FailureReason::Unconvertible, e.0));
+                    self.to_dead.push_back((id, FailureReason::Unconvertible, e.0));
                 }
             }
         }
@@ -497,7 +502,7 @@ impl Pipeline {
             Outcome::Rejected { event, reason, detail } => {
                 tracing::warn!(seq = event.seq, topic = %event.topic, %detail, "event refused; moved to delta_bridge.dead_letter");
                 self.metrics.failure(reason);
-                self.to_dead.push((event.seq, reason, detail));
+                self.to_dead.push_back((event.seq, reason, detail));
             }
         }
     }
@@ -515,10 +520,15 @@ impl Pipeline {
             }
             self.first_ack_pending = None;
         }
-        while let Some((id, reason, detail)) = self.to_dead.first().cloned() {
-            outbox::dead_letter(client, id, reason.as_str(), &detail).await?;
-            self.complete(id);
-            self.to_dead.remove(0);
+        while !self.to_dead.is_empty() {
+            let n = self.to_dead.len().min(DEAD_BATCH);
+            let (ids, reasons, details) = dead_batch(&self.to_dead, n);
+            outbox::dead_letters(client, &ids, &reasons, &details).await?;
+            for id in ids {
+                self.complete(id);
+            }
+            self.to_dead.drain(..n);
+            self.heartbeat.beat_if_due(client).await?;
         }
         Ok(())
     }
@@ -580,6 +590,21 @@ impl Pipeline {
     }
 }
 
+/// The first `n` rows of `to_dead` as the parallel arrays of one dead-letter statement, each id once (the
+/// first failure wins: one statement cannot move a row twice).
+fn dead_batch(to_dead: &VecDeque<(i64, FailureReason, String)>, n: usize) -> (Vec<i64>, Vec<&'static str>, Vec<&str>) {
+    let mut seen = HashSet::with_capacity(n);
+    let mut out = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for (id, reason, detail) in to_dead.range(..n) {
+        if seen.insert(*id) {
+            out.0.push(*id);
+            out.1.push(reason.as_str());
+            out.2.push(detail.as_str());
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -600,6 +625,21 @@ mod tests {
     fn pipeline() -> Pipeline {
         let cfg = Config::parse("", std::path::Path::new("t.toml"), &[]).expect("config");
         Pipeline::new(Arc::new(cfg), Arc::new(Metrics::new().expect("metrics")))
+    }
+
+    #[test]
+    fn dead_letters_go_in_bounded_batches_in_order_each_id_once() {
+        let to_dead: VecDeque<_> = (0..1200)
+            .map(|i| (i % 1000, FailureReason::Unconvertible, format!("why {i}")))
+            .collect();
+        let (ids, reasons, details) = dead_batch(&to_dead, DEAD_BATCH);
+        assert_eq!(ids, (0..DEAD_BATCH as i64).collect::<Vec<_>>());
+        assert_eq!(reasons.len(), DEAD_BATCH);
+        assert_eq!((details[0], details[DEAD_BATCH - 1]), ("why 0", "why 499"));
+        let all = to_dead.len();
+        let (ids, _, details) = dead_batch(&to_dead, all);
+        assert_eq!(ids.len(), 1000, "an id failed twice is moved once");
+        assert_eq!(details[5], "why 5", "with its first failure's detail");
     }
 
     #[test]
