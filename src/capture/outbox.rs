@@ -23,16 +23,20 @@ pub(crate) struct Snapshot {
     pub(crate) next_xid: i64,
 }
 
-/// The rows one read selects: the open gaps that are there and up to `$3` rows after the cursor `$1`, in id
-/// order, with the snapshot's xmin and the next transaction id as the last two columns (NULL row columns when
-/// nothing matched). `age(xid)` is the next transaction id minus xid, for a statement without an id of its own.
+/// The rows one read selects: of the open gaps that are there and the rows after the cursor `$1`, the `$3`
+/// lowest ids, in id order, with the snapshot's xmin and the next transaction id as the last two columns (NULL
+/// row columns when nothing matched). One statement, so one snapshot (see the pipeline's tracker for why that
+/// matters). A read cut at `$3` rows returns every such row below its last one: the rows it leaves are all
+/// above what it returns, and gaps it leaves stay gaps for the next read. `age(xid)` is the next transaction
+/// id minus xid, for a statement without an id of its own.
 fn next_rows(columns: &str) -> String {
     format!(
         "WITH x AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin),
               s AS (SELECT xmin::text::bigint AS xmin, xmin::text::bigint + age(xid(xmin)) AS next_xid FROM x),
-              r AS ((SELECT {columns} FROM delta_bridge.outbox WHERE id = ANY($2))
-                    UNION ALL
-                    (SELECT {columns} FROM delta_bridge.outbox WHERE id > $1 ORDER BY id LIMIT $3))
+              r AS (SELECT * FROM ((SELECT {columns} FROM delta_bridge.outbox WHERE id = ANY($2) ORDER BY id LIMIT $3)
+                                   UNION ALL
+                                   (SELECT {columns} FROM delta_bridge.outbox WHERE id > $1 ORDER BY id LIMIT $3)) u
+                     ORDER BY id LIMIT $3)
          SELECT r.*, s.xmin, s.next_xid FROM s LEFT JOIN r ON true ORDER BY r.id"
     )
 }
@@ -169,8 +173,8 @@ impl Statements {
         })
     }
 
-    /// In one snapshot: the rows of `gaps` that are there, and up to `limit` rows with id > `after`, all in
-    /// id order; and the snapshot they were read in. When PostgreSQL refuses to send one of them, the ids are
+    /// In one snapshot: of the rows of `gaps` that are there and the rows with id > `after`, the `limit`
+    /// lowest, in id order; and the snapshot they were read in. When PostgreSQL refuses to send one of them, the ids are
     /// listed in one snapshot instead and the rows read apart (the listed rows stay: only the leader deletes).
     pub(crate) async fn fetch_next(
         &self,

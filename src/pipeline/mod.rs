@@ -34,6 +34,8 @@ use leadership::{Heartbeat, SquatterWatch};
 use tracker::{Snapshot, Tracker, GAP_FAST_EVERY};
 
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// The sweep lists the ids below the cursor this many at a time.
+const SWEEP_PAGE: i64 = 10_000;
 /// A leader without a broker connection this long gives up the lead.
 const BROKER_LOST_RELEASE: Duration = Duration::from_secs(10);
 const BACKLOG_EVERY: Duration = Duration::from_secs(2);
@@ -150,6 +152,10 @@ struct Pipeline {
     /// Consecutive failures to take the wake lock (backoff).
     arm_failures: u32,
     last_sweep: Option<Instant>,
+    /// A sweep pass under way (each step reads at most what [`Pipeline::batch`] allows): where it resumes,
+    /// and what it found so far.
+    sweep_after: Option<i64>,
+    sweep_found: usize,
     last_backlog: Instant,
     first_ack_pending: Option<Instant>,
     /// Bytes (payload and topic) of each event dispatched and not yet deleted or dead-lettered, and their
@@ -177,6 +183,8 @@ impl Pipeline {
             to_dead: VecDeque::new(),
             arm_failures: 0,
             last_sweep: None,
+            sweep_after: None,
+            sweep_found: 0,
             last_backlog: now,
             first_ack_pending: None,
             pending_sizes: HashMap::new(),
@@ -253,7 +261,9 @@ impl Pipeline {
         self.heartbeat.beat_if_due(&s.client).await?;
         tracing::info!("leader: publishing");
         timed(s.client.batch_execute(&format!("LISTEN {WAKE_CHANNEL}"))).await?;
-        self.last_sweep = None; // sweep at once: a previous leader may have left rows below our cursor
+        // Sweep at once: a previous leader may have left rows below our cursor.
+        self.last_sweep = None;
+        self.sweep_after = None;
 
         let mut broker_lost: Option<Instant> = None;
         loop {
@@ -277,19 +287,23 @@ impl Pipeline {
             self.metrics.pending_bytes.set(self.pending_bytes as i64);
             if self.ready.is_empty() && self.has_room() {
                 let t = Instant::now();
+                let limit = self.batch();
                 let (rows, snap) = stmts
-                    .fetch_next(&s.client, self.tracker.cursor(), &self.tracker.gap_ids(), self.batch())
+                    .fetch_next(&s.client, self.tracker.cursor(), &self.tracker.gap_ids(), limit)
                     .await?;
                 self.metrics.outbox_poll_seconds.observe(t.elapsed().as_secs_f64());
                 drained = rows.len() < self.cfg.bridge.batch_size as usize;
                 if !rows.is_empty() {
                     self.last_rows = Some(Instant::now());
                 }
-                self.take(rows, snap, &install_id);
+                self.take(rows, snap, limit, &install_id);
                 self.push_ready(events, cancel)?;
             }
-            if self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) && self.has_room() {
-                self.sweep(&s.client, &stmts, &install_id).await?;
+            let sweep_due = self.sweep_after.is_some() || self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
+            if sweep_due && self.has_room() {
+                if !self.sweep(&s.client, &stmts, &install_id).await? {
+                    drained = false; // more below the cursor: the next step as soon as there is room
+                }
                 self.push_ready(events, cancel)?;
             }
             if self.last_backlog.elapsed() >= BACKLOG_EVERY {
@@ -314,12 +328,13 @@ impl Pipeline {
             // writer that committed just before we took the lock did not notify.
             let tried = if self.ready.is_empty() && self.has_room() {
                 let gaps = self.tracker.gap_ids();
+                let limit = self.batch();
                 let (armed, (rows, snap)) = tokio::try_join!(
                     stmts.try_lock(&s.client, WAKE_LOCK),
-                    stmts.fetch_next(&s.client, self.tracker.cursor(), &gaps, self.batch()),
+                    stmts.fetch_next(&s.client, self.tracker.cursor(), &gaps, limit),
                 )?;
                 let found = !rows.is_empty();
-                self.take(rows, snap, &install_id);
+                self.take(rows, snap, limit, &install_id);
                 if found {
                     self.last_rows = Some(Instant::now());
                     if armed {
@@ -368,7 +383,9 @@ impl Pipeline {
                         replay |= p == "replay";
                     }
                     if replay {
-                        self.last_sweep = None; // replayed dead letters sit below the cursor
+                        // Replayed dead letters sit below the cursor: a new pass, from the start.
+                        self.last_sweep = None;
+                        self.sweep_after = None;
                     }
                 }
                 o = outcomes.recv(), if self.first_ack_pending.is_none() => {
@@ -397,20 +414,29 @@ impl Pipeline {
         }
     }
 
-    /// Rows to ask for: `bridge.batch_size`, or fewer when the bytes left under `max_pending_bytes` would
-    /// hold fewer events of the recent mean size (at least one: the bound may be overshot by one read).
+    /// Rows to ask for in one read (the cursor's, with the gaps, or a sweep step's): `bridge.batch_size`, or
+    /// fewer when fewer events are left under `max_pending`, or when the bytes left under `max_pending_bytes`
+    /// would hold fewer events of the recent mean size (at least one: the byte bound may be overshot by one
+    /// read's misjudged sizes).
     fn batch(&self) -> i64 {
         let room = self.cfg.bridge.max_pending_bytes.saturating_sub(self.pending_bytes) as f64;
         let by_bytes = (room / self.mean_event_bytes.max(1.0)).ceil() as i64;
-        by_bytes.clamp(1, i64::from(self.cfg.bridge.batch_size))
+        let by_events = self
+            .cfg
+            .bridge
+            .max_pending
+            .saturating_sub(self.tracker.outstanding_len());
+        let by_events = i64::try_from(by_events).unwrap_or(i64::MAX);
+        by_bytes.min(by_events).clamp(1, i64::from(self.cfg.bridge.batch_size))
     }
 
-    /// Converts the rows of one read (gaps and rows after the cursor, one snapshot) not already outstanding
-    /// and queues their events, in id order.
-    fn take(&mut self, rows: Vec<Fetched>, snap: Snapshot, install_id: &str) {
+    /// Converts the rows of one read of at most `limit` rows (gaps and rows after the cursor, one snapshot)
+    /// not already outstanding and queues their events, in id order.
+    fn take(&mut self, rows: Vec<Fetched>, snap: Snapshot, limit: i64, install_id: &str) {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         let dispatch = self
             .tracker
-            .observe(rows.iter().map(outbox::fetched_id), snap, Instant::now());
+            .observe(rows.iter().map(outbox::fetched_id), snap, limit, Instant::now());
         self.queue(rows, dispatch, install_id);
     }
 
@@ -533,34 +559,52 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Re-reads every row at or below the cursor that is not outstanding, known gaps included: late commits
-    /// the gap tracking gave up on, rows replayed from the dead letters, rows a previous leader left.
+    /// One step of the sweep, which re-reads every row at or below the cursor that is not outstanding, known
+    /// gaps included: late commits the gap tracking gave up on, rows replayed from the dead letters, rows a
+    /// previous leader left. A step reads at most [`Pipeline::batch`] rows, the lowest ids it has not yet
+    /// passed; a pass takes as many steps as it needs, run as soon as there is room. Returns whether the pass
+    /// is over.
     async fn sweep(
         &mut self,
         client: &tokio_postgres::Client,
         stmts: &Statements,
         install_id: &str,
-    ) -> Result<(), PgError> {
-        let mut after = 0;
+    ) -> Result<bool, PgError> {
+        let limit = usize::try_from(self.batch()).unwrap_or(usize::MAX);
+        let mut after = self.sweep_after.unwrap_or(0);
         let mut missing = Vec::new();
-        loop {
-            let ids = outbox::ids_between(client, after, self.tracker.cursor(), 10_000).await?;
-            let done = ids.len() < 10_000;
-            if let Some(last) = ids.last() {
-                after = *last;
-            }
+        let finished = loop {
+            let ids = outbox::ids_between(client, after, self.tracker.cursor(), SWEEP_PAGE).await?;
             missing.extend(self.tracker.sweep_missing(&ids));
-            if done || missing.len() >= self.cfg.bridge.batch_size as usize {
-                break;
+            if missing.len() >= limit {
+                // Resume after the last row read: what this page holds beyond it is listed again.
+                missing.truncate(limit);
+                after = missing.last().copied().unwrap_or(after);
+                break false;
             }
-        }
+            match ids.last() {
+                Some(last) if ids.len() as i64 == SWEEP_PAGE => after = *last,
+                _ => break true,
+            }
+            // A long listing (an outbox of millions below the cursor): the leader must not look hung.
+            self.heartbeat.beat_if_due(client).await?;
+        };
         if !missing.is_empty() {
-            tracing::info!(count = missing.len(), "sweep found rows below the cursor");
+            self.sweep_found += missing.len();
             let rows = stmts.fetch_ids(client, &missing).await?;
             self.take_swept(rows, install_id);
         }
-        self.last_sweep = Some(Instant::now());
-        Ok(())
+        if finished {
+            if self.sweep_found > 0 {
+                tracing::info!(count = self.sweep_found, "sweep found rows below the cursor");
+            }
+            self.sweep_after = None;
+            self.sweep_found = 0;
+            self.last_sweep = Some(Instant::now());
+        } else {
+            self.sweep_after = Some(after);
+        }
+        Ok(finished)
     }
 
     /// Stop reading; let the publisher drain what is in flight, record its acknowledgements, and return.
