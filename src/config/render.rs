@@ -34,7 +34,7 @@ pub(super) fn redacted_toml(cfg: &Config) -> String {
         migrate_lock_timeout,
     } = postgres;
     t.section("postgres");
-    t.set("url", redact_url(url));
+    t.set("url", redact_postgres(url));
     t.secret("password", password.as_ref());
     t.set("schema", schema.as_str());
     t.duration("connect_timeout", *connect_timeout);

@@ -108,7 +108,6 @@ fn failure(e: ProvisionError, what: &str) -> Response {
     match e {
         ProvisionError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
         ProvisionError::NotFound(m) => error(StatusCode::NOT_FOUND, m),
-        ProvisionError::Conflict(m) => error(StatusCode::CONFLICT, m),
         ProvisionError::Disabled(m) => error(StatusCode::SERVICE_UNAVAILABLE, m),
         ProvisionError::Store(e) => {
             tracing::error!(error = %e, "{what}: device store failed");

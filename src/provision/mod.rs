@@ -7,6 +7,7 @@
 //! - [`store`]: device records (PostgreSQL).
 //! - [`broker`]: Mosquitto dynamic security, EMQX REST API, or nothing.
 //! - [`api`]: the HTTP handlers.
+//! - [`reserved`]: the ids the bridge keeps for itself (pure).
 //! - [`throttle`]: the per-address limit on failed admin authentication.
 //!
 //! The service keeps no state of its own: each call reads and locks the device's row, talks to the broker,
@@ -29,6 +30,7 @@ pub(crate) mod acl;
 pub(crate) mod api;
 pub(crate) mod broker;
 pub(crate) mod credentials;
+pub(crate) mod reserved;
 pub(crate) mod store;
 pub(crate) mod throttle;
 
@@ -49,9 +51,6 @@ pub enum ProvisionError {
     /// A device, merchant or branch does not exist (HTTP 404).
     #[error("{0}")]
     NotFound(String),
-    /// The id is taken by an account that is not a device (HTTP 409).
-    #[error("{0}")]
-    Conflict(String),
     /// Provisioning is not configured (HTTP 503).
     #[error("{0}")]
     Disabled(&'static str),
@@ -179,8 +178,9 @@ pub(crate) struct Provisioner {
     schema: String,
     connect_timeout: Duration,
     credentials: CredentialsConfig,
-    /// The bridge's own broker accounts: never a device id, so issuing cannot replace or revoke them.
-    reserved: Vec<String>,
+    /// The bridge's own client ids and broker accounts: never a device id, so issuing cannot take over, replace
+    /// or revoke them.
+    reserved: reserved::Reserved,
     /// None when `credentials.signing_key_file` is not set: issuing and the JWKS answer 503.
     keys: Option<SigningKeys>,
     broker: Arc<dyn BrokerBackend>,
@@ -200,11 +200,7 @@ impl Provisioner {
             schema: cfg.postgres.schema.clone(),
             connect_timeout: cfg.postgres.connect_timeout,
             credentials: cfg.credentials.clone(),
-            reserved: [&cfg.mqtt.username, &cfg.broker.admin_username, &cfg.load.username]
-                .into_iter()
-                .flatten()
-                .cloned()
-                .collect(),
+            reserved: reserved::Reserved::from_config(cfg),
             keys,
             broker: broker::from_config(cfg)?,
             metrics,
@@ -215,13 +211,12 @@ impl Provisioner {
         self.keys.is_some()
     }
 
+    /// A reserved id is a wrong request (HTTP 400, `device issue` exit 2), whatever the broker holds.
     fn check_not_reserved(&self, device_id: &str) -> Result<(), ProvisionError> {
-        if self.reserved.iter().any(|r| r == device_id) {
-            return Err(ProvisionError::Conflict(format!(
-                "{device_id} is one of delta-bridge's own broker accounts, not a device id"
-            )));
+        match self.reserved.refusal(device_id) {
+            Some(why) => Err(ProvisionError::Invalid(why)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     async fn connect(&self) -> Result<pg::Session, ProvisionError> {
