@@ -22,8 +22,9 @@ pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
-    #[error("invalid postgres.url: {0}")]
-    Url(String),
+    /// Without tokio-postgres's reason, which can quote a character of the string (a password's).
+    #[error("invalid postgres.url")]
+    Url,
     /// Printed with its causes: tokio-postgres' own text is only the kind ("error performing TLS handshake"),
     /// the reason (a certificate from an unknown issuer, a host name it does not carry) is in the cause.
     #[error("cannot connect to PostgreSQL: {}", with_causes(.0))]
@@ -54,10 +55,9 @@ pub struct Session {
 /// Connects as `url` says, TLS included: `sslmode` and `sslrootcert` with libpq's meanings, `require` verifying
 /// like `verify-full` (see `config::pgtls` for each mode and why).
 pub async fn connect(url: &str, connect_timeout: Duration, app: &str) -> Result<Session, PgError> {
-    let (rest, tls) = crate::config::split_pg_tls(url).map_err(PgError::Url)?;
-    let mut cfg: tokio_postgres::Config = rest
-        .parse()
-        .map_err(|e: tokio_postgres::Error| PgError::Url(e.to_string()))?;
+    // The TLS settings' reasons quote no value but the sslmode's.
+    let (rest, tls) = crate::config::split_pg_tls(url).map_err(PgError::Tls)?;
+    let mut cfg: tokio_postgres::Config = rest.parse().map_err(|_| PgError::Url)?;
     cfg.application_name(app);
     cfg.connect_timeout(connect_timeout);
     // Notice a dead peer (no RST) in seconds, not the kernel's default two hours.

@@ -40,7 +40,10 @@ const KNOWN: &[(&str, &[&str])] = &[
             "max_inflight",
         ],
     ),
-    ("http", &["listen", "admin_token", "admin_token_file"]),
+    (
+        "http",
+        &["listen", "admin_token", "admin_token_file", "max_connections"],
+    ),
     (
         "credentials",
         &["signing_key_file", "ttl", "min_ttl", "max_ttl", "audience", "issuer"],

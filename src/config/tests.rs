@@ -41,6 +41,7 @@ fn defaults_are_valid() {
     assert_eq!(c.credentials.ttl, Duration::from_secs(86400));
     assert_eq!(c.broker.kind, BrokerKind::None);
     assert_eq!(c.postgres.migrate_lock_timeout, Duration::from_secs(60));
+    assert_eq!(c.http.max_connections, 256);
 }
 
 #[test]
@@ -80,6 +81,13 @@ fn errors_name_the_key() {
         key_of(parse("[http]\nlisten = \"nowhere\"\n", &[]).unwrap_err()),
         "http.listen"
     );
+    for bad in ["0", "-1", "65537", "\"many\""] {
+        assert_eq!(
+            key_of(parse(&format!("[http]\nmax_connections = {bad}\n"), &[]).unwrap_err()),
+            "http.max_connections",
+            "{bad}"
+        );
+    }
     assert_eq!(
         key_of(parse("[broker]\nkind = \"rabbit\"\n", &[]).unwrap_err()),
         "broker.kind"
@@ -115,7 +123,7 @@ fn tls_settings_are_checked_with_the_key_and_the_reason() {
         (
             "[postgres]\nurl = \"postgres://db/x?sslcert=/c.pem\"\n",
             "postgres.url",
-            "unknown option",
+            "not a PostgreSQL connection URL",
         ),
         (
             "[broker]\napi_url = \"http://emqx:18083\"\napi_ca_file = \"/ca.pem\"\n",
@@ -140,6 +148,23 @@ fn tls_settings_are_checked_with_the_key_and_the_reason() {
     .expect("valid");
     assert_eq!(ok.broker.api_ca_file.as_deref(), Some(Path::new("/emqx-ca.pem")));
     assert!(ok.redacted_toml().contains("api_ca_file = \"/emqx-ca.pem\"\n"));
+    // A URL with TLS settings and a password prints whole, the password hidden (not "<redacted>" for a string
+    // tokio-postgres alone would not read), and postgres.password applies to it.
+    let c = parse(
+        "[postgres]\nurl = \"postgres://u:hunter2@db/x?sslmode=verify-full&sslrootcert=/ca.pem\"\npassword = \"pw2\"\n",
+        &[],
+    )
+    .expect("valid");
+    assert!(
+        c.redacted_toml()
+            .contains("url = \"postgres://u:redacted@db/x?sslmode=verify-full&sslrootcert=/ca.pem\""),
+        "{}",
+        c.redacted_toml()
+    );
+    assert_eq!(
+        c.postgres_url(),
+        "postgres://u:pw2@db/x?sslmode=verify-full&sslrootcert=/ca.pem"
+    );
 }
 
 #[test]
@@ -308,6 +333,7 @@ keep_alive = "1h30m"
 max_inflight = 7
 [http]
 listen = "[::1]:9090"
+max_connections = 17
 [credentials]
 signing_key_file = "/keys/signing.pem"
 ttl = "36h"
@@ -360,6 +386,7 @@ fn check_config_output_parses_back_to_the_same_config() {
     let first = Config::parse(EVERY_SECTION, Path::new("every.toml"), &env).expect("valid");
     assert_eq!(first.mqtt.keep_alive, Duration::from_secs(5400));
     assert_eq!(first.bridge.batch_size, 42);
+    assert_eq!(first.http.max_connections, 17);
     let printed = first.redacted_toml();
 
     // Parsed again with no environment, only a secret the emqx broker requires (the config file held it, so
@@ -457,6 +484,7 @@ max_inflight = 100
 [http]
 listen = "0.0.0.0:8080"
 # admin_token: not set
+max_connections = 256
 
 [credentials]
 # signing_key_file: not set
