@@ -38,6 +38,9 @@ pub enum ServiceError {
     Metrics(#[from] prometheus::Error),
     #[error("HTTP listener: {0}")]
     Listener(#[from] std::io::Error),
+    /// The https listener's certificate or key cannot be used.
+    #[error("https listener (http.tls_cert_file, http.tls_key_file): {0}")]
+    HttpTls(String),
     #[error(transparent)]
     Provision(#[from] ProvisionError),
     /// A migration failed or the business schema is missing: retrying would not help.
@@ -219,6 +222,12 @@ pub async fn start(
     let tracker = TaskTracker::new();
     let supervisor = Supervisor::new(cancel.clone());
     let provisioner = Arc::new(Provisioner::from_config(&cfg, metrics.clone())?);
+    let https = match (&cfg.http.tls_cert_file, &cfg.http.tls_key_file) {
+        (Some(cert), Some(key)) => Some(Arc::new(
+            crate::tls::server_config(cert, key).map_err(|e| ServiceError::HttpTls(e.to_string()))?,
+        )),
+        _ => None,
+    };
     let state = AppState {
         health: health.clone(),
         metrics: metrics.clone(),
@@ -231,7 +240,7 @@ pub async fn start(
     supervisor.spawn(
         &tracker,
         "http",
-        http::serve(listener, state, cfg.http.max_connections, cancel.clone()),
+        http::serve(listener, state, cfg.http.max_connections, https, cancel.clone()),
     );
     if migrate {
         let mut backoff = Backoff::new();

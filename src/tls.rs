@@ -1,4 +1,4 @@
-//! TLS plumbing for every connection the bridge makes: which CA certificates to trust (a PEM file the operator
+//! TLS plumbing for every connection the bridge makes, and for its https listener: which CA certificates to trust (a PEM file the operator
 //! names, or the system's roots) and how much of the server's certificate to check. One place, so that
 //! PostgreSQL, the MQTT broker and the EMQX REST API are verified the same way, with the same `ring` provider
 //! (no process-wide default provider is installed or needed).
@@ -23,6 +23,10 @@ pub(crate) enum TlsError {
     NoSystemRoots,
     #[error("TLS set-up failed: {0}")]
     Setup(String),
+    #[error("certificate file {path}: {reason}")]
+    CertFile { path: PathBuf, reason: String },
+    #[error("key file {path}: {reason}")]
+    KeyFile { path: PathBuf, reason: String },
 }
 
 /// Whose certificates a client trusts.
@@ -119,6 +123,39 @@ pub(crate) fn unverified_client_config() -> Result<ClientConfig, TlsError> {
             algorithms: provider.signature_verification_algorithms,
         }))
         .with_no_client_auth())
+}
+
+/// A server configuration presenting the chain in `cert` (PEM, the server's certificate first) with the key in
+/// `key` (PEM: PKCS#8, PKCS#1 or SEC1), HTTP/1.1 offered by ALPN. Read once: a renewed certificate is served
+/// after a restart.
+pub(crate) fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, TlsError> {
+    let bad_cert = |reason: String| TlsError::CertFile {
+        path: cert.to_path_buf(),
+        reason,
+    };
+    let bad_key = |reason: String| TlsError::KeyFile {
+        path: key.to_path_buf(),
+        reason,
+    };
+    let pem = std::fs::read(cert).map_err(|e| bad_cert(e.to_string()))?;
+    let chain = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad_cert(e.to_string()))?;
+    if chain.is_empty() {
+        return Err(bad_cert("no PEM certificate in it".into()));
+    }
+    let pem = std::fs::read(key).map_err(|e| bad_key(e.to_string()))?;
+    let private = rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| bad_key(e.to_string()))?
+        .ok_or_else(|| bad_key("no PEM private key in it".into()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Setup(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, private)
+        .map_err(|e| bad_key(format!("does not fit the certificate: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 /// `sslmode=verify-ca`: the certificate must chain to one of `roots` (and be valid now); its names are not

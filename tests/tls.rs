@@ -466,3 +466,104 @@ async fn emqx_api_over_https_is_verified_against_its_ca_file() {
         bridge.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_listener_serves_https_only_with_its_certificate() {
+    let env = Env::start("http-tls");
+    let dir = env.dir.join("certs");
+    let c = certs(&dir);
+    let toml = env.config_toml("").replace(
+        "[http]\n",
+        &format!(
+            "[http]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+            c.localhost.cert.display(),
+            c.localhost.key.display()
+        ),
+    );
+    let cfg = Config::parse(&toml, Path::new("test.toml"), &[]).expect("config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let running = delta_bridge::service::start(cfg.clone(), true, listener, cancel.clone())
+        .await
+        .expect("bridge starts");
+
+    // With the test's CA, by the name in the certificate: ready, and the metrics are there.
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&c.ca.cert).expect("CA")).expect("PEM");
+    let trusting = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .expect("client");
+    let https = format!("https://localhost:{port}");
+    let start = Instant::now();
+    loop {
+        match trusting.get(format!("{https}/readyz")).send().await {
+            Ok(r) if r.status() == 200 => break,
+            other => assert!(start.elapsed() < WAIT, "not ready over https: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = trusting
+        .get(format!("{https}/metrics"))
+        .send()
+        .await
+        .expect("https /metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(metrics.contains("delta_bridge_postgres_connected 1"), "{metrics}");
+
+    // Plain http to it gets no answer; a client that does not trust the CA refuses the certificate.
+    let plain = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await;
+    assert!(plain.is_err(), "plain http answered: {plain:?}");
+    let untrusting = reqwest::Client::new().get(format!("{https}/healthz")).send().await;
+    let err = untrusting.expect_err("a certificate from an unknown CA was accepted");
+    assert!(format!("{err:?}").contains("UnknownIssuer"), "{err:?}");
+    // None of that hurt the listener.
+    let again = trusting
+        .get(format!("{https}/healthz"))
+        .send()
+        .await
+        .expect("https again");
+    assert_eq!(again.status(), 200);
+    cancel.cancel();
+    running.wait().await.expect("clean stop");
+
+    // A key that is not the certificate's: start-up fails, naming the keys and the file.
+    let mut wrong = cfg;
+    wrong.http.tls_key_file = Some(dir.join("other-ca.key"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let err = delta_bridge::service::start(wrong, false, listener, tokio_util::sync::CancellationToken::new())
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("http.tls_key_file") && err.contains("other-ca.key"),
+        "{err}"
+    );
+}
+
+#[test]
+fn half_an_https_configuration_exits_2_naming_the_missing_key() {
+    let dir = common::temp_dir("http-tls-cfg");
+    for (text, missing) in [
+        ("[http]\ntls_cert_file = \"/tls/cert.pem\"\n", "http.tls_key_file"),
+        ("[http]\ntls_key_file = \"/tls/key.pem\"\n", "http.tls_cert_file"),
+    ] {
+        let path = dir.join("half.toml");
+        std::fs::write(&path, text).expect("write");
+        for command in ["check-config", "run"] {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_delta-bridge"))
+                .arg("--config")
+                .arg(&path)
+                .arg(command)
+                .output()
+                .expect("run");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{command} {text:?}: {err}");
+            assert!(err.contains(missing), "{command} {text:?}: {err}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

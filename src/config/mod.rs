@@ -146,6 +146,10 @@ pub struct HttpConfig {
     /// Connections served at once; one more is closed as soon as it is accepted. Bounds the memory hostile
     /// or stalled clients can pin (each holds at most a 64 KiB body and hyper's read buffer).
     pub max_connections: usize,
+    /// PEM certificate chain (the server's first) of an https listener; set with `tls_key_file` or not at all.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`'s first certificate.
+    pub tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -42,7 +42,14 @@ const KNOWN: &[(&str, &[&str])] = &[
     ),
     (
         "http",
-        &["listen", "admin_token", "admin_token_file", "max_connections"],
+        &[
+            "listen",
+            "admin_token",
+            "admin_token_file",
+            "max_connections",
+            "tls_cert_file",
+            "tls_key_file",
+        ],
     ),
     (
         "credentials",

@@ -65,11 +65,15 @@ pub(super) fn redacted_toml(cfg: &Config) -> String {
         listen,
         admin_token,
         max_connections,
+        tls_cert_file,
+        tls_key_file,
     } = http;
     t.section("http");
     t.set("listen", listen.to_string());
     t.secret("admin_token", admin_token.as_ref());
     t.set("max_connections", *max_connections as i64);
+    t.opt("tls_cert_file", tls_cert_file.as_deref().map(path));
+    t.opt("tls_key_file", tls_key_file.as_deref().map(path));
 
     let CredentialsConfig {
         signing_key_file,

@@ -131,6 +131,16 @@ fn tls_settings_are_checked_with_the_key_and_the_reason() {
             "https://",
         ),
         ("[broker]\napi_url = \"ftp://emqx\"\n", "broker.api_url", "https://"),
+        (
+            "[http]\ntls_cert_file = \"/tls/cert.pem\"\n",
+            "http.tls_key_file",
+            "both or neither",
+        ),
+        (
+            "[http]\ntls_key_file = \"/tls/key.pem\"\n",
+            "http.tls_cert_file",
+            "both or neither",
+        ),
     ] {
         match parse(toml, &[]) {
             Err(ConfigError::Invalid { key: k, reason }) => {
@@ -142,12 +152,16 @@ fn tls_settings_are_checked_with_the_key_and_the_reason() {
     }
     let ok = parse(
         "[postgres]\nurl = \"postgres://db/x?sslmode=verify-full&sslrootcert=/ca.pem\"\n\
-         [broker]\napi_url = \"https://emqx:18084\"\napi_ca_file = \"/emqx-ca.pem\"\n",
+         [broker]\napi_url = \"https://emqx:18084\"\napi_ca_file = \"/emqx-ca.pem\"\n\
+         [http]\ntls_cert_file = \"/tls/cert.pem\"\ntls_key_file = \"/tls/key.pem\"\n",
         &[],
     )
     .expect("valid");
     assert_eq!(ok.broker.api_ca_file.as_deref(), Some(Path::new("/emqx-ca.pem")));
     assert!(ok.redacted_toml().contains("api_ca_file = \"/emqx-ca.pem\"\n"));
+    assert!(ok
+        .redacted_toml()
+        .contains("tls_cert_file = \"/tls/cert.pem\"\ntls_key_file = \"/tls/key.pem\"\n"));
     // A URL with TLS settings and a password prints whole, the password hidden (not "<redacted>" for a string
     // tokio-postgres alone would not read), and postgres.password applies to it.
     let c = parse(
@@ -485,6 +499,8 @@ max_inflight = 100
 listen = "0.0.0.0:8080"
 # admin_token: not set
 max_connections = 256
+# tls_cert_file: not set
+# tls_key_file: not set
 
 [credentials]
 # signing_key_file: not set

@@ -105,7 +105,24 @@ impl Raw {
             listen,
             admin_token,
             max_connections: self.integer("http.max_connections", 256, 1, 65_536)? as usize,
+            tls_cert_file: self.string("http.tls_cert_file")?.map(PathBuf::from),
+            tls_key_file: self.string("http.tls_key_file")?.map(PathBuf::from),
         };
+        match (&http.tls_cert_file, &http.tls_key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "http.tls_key_file",
+                    "must be set with http.tls_cert_file (both or neither: the listener serves https with both)",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "http.tls_cert_file",
+                    "must be set with http.tls_key_file (both or neither: the listener serves https with both)",
+                ))
+            }
+            _ => {}
+        }
 
         let credentials = CredentialsConfig {
             signing_key_file: self.string("credentials.signing_key_file")?.map(PathBuf::from),
