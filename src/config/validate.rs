@@ -43,7 +43,7 @@ impl Raw {
             let applied = super::pgtls::split(&conninfo::with_password(&postgres.url, p.expose()))
                 .ok()
                 .and_then(|(rest, _)| rest.parse::<tokio_postgres::Config>().ok());
-            if !applied.is_some_and(|c| c.get_password() == Some(p.expose().as_bytes())) {
+            if applied.is_none_or(|c| c.get_password() != Some(p.expose().as_bytes())) {
                 return Err(ConfigError::invalid(
                     "postgres.password",
                     "cannot be applied to postgres.url (does it end in a backslash?)",
