@@ -135,3 +135,18 @@ impl TestCa {
         }
     }
 }
+
+/// The test's CA, an unrelated CA, and a server certificate from the first for `localhost` only (no IP
+/// address: connecting to 127.0.0.1 is connecting to a name the certificate does not carry).
+pub struct Certs {
+    pub ca: TestCa,
+    pub other: TestCa,
+    pub localhost: ServerCert,
+}
+
+pub fn certs(dir: &Path) -> Certs {
+    let ca = TestCa::new(dir, "good");
+    let other = TestCa::new(dir, "other");
+    let localhost = ca.issue("localhost", &["DNS:localhost"]);
+    Certs { ca, other, localhost }
+}
