@@ -182,6 +182,9 @@ pub struct BrokerConfig {
     pub api_url: Option<String>,
     pub api_key: Option<String>,
     pub api_secret: Option<Secret>,
+    /// The secret EMQX's HTTP authenticator sends (`Authorization: Bearer …`) when it asks the bridge about a
+    /// device's password (`POST /api/v1/broker/authn`); required with `kind = "emqx"`.
+    pub authn_token: Option<Secret>,
 }
 
 impl fmt::Debug for BrokerConfig {
@@ -193,6 +196,7 @@ impl fmt::Debug for BrokerConfig {
             api_url,
             api_key,
             api_secret,
+            authn_token,
         } = self;
         f.debug_struct("BrokerConfig")
             .field("kind", kind)
@@ -201,6 +205,7 @@ impl fmt::Debug for BrokerConfig {
             .field("api_url", &api_url.as_deref().map(redact_url))
             .field("api_key", api_key)
             .field("api_secret", api_secret)
+            .field("authn_token", authn_token)
             .finish()
     }
 }

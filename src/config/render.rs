@@ -94,6 +94,7 @@ pub(super) fn redacted_toml(cfg: &Config) -> String {
         api_url,
         api_key,
         api_secret,
+        authn_token,
     } = broker;
     t.section("broker");
     t.set("kind", kind.name());
@@ -102,6 +103,7 @@ pub(super) fn redacted_toml(cfg: &Config) -> String {
     t.opt("api_url", api_url.as_deref().map(redact_url));
     t.opt("api_key", api_key.as_deref());
     t.secret("api_secret", api_secret.as_ref());
+    t.secret("authn_token", authn_token.as_ref());
 
     let BridgeConfig {
         batch_size,

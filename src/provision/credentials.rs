@@ -220,6 +220,47 @@ impl SigningKeys {
         }
     }
 
+    /// The claims of `token` if it is a compact JWS signed by one of the published keys (found by the `kid` of
+    /// its header, with the algorithm of that key) and its payload has the shape of a device token; None for
+    /// anything else. Checks neither `exp` nor `nbf`: the caller decides what a live token is. Bounded work:
+    /// one signature check, whatever the token holds.
+    pub(crate) fn verify(&self, token: &str) -> Option<Claims> {
+        /// Far beyond any device token (about 400 bytes); refuses to decode anything larger.
+        const MAX_TOKEN: usize = 8192;
+        if token.len() > MAX_TOKEN {
+            return None;
+        }
+        let mut parts = token.split('.');
+        let (h, p, sig) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
+        let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(h).ok()?).ok()?;
+        let kid = header.get("kid")?.as_str()?;
+        let key = self.published.iter().find(|k| k.thumbprint() == kid)?;
+        if header.get("alg")?.as_str()? != key.algorithm().as_str() {
+            return None;
+        }
+        let sig = URL_SAFE_NO_PAD.decode(sig).ok()?;
+        let signing_input = &token[..h.len() + 1 + p.len()];
+        let ok = match key {
+            PublicKey::Ec(pk) => {
+                let vk = p256::ecdsa::VerifyingKey::from(pk);
+                p256::ecdsa::Signature::from_slice(&sig)
+                    .is_ok_and(|s| p256::ecdsa::signature::Verifier::verify(&vk, signing_input.as_bytes(), &s).is_ok())
+            }
+            PublicKey::Rsa(pk) => {
+                let vk = rsa::pkcs1v15::VerifyingKey::<Sha256>::new(pk.as_ref().clone());
+                rsa::pkcs1v15::Signature::try_from(sig.as_slice())
+                    .is_ok_and(|s| rsa::signature::Verifier::verify(&vk, signing_input.as_bytes(), &s).is_ok())
+            }
+        };
+        if !ok {
+            return None;
+        }
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(p).ok()?).ok()
+    }
+
     /// The `kid` of the signing key.
     pub(crate) fn kid(&self) -> &str {
         &self.kid
@@ -491,6 +532,36 @@ mod tests {
         assert!(e.to_string().contains("2048"), "{e}");
         let cert_like = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
         assert!(SigningKeys::from_pem(cert_like).is_err());
+    }
+
+    #[test]
+    fn verify_accepts_our_tokens_only() {
+        let keys = SigningKeys::from_pem(&delta_harness::demo::es256_pem().expect("generate")).expect("keys");
+        let other = SigningKeys::from_pem(&delta_harness::demo::es256_pem().expect("generate")).expect("keys");
+        let c = claims(chrono::Utc::now().timestamp());
+        let token = keys.sign(&c).expect("sign");
+        assert_eq!(keys.verify(&token), Some(c.clone()));
+        assert_eq!(keys.verify(&other.sign(&c).expect("sign")), None, "another key");
+        // A changed payload under the original signature.
+        let mut parts: Vec<String> = token.split('.').map(String::from).collect();
+        let mut forged = c.clone();
+        forged.jti = new_jti();
+        parts[1] = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged).expect("json"));
+        assert_eq!(keys.verify(&parts.join(".")), None, "forged claims");
+        for junk in ["", "a.b", "a.b.c", "a.b.c.d", &format!("{token}.x")] {
+            assert_eq!(keys.verify(junk), None, "{junk}");
+        }
+        let rsa = SigningKeys::from_pem(&openssl(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+        ]))
+        .expect("rsa");
+        let token = rsa.sign(&c).expect("sign");
+        assert_eq!(rsa.verify(&token), Some(c));
+        assert_eq!(keys.verify(&token), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - [`store`]: device records (PostgreSQL).
 //! - [`broker`]: Mosquitto dynamic security, EMQX REST API, or nothing.
 //! - [`api`]: the HTTP handlers.
+//! - [`authn`]: the answer to EMQX's HTTP authenticator (which token of a device is current).
 //! - [`reserved`]: the ids the bridge keeps for itself (pure).
 //! - [`throttle`]: the per-address limit on failed admin authentication.
 //!
@@ -28,6 +29,7 @@ use crate::pg;
 
 pub(crate) mod acl;
 pub(crate) mod api;
+pub(crate) mod authn;
 pub(crate) mod broker;
 pub(crate) mod credentials;
 pub(crate) mod reserved;
@@ -162,6 +164,14 @@ pub(crate) fn validate(req: &IssueRequest, cfg: &CredentialsConfig) -> Result<i6
     i64::try_from(ttl).map_err(|_| ProvisionError::Invalid("ttl_seconds is too large".into()))
 }
 
+/// How long a revocation must keep a device out: past the expiry of every token it was ever issued (a
+/// rotation to a shorter lifetime leaves the longer one valid), plus the clock skew `nbf` allows, and never in
+/// the past (EMQX refuses a ban that has already ended).
+pub(crate) fn revoke_until(rec: &store::DeviceRecord, now: DateTime<Utc>) -> DateTime<Utc> {
+    let margin = chrono::Duration::seconds(60);
+    (rec.max_expires_at.max(rec.expires_at) + margin).max(now + margin)
+}
+
 fn check_id(device_id: &str) -> Result<(), ProvisionError> {
     if acl::is_valid_id(device_id) {
         Ok(())
@@ -185,6 +195,8 @@ pub(crate) struct Provisioner {
     keys: Option<SigningKeys>,
     broker: Arc<dyn BrokerBackend>,
     metrics: Arc<Metrics>,
+    /// The database sessions of [`authn`], apart from the admin calls' so that a connect storm cannot starve them.
+    authn_sessions: authn::Sessions,
 }
 
 impl Provisioner {
@@ -204,6 +216,7 @@ impl Provisioner {
             keys,
             broker: broker::from_config(cfg)?,
             metrics,
+            authn_sessions: authn::Sessions::new(),
         })
     }
 
@@ -292,6 +305,8 @@ impl Provisioner {
         };
         self.broker.grant(&grant).await?;
         tx.commit().await?;
+        // After the commit: a session ended here can only come back with the token now recorded as current.
+        self.broker.issued(&req.device_id).await?;
         self.metrics.devices_issued.inc();
         tracing::info!(
             device_id = %req.device_id,
@@ -333,9 +348,7 @@ impl Provisioner {
             .await?
             .ok_or_else(|| ProvisionError::NotFound(format!("device {device_id} not found")))?;
         // Again on a revoked device too: cheap, and it repairs a broker that lost the revocation.
-        self.broker
-            .revoke(device_id, rec.expires_at + chrono::Duration::seconds(60))
-            .await?;
+        self.broker.revoke(device_id, revoke_until(&rec, Utc::now())).await?;
         store::record_revoke(&tx, device_id).await?;
         tx.commit().await?;
         if rec.revoked_at.is_none() {
