@@ -302,11 +302,17 @@ impl Provisioner {
             reinstated: previous
                 .as_ref()
                 .is_some_and(|p| p.revoked_at.is_some() || p.expired_at.is_some()),
+            rotation: previous.is_some(),
         };
         self.broker.grant(&grant).await?;
         tx.commit().await?;
-        // After the commit: a session ended here can only come back with the token now recorded as current.
-        self.broker.issued(&req.device_id).await?;
+        if grant.rotation {
+            // After the commit, a session ended here can only come back with the token now current. `grant`
+            // already ended the device's session, so a failure here leaves only a reconnect in between.
+            if let Err(e) = self.broker.issued(&req.device_id).await {
+                tracing::warn!(device_id = %req.device_id, error = %e, "could not end the device's session after the rotation");
+            }
+        }
         self.metrics.devices_issued.inc();
         tracing::info!(
             device_id = %req.device_id,

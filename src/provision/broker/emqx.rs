@@ -3,8 +3,9 @@
 //! a device's current token from an earlier one (EMQX v5.8.9, `apps/emqx_auth_jwt/src/emqx_authn_jwt.erl`,
 //! `verify_claims/2`: signature, `exp`, `nbf` and fixed claim values only). So EMQX asks the bridge first, on
 //! every connect, through its HTTP authenticator ([`crate::provision::authn`]), and this backend only has to:
-//! - on every issue, once committed: kick the device's session (`DELETE /api/v5/clients/{clientid}`), so
-//!   that a session opened with an earlier token has to authenticate again;
+//! - on a rotation (any issue of a device that had credentials): kick the device's session
+//!   (`DELETE /api/v5/clients/{clientid}`) before the commit, so that a session opened with an earlier token
+//!   has to authenticate again, and once more after it, for a reconnect in between;
 //! - on revoke: ban the client id (`POST /api/v5/banned`) until every token the device was ever issued has
 //!   expired, then kick. The ban is the backstop for when EMQX cannot reach the bridge (its HTTP authenticator
 //!   then passes the client on to the JWT check). A ban never ends in the past: EMQX refuses those (400);
@@ -143,6 +144,9 @@ impl BrokerBackend for Emqx {
                     &[StatusCode::NOT_FOUND],
                 )
                 .await?;
+            }
+            if grant.rotation {
+                self.kick(&grant.device_id).await?;
             }
             Ok(())
         })
