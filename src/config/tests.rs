@@ -338,7 +338,7 @@ fn check_config_output_parses_back_to_the_same_config() {
     // the output does not): everything but the secrets is the same...
     let only_secret = owned(&[
         ("DELTA_BRIDGE__BROKER__API_SECRET", "another"),
-        ("DELTA_BRIDGE__BROKER__AUTHN_TOKEN", "another"),
+        ("DELTA_BRIDGE__BROKER__AUTHN_TOKEN", "another-authn-token"),
     ]);
     let bare = Config::parse(&printed, Path::new("printed.toml"), &only_secret).expect("printed config is valid");
     assert_eq!(
@@ -488,14 +488,38 @@ fn every_broker_kind_and_log_format_prints_as_the_file_takes_it() {
         assert_eq!(again.log.format, c.log.format);
         assert_eq!(c.log.format.name(), format);
     }
+    let authn = temp_dir("broker-kinds").join("authn-token");
+    std::fs::write(&authn, "0123456789abcdef\n").expect("write");
+    let emqx = format!(
+        "kind = \"emqx\"\napi_url = \"http://e\"\napi_key = \"k\"\napi_secret_file = \"/dev/null\"\nauthn_token_file = {:?}",
+        authn.to_str().expect("utf8")
+    );
     for kind in [
         "kind = \"none\"",
         "kind = \"mosquitto\"\nadmin_username = \"a\"\nadmin_password_file = \"/dev/null\"",
-        "kind = \"emqx\"\napi_url = \"http://e\"\napi_key = \"k\"\napi_secret_file = \"/dev/null\"\nauthn_token_file = \"/dev/null\"",
+        emqx.as_str(),
     ] {
         let c = parse(&format!("[broker]\n{kind}\n"), &[]).expect("valid");
         let again = parse(&c.redacted_toml(), &[]).expect("valid");
         assert_eq!(again.broker, c.broker);
+    }
+}
+
+#[test]
+fn emqx_needs_an_authn_token_of_16_characters() {
+    let emqx = "[broker]\nkind = \"emqx\"\napi_url = \"http://e\"\napi_key = \"k\"\napi_secret = \"s\"\n";
+    for (extra, ok) in [
+        ("", false),
+        ("authn_token = \"0123456789abcde\"\n", false),
+        ("authn_token = \"0123456789abcdef\"\n", true),
+    ] {
+        match parse(&format!("{emqx}{extra}"), &[]) {
+            Ok(_) => assert!(ok, "{extra:?} accepted"),
+            Err(e) => {
+                assert!(!ok, "{extra:?}: {e}");
+                assert!(e.to_string().contains("broker.authn_token"), "{e}");
+            }
+        }
     }
 }
 

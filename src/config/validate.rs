@@ -144,6 +144,12 @@ impl Raw {
             api_secret: self.secret("broker.api_secret")?,
             authn_token: self.secret("broker.authn_token")?,
         };
+        if broker.authn_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            return Err(ConfigError::invalid(
+                "broker.authn_token",
+                "must be at least 16 characters",
+            ));
+        }
         match kind {
             BrokerKind::Mosquitto if broker.admin_username.is_none() || broker.admin_password.is_none() => {
                 return Err(ConfigError::invalid(
