@@ -24,6 +24,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (2, "devices", include_str!("../sql/002_devices.sql")),
     (3, "leader", include_str!("../sql/003_leader.sql")),
     (4, "writer_isolation", include_str!("../sql/004_writer_isolation.sql")),
+    (5, "device_max_expiry", include_str!("../sql/005_device_max_expiry.sql")),
 ];
 
 /// The business tables the capture triggers attach to.

@@ -233,6 +233,7 @@ pub async fn start(
         metrics: metrics.clone(),
         devices: Arc::new(DeviceApi {
             admin_token: cfg.http.admin_token.clone(),
+            authn_token: cfg.broker.authn_token.clone(),
             provisioner: provisioner.clone(),
             throttle: Default::default(),
         }),

@@ -116,7 +116,8 @@ async fn emqx_api_over_https_is_verified_against_its_ca_file() {
     let bridge_for = |api_url: String, ca: &PathBuf| {
         let toml = env.config_toml(&format!(
             "[credentials]\nsigning_key_file = \"{}\"\n[broker]\nkind = \"emqx\"\napi_url = \"{api_url}\"\n\
-             api_ca_file = \"{}\"\napi_key = \"k\"\napi_secret = \"emqx-secret\"\n",
+             api_ca_file = \"{}\"\napi_key = \"k\"\napi_secret = \"emqx-secret\"\n\
+             authn_token = \"authn-token-for-emqx-0123\"\n",
             key.display(),
             ca.display()
         ));

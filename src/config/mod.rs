@@ -190,6 +190,9 @@ pub struct BrokerConfig {
     pub api_ca_file: Option<PathBuf>,
     pub api_key: Option<String>,
     pub api_secret: Option<Secret>,
+    /// The secret EMQX's HTTP authenticator sends (`Authorization: Bearer …`) when it asks the bridge about a
+    /// device's password (`POST /api/v1/broker/authn`); required with `kind = "emqx"`.
+    pub authn_token: Option<Secret>,
 }
 
 impl fmt::Debug for BrokerConfig {
@@ -202,6 +205,7 @@ impl fmt::Debug for BrokerConfig {
             api_ca_file,
             api_key,
             api_secret,
+            authn_token,
         } = self;
         f.debug_struct("BrokerConfig")
             .field("kind", kind)
@@ -211,6 +215,7 @@ impl fmt::Debug for BrokerConfig {
             .field("api_ca_file", api_ca_file)
             .field("api_key", api_key)
             .field("api_secret", api_secret)
+            .field("authn_token", authn_token)
             .finish()
     }
 }

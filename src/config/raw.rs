@@ -67,6 +67,8 @@ const KNOWN: &[(&str, &[&str])] = &[
             "api_key",
             "api_secret",
             "api_secret_file",
+            "authn_token",
+            "authn_token_file",
         ],
     ),
     (

@@ -99,6 +99,7 @@ pub(super) fn redacted_toml(cfg: &Config) -> String {
         api_ca_file,
         api_key,
         api_secret,
+        authn_token,
     } = broker;
     t.section("broker");
     t.set("kind", kind.name());
@@ -108,6 +109,7 @@ pub(super) fn redacted_toml(cfg: &Config) -> String {
     t.opt("api_ca_file", api_ca_file.as_deref().map(path));
     t.opt("api_key", api_key.as_deref());
     t.secret("api_secret", api_secret.as_ref());
+    t.secret("authn_token", authn_token.as_ref());
 
     let BridgeConfig {
         batch_size,

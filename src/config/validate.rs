@@ -164,7 +164,14 @@ impl Raw {
             api_ca_file: self.string("broker.api_ca_file")?.map(PathBuf::from),
             api_key: self.string("broker.api_key")?,
             api_secret: self.secret("broker.api_secret")?,
+            authn_token: self.secret("broker.authn_token")?,
         };
+        if broker.authn_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            return Err(ConfigError::invalid(
+                "broker.authn_token",
+                "must be at least 16 characters",
+            ));
+        }
         match kind {
             BrokerKind::Mosquitto if broker.admin_username.is_none() || broker.admin_password.is_none() => {
                 return Err(ConfigError::invalid(
@@ -176,6 +183,14 @@ impl Raw {
                 return Err(ConfigError::invalid(
                     "broker.api_url",
                     "broker.kind = \"emqx\" needs api_url, api_key and api_secret (REST API v5)",
+                ))
+            }
+            // Without it EMQX cannot ask which token is a device's current one: a rotated-away or revoked
+            // token would pass EMQX's JWT check until its exp (docs/provisioning.md).
+            BrokerKind::Emqx if broker.authn_token.is_none() => {
+                return Err(ConfigError::invalid(
+                    "broker.authn_token",
+                    "broker.kind = \"emqx\" needs authn_token (the secret of EMQX's HTTP authenticator, docs/deployment.md)",
                 ))
             }
             _ => {}

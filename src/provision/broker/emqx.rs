@@ -1,11 +1,18 @@
-//! EMQX (5.5+, written against 5.8): authentication and authorisation are stateless — EMQX verifies each
-//! device's JWT through the bridge's JWKS and applies the `acl` claim — so issuing pushes nothing. Revoking
-//! bans the client id until the credential expires (`POST /api/v5/banned`) and kicks its session
-//! (`DELETE /api/v5/clients/{clientid}`), with the REST API v5 and Basic auth `api_key:api_secret`.
-//! Re-issuing a revoked device lifts its ban. Never keeps state between calls.
+//! EMQX (5.5+, written against 5.8.9), REST API v5 with Basic auth `api_key:api_secret`. EMQX verifies each
+//! device's JWT through the bridge's JWKS and applies its `acl` claim, but its JWT authenticator cannot tell
+//! a device's current token from an earlier one (EMQX v5.8.9, `apps/emqx_auth_jwt/src/emqx_authn_jwt.erl`,
+//! `verify_claims/2`: signature, `exp`, `nbf` and fixed claim values only). So EMQX asks the bridge first, on
+//! every connect, through its HTTP authenticator ([`crate::provision::authn`]), and this backend only has to:
+//! - on a rotation (any issue of a device that had credentials): kick the device's session
+//!   (`DELETE /api/v5/clients/{clientid}`) before the commit, so that a session opened with an earlier token
+//!   has to authenticate again, and once more after it, for a reconnect in between;
+//! - on revoke: ban the client id (`POST /api/v5/banned`) until every token the device was ever issued has
+//!   expired, then kick. The ban is the backstop for when EMQX cannot reach the bridge (its HTTP authenticator
+//!   then passes the client on to the JWT check). A ban never ends in the past: EMQX refuses those (400);
+//! - on a re-issue after revoke: lift the ban (`DELETE /api/v5/banned/clientid/{clientid}`; 404 if it lapsed),
+//!   since a ban by client id refuses the new token too (EMQX v5.8.9, `apps/emqx/src/emqx_banned.erl`).
 //!
-//! Limit of the stateless design: rotating a device's credentials does not invalidate the previous JWT on
-//! EMQX before its `exp` (Mosquitto replaces the password at once). Revoke, then issue, to cut it off.
+//! Never keeps state between calls.
 
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
@@ -52,6 +59,18 @@ impl Emqx {
         })
     }
 
+    /// Ends the device's session, if any (404: not connected).
+    async fn kick(&self, device_id: &str) -> Result<(), BrokerError> {
+        // Device ids are [A-Za-z0-9_.-] (checked before any call): safe in a path as they are.
+        self.call(
+            Method::DELETE,
+            format!("/api/v5/clients/{device_id}"),
+            None,
+            &[StatusCode::NOT_FOUND],
+        )
+        .await
+    }
+
     /// One API call; `ok` lists the statuses that count as success besides 2xx.
     async fn call(
         &self,
@@ -85,6 +104,12 @@ impl Emqx {
             body: text.chars().take(300).collect(),
         })
     }
+}
+
+/// `until`, or a minute from now if that is later: EMQX refuses a ban whose `until` is not in the future
+/// (EMQX v5.8.9, `apps/emqx/src/emqx_banned.erl`, `parse/1`).
+pub(crate) fn ban_until(until: DateTime<Utc>, now: DateTime<Utc>) -> DateTime<Utc> {
+    until.max(now + chrono::Duration::seconds(60))
 }
 
 fn method_name(m: &Method) -> &'static str {
@@ -124,8 +149,15 @@ impl BrokerBackend for Emqx {
                 )
                 .await?;
             }
+            if grant.rotation {
+                self.kick(&grant.device_id).await?;
+            }
             Ok(())
         })
+    }
+
+    fn issued<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(self.kick(device_id))
     }
 
     fn revoke<'a>(&'a self, device_id: &'a str, until: DateTime<Utc>) -> BoxFuture<'a, Result<(), BrokerError>> {
@@ -134,17 +166,11 @@ impl BrokerBackend for Emqx {
             self.call(
                 Method::POST,
                 "/api/v5/banned".into(),
-                Some(ban_body(device_id, until)),
+                Some(ban_body(device_id, ban_until(until, Utc::now()))),
                 &[],
             )
             .await?;
-            self.call(
-                Method::DELETE,
-                format!("/api/v5/clients/{device_id}"),
-                None,
-                &[StatusCode::NOT_FOUND],
-            )
-            .await
+            self.kick(device_id).await
         })
     }
 
@@ -171,6 +197,7 @@ mod tests {
             api_ca_file: ca.map(Into::into),
             api_key: Some("k".into()),
             api_secret: Some(Secret::new("s")),
+            authn_token: Some(Secret::new("t")),
         }
     }
 
@@ -190,6 +217,15 @@ mod tests {
             Emqx::new(&emqx_at("ftp://emqx", None)),
             Err(BrokerError::Config(_))
         ));
+    }
+
+    #[test]
+    fn a_ban_never_ends_in_the_past() {
+        let now = Utc::now();
+        let later = now + chrono::Duration::hours(2);
+        assert_eq!(ban_until(later, now), later);
+        let past = now - chrono::Duration::hours(2);
+        assert_eq!(ban_until(past, now), now + chrono::Duration::seconds(60));
     }
 
     #[test]
