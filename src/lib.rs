@@ -9,8 +9,9 @@
 //!   dead-letters what cannot be converted or is refused.
 //!
 //! Beside it, the provisioning side: [`provision`] (device credentials, ACLs, broker accounts, and the device
-//! API's handlers). The surface: [`http`] (routes: health, readiness, metrics, the device API), [`metrics`],
-//! [`health`]. Wiring: [`service`] (what the binary calls), [`config`] (file + environment, validated).
+//! API's handlers). The surface: [`http`] (routes: health, readiness, metrics, the device API), [`openapi`]
+//! (the API's OpenAPI document), [`metrics`], [`health`]. Wiring: [`service`] (what the binary calls),
+//! [`config`] (file + environment, validated).
 //!
 //! Plumbing, imported by the domain modules and importing none of them: [`pg`] (PostgreSQL sessions),
 //! [`locks`] (who holds the bridge's advisory locks; the leader's heartbeat), [`schema`] (migrations of the
@@ -38,6 +39,7 @@ pub(crate) mod http;
 pub(crate) mod locks;
 pub(crate) mod metrics;
 pub mod mqtt;
+pub(crate) mod openapi;
 pub mod pg;
 pub(crate) mod pipeline;
 pub(crate) mod provision;

@@ -129,29 +129,31 @@ SELECT l.pid, a.usename::text, a.application_name,
    AND l.pid IS DISTINCT FROM pg_backend_pid()
  ORDER BY l.pid";
 
-fn holder(row: &tokio_postgres::Row) -> Holder {
-    Holder {
-        pid: row.get(0),
-        user: row.get(1),
-        application_name: row.get(2),
-        heartbeat_age: row.get(3),
-    }
+/// One row of [`HOLDERS`] or [`HOLDERS_WITH_HEARTBEAT`]: a column of an unexpected type (a catalog changed by
+/// a PostgreSQL version) is an error of the query, never a panic.
+fn holder(row: &tokio_postgres::Row) -> Result<Holder, PgError> {
+    Ok(Holder {
+        pid: row.try_get(0)?,
+        user: row.try_get(1)?,
+        application_name: row.try_get(2)?,
+        heartbeat_age: row.try_get(3)?,
+    })
 }
 
 /// Who holds the advisory lock `key` (no heartbeat).
 pub(crate) async fn holders<C: GenericClient>(client: &C, key: i64) -> Result<Vec<Holder>, PgError> {
-    Ok(timed(client.query(HOLDERS, &[&key]))
+    timed(client.query(HOLDERS, &[&key]))
         .await?
         .iter()
         .map(holder)
-        .collect())
+        .collect()
 }
 
 /// Who holds the leader lock `key`, each with the age of its heartbeat; and whether there are heartbeats
 /// (false when the table does not exist: a database not migrated by this version, `run --no-migrate`).
 pub(crate) async fn leader_holders(client: &Client, key: i64) -> Result<(Vec<Holder>, bool), PgError> {
     match timed(client.query(HOLDERS_WITH_HEARTBEAT, &[&key])).await {
-        Ok(rows) => Ok((rows.iter().map(holder).collect(), true)),
+        Ok(rows) => Ok((rows.iter().map(holder).collect::<Result<_, _>>()?, true)),
         Err(e) if undefined_table(&e) => Ok((holders(client, key).await?, false)),
         Err(e) => Err(e),
     }

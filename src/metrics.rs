@@ -71,6 +71,10 @@ pub(crate) struct Metrics {
     pub devices_issued: IntCounter,
     pub devices_revoked: IntCounter,
     pub outbox_poll_seconds: Histogram,
+    /// Open HTTP connections (at most `http.max_connections`).
+    pub http_connections: IntGauge,
+    /// HTTP connections closed at once because `http.max_connections` were open.
+    pub http_connections_refused: IntCounter,
 }
 
 impl Metrics {
@@ -143,9 +147,19 @@ impl Metrics {
         registry.register(Box::new(publishing_paused.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(lock_squatter.clone()))?;
+        let http_connections = IntGauge::new(
+            "delta_bridge_http_connections",
+            "Open HTTP connections (at most http.max_connections)",
+        )?;
+        let http_connections_refused = IntCounter::new(
+            "delta_bridge_http_connections_refused_total",
+            "HTTP connections closed as soon as accepted because http.max_connections were open",
+        )?;
         registry.register(Box::new(devices_issued.clone()))?;
         registry.register(Box::new(devices_revoked.clone()))?;
         registry.register(Box::new(outbox_poll_seconds.clone()))?;
+        registry.register(Box::new(http_connections.clone()))?;
+        registry.register(Box::new(http_connections_refused.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
 
@@ -176,6 +190,8 @@ impl Metrics {
             devices_issued,
             devices_revoked,
             outbox_poll_seconds,
+            http_connections,
+            http_connections_refused,
         })
     }
 
@@ -218,6 +234,8 @@ mod tests {
             "delta_bridge_devices_issued_total 0",
             "delta_bridge_devices_revoked_total 0",
             "delta_bridge_payload_bytes_bucket{stream=\"product\",le=\"64\"} 0",
+            "delta_bridge_http_connections 0",
+            "delta_bridge_http_connections_refused_total 0",
         ] {
             assert!(text.contains(name), "missing {name}");
         }

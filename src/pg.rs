@@ -17,8 +17,9 @@ pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
-    #[error("invalid postgres.url: {0}")]
-    Url(String),
+    /// Without tokio-postgres's reason, which can quote a character of the string (a password's).
+    #[error("invalid postgres.url")]
+    Url,
     #[error("cannot connect to PostgreSQL: {0}")]
     Connect(#[source] tokio_postgres::Error),
     #[error("PostgreSQL connection attempt timed out")]
@@ -45,9 +46,7 @@ pub struct Session {
 }
 
 pub async fn connect(url: &str, connect_timeout: Duration, app: &str) -> Result<Session, PgError> {
-    let mut cfg: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| PgError::Url(e.to_string()))?;
+    let mut cfg: tokio_postgres::Config = url.parse().map_err(|_| PgError::Url)?;
     cfg.application_name(app);
     cfg.connect_timeout(connect_timeout);
     // Notice a dead peer (no RST) in seconds, not the kernel's default two hours.

@@ -100,7 +100,7 @@ pub(crate) async fn migrate(
         let taken: bool = tx
             .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
             .await?
-            .get(0);
+            .try_get(0)?;
         if taken {
             break;
         }
@@ -136,7 +136,7 @@ pub(crate) async fn migrate(
                 &[&schema, &table],
             )
             .await?
-            .get(0);
+            .try_get(0)?;
         if !found {
             return Err(MigrateError::MissingTable {
                 schema: schema.to_string(),
@@ -154,8 +154,8 @@ pub(crate) async fn migrate(
         .query("SELECT version FROM delta_bridge.schema_migrations", &[])
         .await?
         .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
     let mut now = Vec::new();
     for (version, name, sql) in MIGRATIONS {
         if applied.contains(version) {

@@ -225,9 +225,14 @@ pub async fn start(
         devices: Arc::new(DeviceApi {
             admin_token: cfg.http.admin_token.clone(),
             provisioner: provisioner.clone(),
+            throttle: Default::default(),
         }),
     };
-    supervisor.spawn(&tracker, "http", http::serve(listener, state, cancel.clone()));
+    supervisor.spawn(
+        &tracker,
+        "http",
+        http::serve(listener, state, cfg.http.max_connections, cancel.clone()),
+    );
     if migrate {
         let mut backoff = Backoff::new();
         loop {

@@ -387,3 +387,112 @@ async fn text_that_is_not_utf8_is_dead_lettered_and_the_stream_goes_on() {
     assert_eq!(ready, 200);
     rig.stop().await;
 }
+
+/// A replay of 50,000 dead letters (below the cursor) that fail again (a branch code that still cannot be a
+/// topic level) goes back to the dead letters in bulk: within a minute, each row with its reason, a fresh detail and its
+/// content, and the leader's heartbeat never lapses meanwhile (a standby would report a leader silent for
+/// 6 s as a squatter). The stream goes on behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_of_50000_dead_letters_that_fail_again_goes_back_in_bulk_and_the_leader_keeps_its_heartbeat() {
+    const N: i64 = 50_000;
+    let env = Env::start("replay-dead");
+    let bridge = env.bridge().await;
+    let sub = Subscriber::start(&env.mqtt.url(), "device-replay-dead", "dev/#").await;
+    let db = env.client().await;
+    db.batch_execute(&format!(
+        "INSERT INTO delta_bridge.dead_letter (id, captured_at, kind, op, merchant_code, branch_code,
+                                               product_name, old_row, new_row, items, ctx, reason, detail)
+         SELECT nextval('delta_bridge.outbox_id_seq'), now(), 'stock', 'UPDATE', 'MCH-MST-001', 'BAD/CODE', NULL,
+                json_build_object('id', 1, 'name', 'Product 1-1', 'stock', g, 'updated_by', 'replay'),
+                json_build_object('id', 1, 'name', 'Product 1-1', 'stock', g + 1, 'updated_by', 'replay'),
+                NULL, '{{}}'::json, 'rejected', 'before the replay'
+           FROM generate_series(1, {N}) g;"
+    ))
+    .await
+    .expect("dead letters");
+    // Dead letters are old rows: a change after them moves the cursor past their ids, so that the replay
+    // puts them below it, where the leader's sweep finds them.
+    db.batch_execute("UPDATE products SET stock = 4241 WHERE id = 21")
+        .await
+        .expect("write");
+    sub.wait_for(WAIT, "the change after the dead letters", |m| {
+        m.iter()
+            .any(|x| x.payload["data"]["product_id"] == 21 && x.payload["data"]["new_stock"] == 4241)
+    })
+    .await;
+    let heartbeat_age = || async {
+        db.query_one(
+            "SELECT extract(epoch FROM clock_timestamp() - heartbeat_at)::float8 FROM delta_bridge.leader",
+            &[],
+        )
+        .await
+        .expect("heartbeat")
+        .get::<_, f64>(0)
+    };
+    let start = Instant::now();
+    db.batch_execute("SELECT delta_bridge.replay()").await.expect("replay");
+    let mut oldest_heartbeat = 0f64;
+    loop {
+        oldest_heartbeat = oldest_heartbeat.max(heartbeat_age().await);
+        let back: i64 = db
+            .query_one(
+                "SELECT count(*) FROM delta_bridge.dead_letter WHERE detail <> 'before the replay'",
+                &[],
+            )
+            .await
+            .expect("count")
+            .get(0);
+        if back == N {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{back} of {N} back in the dead letters after {:?}",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "{N} replayed dead letters back in {:?}; the leader's heartbeat at most {oldest_heartbeat:.2} s old",
+        start.elapsed()
+    );
+    assert!(
+        oldest_heartbeat < 3.0,
+        "the leader's heartbeat (due every second) was {oldest_heartbeat:.2} s old while it moved dead letters"
+    );
+    let (rows, reasons, content): (i64, i64, i64) = {
+        let r = db
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE reason = 'unconvertible' AND detail LIKE '%branch code%'),
+                        count(*) FILTER (WHERE branch_code = 'BAD/CODE' AND kind = 'stock'
+                                           AND (new_row->>'stock')::int = (old_row->>'stock')::int + 1)
+                   FROM delta_bridge.dead_letter",
+                &[],
+            )
+            .await
+            .expect("dead letters");
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert_eq!(
+        (rows, reasons, content),
+        (N, N, N),
+        "each with its reason, detail and content"
+    );
+    assert_eq!(common::bridge_rows(&db, "outbox").await, 0);
+    assert_eq!(
+        metric(&bridge.http, UNCONVERTIBLE).await,
+        Some(N as f64),
+        "each counted once"
+    );
+    // The stream goes on behind them.
+    db.batch_execute("UPDATE products SET stock = 4242 WHERE id = 21")
+        .await
+        .expect("write");
+    sub.wait_for(NEXT_EVENT, "the change after the replay", |m| {
+        m.iter()
+            .any(|x| x.payload["data"]["product_id"] == 21 && x.payload["data"]["new_stock"] == 4242)
+    })
+    .await;
+    sub.stop().await;
+    bridge.stop().await;
+}

@@ -623,13 +623,14 @@ async fn api_status_codes() {
             .await;
         assert_error(s, &b, 404, &format!("{m}/{br}"));
     }
-    // 409: the bridge's own account, or an operator's account on the broker, is never taken over.
+    // The bridge's own accounts are reserved ids (400, tests/reserved_ids.rs); an operator's account on the
+    // broker is never taken over (409).
     ctrl(&env, &["createClient", "grafana", "-p", "grafana-secret"]);
-    for name in ["bridge", "admin", "grafana"] {
+    for (name, status) in [("bridge", 400), ("admin", 400), ("grafana", 409)] {
         let mut body = good.clone();
         body["device_id"] = json!(name);
         let (s, b) = api.issue(body).await;
-        assert_error(s, &b, 409, &format!("device id {name}"));
+        assert_error(s, &b, status, &format!("device id {name}"));
     }
     let op = Device::connect(&env, "grafana-1", "grafana", "grafana-secret")
         .await

@@ -1,5 +1,7 @@
 //! The payload JSON Schemas the repository ships (`docs/schemas/`, one per event type), compiled once, so that
 //! every message the tests, the load engine and the demo receive is checked against what users were told.
+//! Also the JSON Schema checks of the API's OpenAPI document (docs/openapi.json), whose Schema Objects are
+//! JSON Schema 2020-12: [`schema_errors`] and [`validate_in`].
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -65,11 +67,60 @@ pub fn validate(payload: &Value) -> Result<(), String> {
     }
 }
 
+/// Whether `schema` is a valid JSON Schema 2020-12 (against the draft's meta-schema); Err says where not.
+pub fn schema_errors(schema: &Value) -> Result<(), String> {
+    jsonschema::draft202012::meta::validate(schema).map_err(|e| format!("{e} at {}", e.instance_path()))
+}
+
+/// Checks `instance` against the schema found at the JSON Pointer `pointer` (e.g.
+/// `/components/schemas/Error`) of `document`, where schemas refer to each other by `#/...` pointers into
+/// the same document (as an OpenAPI 3.1 document's do). Err lists every violation, or says the schema does
+/// not compile (a `$ref` that resolves nowhere, say).
+pub fn validate_in(document: &Value, pointer: &str, instance: &Value) -> Result<(), String> {
+    if document.pointer(pointer).is_none() {
+        return Err(format!("no schema at {pointer}"));
+    }
+    // The document itself as the root schema, reduced to a `$ref` to the wanted part: its other members
+    // (`openapi`, `paths`, ...) are not keywords, and every `#/...` reference resolves against it.
+    let mut root = document.clone();
+    let Some(obj) = root.as_object_mut() else {
+        return Err("the document is not an object".into());
+    };
+    obj.insert("$ref".into(), Value::String(format!("#{}", fragment(pointer))));
+    let v = jsonschema::draft202012::options()
+        .should_validate_formats(true)
+        .build(&root)
+        .map_err(|e| format!("{pointer} does not compile: {e}"))?;
+    let errors: Vec<String> = v
+        .iter_errors(instance)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+/// A JSON Pointer as a URI fragment (RFC 6901 §6): what a fragment may not hold (`{`, `}`, `%`, spaces,
+/// non-ASCII) percent-encoded.
+fn fragment(pointer: &str) -> String {
+    let mut out = String::with_capacity(pointer.len());
+    for b in pointer.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
 
-    use super::validate;
+    use super::{schema_errors, validate, validate_in};
 
     fn stock() -> serde_json::Value {
         json!({"event_type": "stock_updated", "timestamp": "2025-10-14T21:30:00.123Z", "event_id": "abc-1", "seq": 7,
@@ -93,5 +144,37 @@ mod tests {
         let mut unknown = stock();
         unknown["event_type"] = json!("nonsense");
         assert!(validate(&unknown).is_err());
+    }
+
+    #[test]
+    fn a_schema_inside_a_document_follows_its_references() {
+        let doc = json!({"openapi": "3.1.0", "components": {"schemas": {
+            "Id": {"type": "string", "pattern": "^[a-z]+$"},
+            "Box": {"type": "object", "required": ["id"], "additionalProperties": false,
+                    "properties": {"id": {"$ref": "#/components/schemas/Id"}, "at": {"type": "string", "format": "date-time"}}},
+            "Broken": {"$ref": "#/components/schemas/Nowhere"}}}});
+        validate_in(
+            &doc,
+            "/components/schemas/Box",
+            &json!({"id": "abc", "at": "2026-01-01T00:00:00Z"}),
+        )
+        .expect("valid");
+        let templated = json!({"paths": {"/a/{id}": {"schema": {"$ref": "#/components/schemas/Id"}}},
+                               "components": doc["components"].clone()});
+        validate_in(&templated, "/paths/~1a~1{id}/schema", &json!("abc")).expect("a pointer with braces");
+        assert!(validate_in(&templated, "/paths/~1a~1{id}/schema", &json!("A")).is_err());
+        for bad in [
+            json!({"id": "ABC"}),
+            json!({"id": "a", "x": 1}),
+            json!({}),
+            json!({"id": "a", "at": "yesterday"}),
+        ] {
+            assert!(validate_in(&doc, "/components/schemas/Box", &bad).is_err(), "{bad}");
+        }
+        assert!(validate_in(&doc, "/components/schemas/Broken", &json!(1)).is_err());
+        assert!(validate_in(&doc, "/components/schemas/Missing", &json!(1)).is_err());
+        schema_errors(&doc["components"]["schemas"]["Box"]).expect("a valid schema");
+        assert!(schema_errors(&json!({"type": "strin"})).is_err());
+        assert!(schema_errors(&json!({"minLength": -1})).is_err());
     }
 }

@@ -23,16 +23,20 @@ pub(crate) struct Snapshot {
     pub(crate) next_xid: i64,
 }
 
-/// The rows one read selects: the open gaps that are there and up to `$3` rows after the cursor `$1`, in id
-/// order, with the snapshot's xmin and the next transaction id as the last two columns (NULL row columns when
-/// nothing matched). `age(xid)` is the next transaction id minus xid, for a statement without an id of its own.
+/// The rows one read selects: of the open gaps that are there and the rows after the cursor `$1`, the `$3`
+/// lowest ids, in id order, with the snapshot's xmin and the next transaction id as the last two columns (NULL
+/// row columns when nothing matched). One statement, so one snapshot (see the pipeline's tracker for why that
+/// matters). A read cut at `$3` rows returns every such row below its last one: the rows it leaves are all
+/// above what it returns, and gaps it leaves stay gaps for the next read. `age(xid)` is the next transaction
+/// id minus xid, for a statement without an id of its own.
 fn next_rows(columns: &str) -> String {
     format!(
         "WITH x AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin),
               s AS (SELECT xmin::text::bigint AS xmin, xmin::text::bigint + age(xid(xmin)) AS next_xid FROM x),
-              r AS ((SELECT {columns} FROM delta_bridge.outbox WHERE id = ANY($2))
-                    UNION ALL
-                    (SELECT {columns} FROM delta_bridge.outbox WHERE id > $1 ORDER BY id LIMIT $3))
+              r AS (SELECT * FROM ((SELECT {columns} FROM delta_bridge.outbox WHERE id = ANY($2) ORDER BY id LIMIT $3)
+                                   UNION ALL
+                                   (SELECT {columns} FROM delta_bridge.outbox WHERE id > $1 ORDER BY id LIMIT $3)) u
+                     ORDER BY id LIMIT $3)
          SELECT r.*, s.xmin, s.next_xid FROM s LEFT JOIN r ON true ORDER BY r.id"
     )
 }
@@ -169,8 +173,8 @@ impl Statements {
         })
     }
 
-    /// In one snapshot: the rows of `gaps` that are there, and up to `limit` rows with id > `after`, all in
-    /// id order; and the snapshot they were read in. When PostgreSQL refuses to send one of them, the ids are
+    /// In one snapshot: of the rows of `gaps` that are there and the rows with id > `after`, the `limit`
+    /// lowest, in id order; and the snapshot they were read in. When PostgreSQL refuses to send one of them, the ids are
     /// listed in one snapshot instead and the rows read apart (the listed rows stay: only the leader deletes).
     pub(crate) async fn fetch_next(
         &self,
@@ -298,17 +302,27 @@ async fn unsendable_row(client: &Client, id: i64, refusal: &PgError) -> Result<U
     })
 }
 
-/// Moves one row to the dead-letter table with the reason and detail an operator will read.
-pub(crate) async fn dead_letter(client: &Client, id: i64, reason: &str, detail: &str) -> Result<u64, PgError> {
+/// Moves rows to the dead-letter table, each with the reason and detail an operator will read, in one
+/// statement (one round trip, a join on the arrays: linear in the rows). `ids`, `reasons` and `details` are
+/// parallel, and `ids` holds each id once (a row moved twice in one statement would be an error). A row no
+/// longer in the outbox is passed over. The row's content is copied server-side, whether or not the bridge
+/// could read it.
+pub(crate) async fn dead_letters(
+    client: &Client,
+    ids: &[i64],
+    reasons: &[&str],
+    details: &[&str],
+) -> Result<u64, PgError> {
     timed(client.execute(
-        "WITH moved AS (DELETE FROM delta_bridge.outbox WHERE id = $1 RETURNING *)
+        "WITH d AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]) AS d (id, reason, detail)),
+              moved AS (DELETE FROM delta_bridge.outbox o USING d WHERE o.id = d.id
+                        RETURNING o.id, o.captured_at, o.kind, o.op, o.merchant_code, o.branch_code,
+                                  o.product_name, o.old_row, o.new_row, o.items, o.ctx, d.reason, d.detail)
          INSERT INTO delta_bridge.dead_letter (id, captured_at, kind, op, merchant_code, branch_code, product_name,
                                                old_row, new_row, items, ctx, reason, detail)
-         SELECT id, captured_at, kind, op, merchant_code, branch_code, product_name, old_row, new_row, items, ctx,
-                $2, $3
-           FROM moved
+         SELECT * FROM moved
          ON CONFLICT (id) DO UPDATE SET failed_at = now(), reason = EXCLUDED.reason, detail = EXCLUDED.detail",
-        &[&id, &reason, &detail],
+        &[&ids, &reasons, &details],
     ))
     .await
 }

@@ -5,6 +5,7 @@
 //! with a message an operator can act on. Secrets (passwords, tokens, keys) may come from the TOML, the
 //! environment, or a file (`<key>_file`), and are wrapped in [`Secret`] so that they never print.
 
+mod conninfo;
 mod raw;
 mod render;
 mod secret;
@@ -15,6 +16,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use conninfo::redact_postgres;
 pub use raw::ENV_PREFIX;
 pub use secret::{redact_url, Secret};
 
@@ -57,10 +59,12 @@ pub struct Config {
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct PostgresConfig {
-    /// Connection URL; a password in it is redacted when printed. Must reach PostgreSQL directly (not through
-    /// a transaction pooler): the bridge holds LISTEN and an advisory lock on one session.
+    /// Connection URL or libpq `key=value` string; passwords in it are redacted when printed. Must reach
+    /// PostgreSQL directly (not through a transaction pooler): the bridge holds LISTEN and an advisory lock on
+    /// one session.
     pub url: String,
-    /// Overrides the password of `url` (so the URL can sit in a ConfigMap and the password in a Secret).
+    /// Overrides the password of `url`, in either form (so the URL can sit in a ConfigMap and the password in
+    /// a Secret).
     pub password: Option<Secret>,
     /// Schema of the business tables (merchants, branches, products, ...).
     pub schema: String,
@@ -82,7 +86,7 @@ impl fmt::Debug for PostgresConfig {
             migrate_lock_timeout,
         } = self;
         f.debug_struct("PostgresConfig")
-            .field("url", &redact_url(url))
+            .field("url", &redact_postgres(url))
             .field("password", password)
             .field("schema", schema)
             .field("connect_timeout", connect_timeout)
@@ -143,6 +147,9 @@ impl fmt::Debug for MqttConfig {
 pub struct HttpConfig {
     pub listen: SocketAddr,
     pub admin_token: Option<Secret>,
+    /// Connections served at once; one more is closed as soon as it is accepted. Bounds the memory hostile
+    /// or stalled clients can pin (each holds at most a 64 KiB body and hyper's read buffer).
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -284,17 +291,12 @@ impl Config {
         render::redacted_toml(self)
     }
 
-    /// The PostgreSQL URL with `postgres.password` applied.
+    /// The PostgreSQL URL or connection string with `postgres.password` applied: what connects, never what
+    /// prints ([`redact_postgres`] it first).
     pub fn postgres_url(&self) -> String {
         match &self.postgres.password {
             None => self.postgres.url.clone(),
-            Some(p) => match url::Url::parse(&self.postgres.url) {
-                Ok(mut u) => {
-                    let _ = u.set_password(Some(p.expose()));
-                    u.to_string()
-                }
-                Err(_) => self.postgres.url.clone(),
-            },
+            Some(p) => conninfo::with_password(&self.postgres.url, p.expose()),
         }
     }
 }

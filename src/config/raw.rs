@@ -41,7 +41,10 @@ const KNOWN: &[(&str, &[&str])] = &[
             "republish_window",
         ],
     ),
-    ("http", &["listen", "admin_token", "admin_token_file"]),
+    (
+        "http",
+        &["listen", "admin_token", "admin_token_file", "max_connections"],
+    ),
     (
         "credentials",
         &["signing_key_file", "ttl", "min_ttl", "max_ttl", "audience", "issuer"],

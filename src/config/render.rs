@@ -34,7 +34,7 @@ pub(super) fn redacted_toml(cfg: &Config) -> String {
         migrate_lock_timeout,
     } = postgres;
     t.section("postgres");
-    t.set("url", redact_url(url));
+    t.set("url", redact_postgres(url));
     t.secret("password", password.as_ref());
     t.set("schema", schema.as_str());
     t.duration("connect_timeout", *connect_timeout);
@@ -63,10 +63,15 @@ pub(super) fn redacted_toml(cfg: &Config) -> String {
     t.set("max_inflight", i64::from(*max_inflight));
     t.duration("republish_window", *republish_window);
 
-    let HttpConfig { listen, admin_token } = http;
+    let HttpConfig {
+        listen,
+        admin_token,
+        max_connections,
+    } = http;
     t.section("http");
     t.set("listen", listen.to_string());
     t.secret("admin_token", admin_token.as_ref());
+    t.set("max_connections", *max_connections as i64);
 
     let CredentialsConfig {
         signing_key_file,

@@ -58,8 +58,11 @@ impl Serialize for Secret {
     }
 }
 
-/// A URL (or PostgreSQL connection string) fit to print: the password in its userinfo and any `password`
-/// query parameter read `redacted`; text that is not a URL is redacted whole if it has an '@' or a password.
+/// A URL (`mqtt.url`, `broker.api_url`) fit to print: the password in its userinfo and the value of any query
+/// parameter named like a secret (`password`, `secret`, `token`) read `redacted`. Text that is not a URL is
+/// redacted whole if it has an '@' or the word "password", and so is a URL with an '@' anywhere but after its
+/// userinfo: `mqtt://u:12#x@h` is host `u`, port 12 to the parser, but its author meant password `12#x`.
+/// PostgreSQL connection strings have their own rules: [`super::redact_postgres`].
 pub fn redact_url(raw: &str) -> String {
     let Ok(mut u) = url::Url::parse(raw) else {
         let risky = raw.contains('@') || raw.to_ascii_lowercase().contains("password");
@@ -69,17 +72,24 @@ pub fn redact_url(raw: &str) -> String {
             raw.to_string()
         };
     };
+    let has_userinfo = !u.username().is_empty() || u.password().is_some();
+    if raw.matches('@').count() > usize::from(has_userinfo) {
+        return "<redacted>".to_string();
+    }
     let mut changed = false;
     if u.password().is_some() {
         let _ = u.set_password(Some("redacted"));
         changed = true;
     }
-    let is_password = |k: &str| k.to_ascii_lowercase().contains("password");
-    if u.query_pairs().any(|(k, _)| is_password(&k)) {
+    let is_secret = |k: &str| {
+        let k = k.to_ascii_lowercase();
+        ["password", "secret", "token"].iter().any(|s| k.contains(s))
+    };
+    if u.query_pairs().any(|(k, _)| is_secret(&k)) {
         let pairs: Vec<(String, String)> = u
             .query_pairs()
             .map(|(k, v)| {
-                let v = if is_password(&k) {
+                let v = if is_secret(&k) {
                     "redacted".into()
                 } else {
                     v.into_owned()
@@ -94,5 +104,24 @@ pub fn redact_url(raw: &str) -> String {
         u.to_string()
     } else {
         raw.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn an_at_sign_where_no_userinfo_was_read_redacts_the_whole_url() {
+        // The parser reads host `u`, port 12 and a fragment; the author meant password `12#x`.
+        assert_eq!(redact_url("mqtt://u:12#x@h:1883"), "<redacted>");
+        assert_eq!(redact_url("http://u:12?x@emqx:18083"), "<redacted>");
+        assert_eq!(redact_url("http://k:p@ss@emqx:18083"), "<redacted>");
+        assert_eq!(redact_url("http://k:pw@emqx:18083/"), "http://k:redacted@emqx:18083/");
+        assert_eq!(
+            redact_url("http://emqx:18083/?api_secret=s&token=t&x=1"),
+            "http://emqx:18083/?api_secret=redacted&token=redacted&x=1"
+        );
+        assert_eq!(redact_url("mqtts://broker:8883"), "mqtts://broker:8883");
     }
 }

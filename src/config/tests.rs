@@ -41,6 +41,7 @@ fn defaults_are_valid() {
     assert_eq!(c.credentials.ttl, Duration::from_secs(86400));
     assert_eq!(c.broker.kind, BrokerKind::None);
     assert_eq!(c.postgres.migrate_lock_timeout, Duration::from_secs(60));
+    assert_eq!(c.http.max_connections, 256);
 }
 
 #[test]
@@ -80,6 +81,13 @@ fn errors_name_the_key() {
         key_of(parse("[http]\nlisten = \"nowhere\"\n", &[]).unwrap_err()),
         "http.listen"
     );
+    for bad in ["0", "-1", "65537", "\"many\""] {
+        assert_eq!(
+            key_of(parse(&format!("[http]\nmax_connections = {bad}\n"), &[]).unwrap_err()),
+            "http.max_connections",
+            "{bad}"
+        );
+    }
     assert_eq!(
         key_of(parse("[broker]\nkind = \"rabbit\"\n", &[]).unwrap_err()),
         "broker.kind"
@@ -274,6 +282,7 @@ max_inflight = 7
 republish_window = "2500ms"
 [http]
 listen = "[::1]:9090"
+max_connections = 17
 [credentials]
 signing_key_file = "/keys/signing.pem"
 ttl = "36h"
@@ -326,6 +335,7 @@ fn check_config_output_parses_back_to_the_same_config() {
     let first = Config::parse(EVERY_SECTION, Path::new("every.toml"), &env).expect("valid");
     assert_eq!(first.mqtt.keep_alive, Duration::from_secs(5400));
     assert_eq!(first.bridge.batch_size, 42);
+    assert_eq!(first.http.max_connections, 17);
     let printed = first.redacted_toml();
 
     // Parsed again with no environment, only a secret the emqx broker requires (the config file held it, so
@@ -426,6 +436,7 @@ republish_window = "10s"
 [http]
 listen = "0.0.0.0:8080"
 # admin_token: not set
+max_connections = 256
 
 [credentials]
 # signing_key_file: not set

@@ -17,10 +17,14 @@ impl Raw {
         }
 
         let pg_url = self.non_empty("postgres.url", "postgres://postgres@127.0.0.1:5432/postgres")?;
-        if pg_url.parse::<tokio_postgres::Config>().is_err() {
+        if pg_url.parse::<tokio_postgres::Config>().is_err() || !conninfo::is_readable(&pg_url) {
+            // Not tokio-postgres's reason: it can quote a character or a keyword of the string.
             return Err(ConfigError::invalid(
                 "postgres.url",
-                format!("{:?} is not a PostgreSQL connection URL", redact_url(&pg_url)),
+                format!(
+                    "{:?} is not a PostgreSQL connection URL or key=value connection string",
+                    redact_postgres(&pg_url)
+                ),
             ));
         }
         let schema = self.non_empty("postgres.schema", "public")?;
@@ -31,6 +35,17 @@ impl Raw {
             connect_timeout: self.duration("postgres.connect_timeout", "10s")?,
             migrate_lock_timeout: self.duration("postgres.migrate_lock_timeout", "60s")?,
         };
+        if let Some(p) = &postgres.password {
+            // Appended last, so it wins over a password in the URL; a string ending in a lone backslash would
+            // swallow the separator, so check that it reads back.
+            let applied = conninfo::with_password(&postgres.url, p.expose()).parse::<tokio_postgres::Config>();
+            if !applied.is_ok_and(|c| c.get_password() == Some(p.expose().as_bytes())) {
+                return Err(ConfigError::invalid(
+                    "postgres.password",
+                    "cannot be applied to postgres.url (does it end in a backslash?)",
+                ));
+            }
+        }
         if postgres.migrate_lock_timeout.is_zero() {
             return Err(ConfigError::invalid(
                 "postgres.migrate_lock_timeout",
@@ -83,7 +98,11 @@ impl Raw {
                 ));
             }
         }
-        let http = HttpConfig { listen, admin_token };
+        let http = HttpConfig {
+            listen,
+            admin_token,
+            max_connections: self.integer("http.max_connections", 256, 1, 65_536)? as usize,
+        };
 
         let credentials = CredentialsConfig {
             signing_key_file: self.string("credentials.signing_key_file")?.map(PathBuf::from),

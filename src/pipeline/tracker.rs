@@ -5,11 +5,14 @@
 //!
 //! Outbox ids come from a sequence taken at commit, so they commit out of id order: a read (committed rows
 //! with id > cursor, in id order, up to a limit) can pass an id whose transaction is still committing. Such a
-//! skipped id becomes a gap, and every later read fetches all open gaps AND the rows after the cursor in one
+//! skipped id becomes a gap, and every later read fetches the open gaps AND the rows after the cursor in one
 //! statement, so in one snapshot and in id order. That is what keeps one row's events in commit order: a
 //! later change of a row can only commit after the earlier one (it waits for the row lock), so any snapshot
 //! that sees the later change sees the earlier one too, and both are dispatched from the same read, the
-//! earlier (lower id) first. Reading the gaps in a separate statement would break exactly that.
+//! earlier (lower id) first. Reading the gaps in a separate statement would break exactly that. A read is
+//! bounded (the room the caller has left): it returns the lowest ids of that union, so every row it leaves
+//! is above every row it returns, and a later change it returns never overtakes an earlier one it left; the
+//! gaps above its last row were not looked at, and stay open for the next read.
 //!
 //! A gap is closed when it is read, or when a read proves it never will be: the transaction that could
 //! hold it had its transaction id before the read that skipped it ran (it wrote its business row before it
@@ -83,13 +86,23 @@ impl Tracker {
         self.gaps.keys().copied().collect()
     }
 
-    /// Records what one read returned — rows for the open gaps and rows after the cursor, in id order, all
-    /// from the snapshot `snap` — and returns the ids to dispatch now, in the same order: those not already
-    /// outstanding, which become outstanding. Ids the read passed over become gaps; gaps the snapshot
-    /// settles are closed.
-    pub(crate) fn observe(&mut self, ids: impl IntoIterator<Item = i64>, snap: Snapshot, now: Instant) -> Vec<i64> {
+    /// Records what one read returned — of the rows for the open gaps and the rows after the cursor, the
+    /// `limit` lowest, in id order, all from the snapshot `snap` — and returns the ids to dispatch now, in the
+    /// same order: those not already outstanding, which become outstanding. Ids the read passed over become
+    /// gaps; gaps the snapshot settles are closed (only those the read looked at: when it returned `limit`
+    /// rows, the gaps below its last row).
+    pub(crate) fn observe(
+        &mut self,
+        ids: impl IntoIterator<Item = i64>,
+        snap: Snapshot,
+        limit: usize,
+        now: Instant,
+    ) -> Vec<i64> {
         let mut dispatch = Vec::new();
+        let (mut count, mut last) = (0, None);
         for id in ids {
+            count += 1;
+            last = Some(id);
             if id > self.cursor {
                 // Below the very first row read there may be commits in flight too: the same window.
                 let from = if self.cursor > 0 {
@@ -110,10 +123,16 @@ impl Tracker {
                 dispatch.push(id);
             }
         }
-        // Every open gap was part of this read and is not in it: settled if no transaction that could still
-        // commit it remains. Gaps opened by this read carry its own next_xid: settled now if nothing ran.
-        self.gaps
-            .retain(|_, g| g.horizon > snap.xmin && now.saturating_duration_since(g.since) < GAP_FORGET);
+        // Every open gap the read looked at is not in it: settled if no transaction that could still commit it
+        // remains. Gaps opened by this read carry its own next_xid: settled now if nothing ran. A read cut at
+        // `limit` rows did not look above its last row.
+        let looked_upto = match last {
+            Some(last) if count >= limit => last,
+            _ => i64::MAX,
+        };
+        self.gaps.retain(|id, g| {
+            (*id > looked_upto || g.horizon > snap.xmin) && now.saturating_duration_since(g.since) < GAP_FORGET
+        });
         while self.gaps.len() > MAX_GAPS {
             self.gaps.pop_first();
         }
@@ -163,12 +182,12 @@ mod tests {
     fn the_first_read_watches_below_itself_too() {
         let t0 = Instant::now();
         let mut t = Tracker::new();
-        assert_eq!(t.observe([5, 6, 9], snap(10, 12), t0), vec![5, 6, 9]);
+        assert_eq!(t.observe([5, 6, 9], snap(10, 12), 1000, t0), vec![5, 6, 9]);
         assert_eq!(t.cursor(), 9);
         // 1..4 below the first row, 7 and 8 passed over: a commit may be in flight for any of them.
         assert_eq!(t.gap_ids(), vec![1, 2, 3, 4, 7, 8]);
         // The next read's snapshot shows every transaction older than the first read's next_xid ended.
-        assert!(t.observe([], snap(12, 13), t0).is_empty());
+        assert!(t.observe([], snap(12, 13), 1000, t0).is_empty());
         assert!(t.gap_ids().is_empty());
     }
 
@@ -176,8 +195,8 @@ mod tests {
     fn nothing_running_means_nothing_to_wait_for() {
         let t0 = Instant::now();
         let mut t = Tracker::new();
-        t.observe([1], snap(5, 5), t0);
-        assert_eq!(t.observe([4], snap(5, 5), t0), vec![4]);
+        t.observe([1], snap(5, 5), 1000, t0);
+        assert_eq!(t.observe([4], snap(5, 5), 1000, t0), vec![4]);
         assert!(t.gap_ids().is_empty(), "no transaction could still commit 2 or 3");
     }
 
@@ -185,17 +204,17 @@ mod tests {
     fn a_gap_stays_open_while_its_writer_may_commit_and_is_read_with_what_follows() {
         let t0 = Instant::now();
         let mut t = Tracker::new();
-        t.observe([1], snap(5, 5), t0);
+        t.observe([1], snap(5, 5), 1000, t0);
         // Transaction 5 holds id 2 and is committing: 3 is visible first.
-        assert_eq!(t.observe([3], snap(5, 7), t0), vec![3]);
+        assert_eq!(t.observe([3], snap(5, 7), 1000, t0), vec![3]);
         assert_eq!(t.gap_ids(), vec![2]);
         assert!(t.has_young_gaps(t0));
         // Still running: the gap stays, and is read with every read.
-        t.observe([], snap(5, 8), t0 + Duration::from_secs(30));
+        t.observe([], snap(5, 8), 1000, t0 + Duration::from_secs(30));
         assert_eq!(t.gap_ids(), vec![2]);
         assert!(!t.has_young_gaps(t0 + Duration::from_secs(30)));
         // It commits, and the same row changes again (id 4): one read returns both, in id order.
-        assert_eq!(t.observe([2, 4], snap(8, 9), t0), vec![2, 4]);
+        assert_eq!(t.observe([2, 4], snap(8, 9), 1000, t0), vec![2, 4]);
         assert!(t.gap_ids().is_empty());
         assert_eq!(t.cursor(), 4);
     }
@@ -204,13 +223,13 @@ mod tests {
     fn a_rolled_back_gap_is_settled_by_the_snapshot() {
         let t0 = Instant::now();
         let mut t = Tracker::new();
-        t.observe([1], snap(5, 5), t0);
-        t.observe([3], snap(5, 7), t0);
+        t.observe([1], snap(5, 5), 1000, t0);
+        t.observe([3], snap(5, 7), 1000, t0);
         // xmin 6 < horizon 7: transaction 6 may hold it.
-        t.observe([], snap(6, 8), t0);
+        t.observe([], snap(6, 8), 1000, t0);
         assert_eq!(t.gap_ids(), vec![2]);
         // xmin 7: everything that could hold id 2 ended, and it is not there: rolled back.
-        t.observe([], snap(7, 8), t0);
+        t.observe([], snap(7, 8), 1000, t0);
         assert!(t.gap_ids().is_empty());
     }
 
@@ -218,11 +237,11 @@ mod tests {
     fn a_gap_held_open_too_long_is_left_to_the_sweep() {
         let t0 = Instant::now();
         let mut t = Tracker::new();
-        t.observe([1], snap(5, 5), t0);
-        t.observe([3], snap(5, 7), t0);
-        t.observe([], snap(5, 8), t0 + GAP_FORGET - Duration::from_millis(1));
+        t.observe([1], snap(5, 5), 1000, t0);
+        t.observe([3], snap(5, 7), 1000, t0);
+        t.observe([], snap(5, 8), 1000, t0 + GAP_FORGET - Duration::from_millis(1));
         assert_eq!(t.gap_ids(), vec![2]);
-        t.observe([], snap(5, 8), t0 + GAP_FORGET);
+        t.observe([], snap(5, 8), 1000, t0 + GAP_FORGET);
         assert!(t.gap_ids().is_empty());
         assert_eq!(t.sweep_missing(&[1, 2, 3]).collect::<Vec<_>>(), vec![2]);
     }
@@ -231,7 +250,7 @@ mod tests {
     fn an_outstanding_id_is_never_dispatched_again() {
         let t0 = Instant::now();
         let mut t = Tracker::new();
-        assert_eq!(t.observe([1, 2], snap(3, 3), t0), vec![1, 2]);
+        assert_eq!(t.observe([1, 2], snap(3, 3), 1000, t0), vec![1, 2]);
         assert!(t.observe_swept([1, 2]).is_empty());
         assert_eq!(t.sweep_missing(&[1, 2]).count(), 0);
         assert_eq!(t.outstanding_len(), 2);
@@ -246,8 +265,8 @@ mod tests {
     fn the_sweep_rereads_open_gaps_too() {
         let t0 = Instant::now();
         let mut t = Tracker::new();
-        t.observe([1], snap(3, 3), t0);
-        t.observe([3], snap(3, 4), t0);
+        t.observe([1], snap(3, 3), 1000, t0);
+        t.observe([3], snap(3, 4), 1000, t0);
         assert_eq!(t.gap_ids(), vec![2]);
         assert_eq!(t.sweep_missing(&[1, 2, 3]).collect::<Vec<_>>(), vec![2]);
         assert_eq!(t.observe_swept([2]), vec![2]);
@@ -255,11 +274,31 @@ mod tests {
     }
 
     #[test]
+    fn a_read_cut_at_its_limit_leaves_the_gaps_above_its_last_row_open() {
+        let t0 = Instant::now();
+        let mut t = Tracker::new();
+        t.observe([1], snap(5, 5), 1000, t0);
+        // Transactions 5 and 6 commit ids 2 to 5 while 6 is read first.
+        assert_eq!(t.observe([6], snap(5, 7), 1000, t0), vec![6]);
+        assert_eq!(t.gap_ids(), vec![2, 3, 4, 5]);
+        // Everything has committed (xmin 7), but the read was cut at 2 rows: 4 and 5 were not looked at.
+        assert_eq!(t.observe([2, 3], snap(7, 8), 2, t0), vec![2, 3]);
+        assert_eq!(
+            t.gap_ids(),
+            vec![4, 5],
+            "not settled by a read that did not look at them"
+        );
+        // The next read, not cut, returns them; had one been rolled back, it would be settled now.
+        assert_eq!(t.observe([4], snap(7, 8), 2, t0), vec![4]);
+        assert!(t.gap_ids().is_empty(), "5 was looked at and is not there: rolled back");
+    }
+
+    #[test]
     fn a_long_jump_tracks_only_its_last_ids() {
         let t0 = Instant::now();
         let mut t = Tracker::new();
-        t.observe([1], snap(3, 3), t0);
-        t.observe([5000], snap(3, 9), t0);
+        t.observe([1], snap(3, 3), 1000, t0);
+        t.observe([5000], snap(3, 9), 1000, t0);
         let gaps = t.gap_ids();
         assert_eq!(gaps.len() as i64, GAP_MAX_JUMP);
         assert_eq!(gaps.first(), Some(&(5000 - GAP_MAX_JUMP)));
@@ -270,11 +309,11 @@ mod tests {
     fn open_gaps_are_bounded() {
         let t0 = Instant::now();
         let mut t = Tracker::new();
-        t.observe([1], snap(3, 3), t0);
+        t.observe([1], snap(3, 3), 1000, t0);
         let mut id = 1;
         for _ in 0..(MAX_GAPS / 500 + 5) {
             id += 501;
-            t.observe([id], snap(3, 9), t0);
+            t.observe([id], snap(3, 9), 1000, t0);
         }
         assert_eq!(t.gap_ids().len(), MAX_GAPS);
         assert_eq!(

@@ -1,13 +1,16 @@
 //! The provisioning HTTP API (docs/api.md): `POST /api/v1/devices`, `GET`/`DELETE
 //! /api/v1/devices/{device_id}` behind the admin bearer token, and the public `GET /.well-known/jwks.json`.
 //! Owns status codes and the JSON error shape; never answers with a database or broker message (those are
-//! logged), and refuses every device call when no admin token is configured rather than run open.
+//! logged), and refuses every device call when no admin token is configured rather than run open. Failed
+//! authentication is limited per client address ([`super::throttle`]).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -16,13 +19,15 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::broker::BrokerError;
+use super::throttle::{AuthThrottle, Verdict};
 use super::{IssueRequest, ProvisionError, Provisioner};
 use crate::config::Secret;
 
-/// What the device routes need: the admin token and the provisioner.
+/// What the device routes need: the admin token, the provisioner, and the record of failed authentication.
 pub(crate) struct DeviceApi {
     pub admin_token: Option<Secret>,
     pub provisioner: Arc<Provisioner>,
+    pub throttle: AuthThrottle,
 }
 
 /// The device routes with their own state, ready to merge into the service's router.
@@ -38,31 +43,64 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
 }
 
+/// The token of an `Authorization: Bearer <token>` header; the scheme in any case (RFC 7235).
+fn bearer_token(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim_start_matches(' '))
+}
+
 /// Checks `Authorization: Bearer <admin_token>` in constant time (hashes of equal length are compared, so
-/// neither the content nor the length of the token leaks through timing).
-fn authorize(api: &DeviceApi, headers: &HeaderMap) -> Result<(), Box<Response>> {
+/// neither the content nor the length of the token leaks through timing), unless the client's address has
+/// failed too often lately: then 429 without comparing.
+fn authorize(api: &DeviceApi, client: SocketAddr, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let Some(expected) = &api.admin_token else {
         return Err(Box::new(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "device API disabled: http.admin_token is not configured",
         )));
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let now = Instant::now();
+    let last = match api.throttle.admit(client.ip(), now) {
+        Verdict::Check { last } => last,
+        Verdict::Limited(wait) => {
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("too many failed authentications from this address; retry in {secs}s"),
+            );
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            return Err(Box::new(r));
+        }
+    };
+    let given = bearer_token(headers);
     let ok: bool = Sha256::digest(given.as_bytes())
         .ct_eq(&Sha256::digest(expected.expose().as_bytes()))
         .into();
     if ok && !given.is_empty() {
+        api.throttle.succeeded(client.ip(), now);
         Ok(())
     } else {
+        if last {
+            tracing::warn!(client = %client.ip(), "failed admin authentications: answering this address 429 for a while");
+        }
         let mut r = error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
         r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         Err(Box::new(r))
     }
+}
+
+/// `application/json`, or a JSON type such as `application/merge-patch+json`, with or without parameters.
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 /// Maps an outcome to a status; internal errors are logged and answered with a fixed text.
@@ -70,7 +108,6 @@ fn failure(e: ProvisionError, what: &str) -> Response {
     match e {
         ProvisionError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
         ProvisionError::NotFound(m) => error(StatusCode::NOT_FOUND, m),
-        ProvisionError::Conflict(m) => error(StatusCode::CONFLICT, m),
         ProvisionError::Disabled(m) => error(StatusCode::SERVICE_UNAVAILABLE, m),
         ProvisionError::Store(e) => {
             tracing::error!(error = %e, "{what}: device store failed");
@@ -91,9 +128,20 @@ fn failure(e: ProvisionError, what: &str) -> Response {
     }
 }
 
-async fn issue(State(api): State<Arc<DeviceApi>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = authorize(&api, &headers) {
+async fn issue(
+    State(api): State<Arc<DeviceApi>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = authorize(&api, client, &headers) {
         return *r;
+    }
+    if !is_json(&headers) {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the body must be sent with Content-Type: application/json",
+        );
     }
     let req: IssueRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
@@ -110,8 +158,13 @@ async fn issue(State(api): State<Arc<DeviceApi>>, headers: HeaderMap, body: Byte
     }
 }
 
-async fn show(State(api): State<Arc<DeviceApi>>, headers: HeaderMap, Path(device_id): Path<String>) -> Response {
-    if let Err(r) = authorize(&api, &headers) {
+async fn show(
+    State(api): State<Arc<DeviceApi>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(device_id): Path<String>,
+) -> Response {
+    if let Err(r) = authorize(&api, client, &headers) {
         return *r;
     }
     match api.provisioner.get(&device_id).await {
@@ -120,8 +173,13 @@ async fn show(State(api): State<Arc<DeviceApi>>, headers: HeaderMap, Path(device
     }
 }
 
-async fn revoke(State(api): State<Arc<DeviceApi>>, headers: HeaderMap, Path(device_id): Path<String>) -> Response {
-    if let Err(r) = authorize(&api, &headers) {
+async fn revoke(
+    State(api): State<Arc<DeviceApi>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(device_id): Path<String>,
+) -> Response {
+    if let Err(r) = authorize(&api, client, &headers) {
         return *r;
     }
     match api.provisioner.revoke(&device_id).await {
@@ -134,5 +192,56 @@ async fn jwks(State(api): State<Arc<DeviceApi>>) -> Response {
     match api.provisioner.jwks() {
         Ok(v) => ([(header::CACHE_CONTROL, "public, max-age=300")], Json(v)).into_response(),
         Err(e) => failure(e, "jwks"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(name: header::HeaderName, value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(name, HeaderValue::from_str(value).expect("header value"));
+        h
+    }
+
+    #[test]
+    fn the_bearer_scheme_in_any_case_the_token_exactly() {
+        for (value, token) in [
+            ("Bearer abc", "abc"),
+            ("bearer abc", "abc"),
+            ("BEARER abc", "abc"),
+            ("Bearer   abc", "abc"),
+            ("Bearer ABC", "ABC"),
+            ("Basic abc", ""),
+            ("Bearerabc", ""),
+            ("Bearer", ""),
+            ("abc", ""),
+        ] {
+            assert_eq!(bearer_token(&headers(header::AUTHORIZATION, value)), token, "{value:?}");
+        }
+        assert_eq!(bearer_token(&HeaderMap::new()), "");
+    }
+
+    #[test]
+    fn json_content_types() {
+        for ok in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON",
+            "application/merge-patch+json",
+        ] {
+            assert!(is_json(&headers(header::CONTENT_TYPE, ok)), "{ok}");
+        }
+        for no in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "application/jsonp",
+            "text/json",
+            "",
+        ] {
+            assert!(!is_json(&headers(header::CONTENT_TYPE, no)), "{no:?}");
+        }
+        assert!(!is_json(&HeaderMap::new()));
     }
 }

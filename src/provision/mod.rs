@@ -7,6 +7,8 @@
 //! - [`store`]: device records (PostgreSQL).
 //! - [`broker`]: Mosquitto dynamic security, EMQX REST API, or nothing.
 //! - [`api`]: the HTTP handlers.
+//! - [`reserved`]: the ids the bridge keeps for itself (pure).
+//! - [`throttle`]: the per-address limit on failed admin authentication.
 //!
 //! The service keeps no state of its own: each call reads and locks the device's row, talks to the broker,
 //! and commits only once the broker agreed, so any replica can serve any call. Never returns a database or
@@ -28,7 +30,9 @@ pub(crate) mod acl;
 pub(crate) mod api;
 pub(crate) mod broker;
 pub(crate) mod credentials;
+pub(crate) mod reserved;
 pub(crate) mod store;
+pub(crate) mod throttle;
 
 use acl::AclRule;
 use broker::{BrokerBackend, BrokerError, Grant};
@@ -47,9 +51,6 @@ pub enum ProvisionError {
     /// A device, merchant or branch does not exist (HTTP 404).
     #[error("{0}")]
     NotFound(String),
-    /// The id is taken by an account that is not a device (HTTP 409).
-    #[error("{0}")]
-    Conflict(String),
     /// Provisioning is not configured (HTTP 503).
     #[error("{0}")]
     Disabled(&'static str),
@@ -80,8 +81,36 @@ pub struct IssueRequest {
     pub device_id: String,
     pub merchant_code: String,
     pub branch_code: String,
-    #[serde(default)]
+    /// Absent: `credentials.ttl`. Present, it must be a whole number (see [`whole_seconds`]).
+    #[serde(default, deserialize_with = "whole_seconds")]
     pub ttl_seconds: Option<u64>,
+}
+
+/// `ttl_seconds` as the API documents it (docs/openapi.json: a JSON Schema `integer`): any JSON number
+/// without a fractional part, so `3600.0` and `3.6e3` are 3600 as in JSON Schema, and nothing else: `null`,
+/// a fraction, a negative number or a string are refused (400) rather than read as "the default". Only
+/// called when the key is present. A whole number too large for u64 saturates, so that it is refused as out
+/// of bounds like any other too-large value.
+fn whole_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    use serde::de::{Error, Unexpected};
+    let n = serde_json::Number::deserialize(d)?;
+    if let Some(u) = n.as_u64() {
+        return Ok(Some(u));
+    }
+    match n.as_f64() {
+        Some(f) if f >= 0.0 && f.fract() == 0.0 => {
+            // `as` saturates at u64::MAX for whole floats beyond it.
+            Ok(Some(f as u64))
+        }
+        Some(f) => Err(D::Error::invalid_value(
+            Unexpected::Float(f),
+            &"a whole number of seconds, not negative",
+        )),
+        None => Err(D::Error::invalid_value(
+            Unexpected::Other(&n.to_string()),
+            &"a whole number of seconds, not negative",
+        )),
+    }
 }
 
 /// The 201 answer (and what `device issue` prints).
@@ -149,8 +178,9 @@ pub(crate) struct Provisioner {
     schema: String,
     connect_timeout: Duration,
     credentials: CredentialsConfig,
-    /// The bridge's own broker accounts: never a device id, so issuing cannot replace or revoke them.
-    reserved: Vec<String>,
+    /// The bridge's own client ids and broker accounts: never a device id, so issuing cannot take over, replace
+    /// or revoke them.
+    reserved: reserved::Reserved,
     /// None when `credentials.signing_key_file` is not set: issuing and the JWKS answer 503.
     keys: Option<SigningKeys>,
     broker: Arc<dyn BrokerBackend>,
@@ -170,11 +200,7 @@ impl Provisioner {
             schema: cfg.postgres.schema.clone(),
             connect_timeout: cfg.postgres.connect_timeout,
             credentials: cfg.credentials.clone(),
-            reserved: [&cfg.mqtt.username, &cfg.broker.admin_username, &cfg.load.username]
-                .into_iter()
-                .flatten()
-                .cloned()
-                .collect(),
+            reserved: reserved::Reserved::from_config(cfg),
             keys,
             broker: broker::from_config(cfg)?,
             metrics,
@@ -185,13 +211,12 @@ impl Provisioner {
         self.keys.is_some()
     }
 
+    /// A reserved id is a wrong request (HTTP 400, `device issue` exit 2), whatever the broker holds.
     fn check_not_reserved(&self, device_id: &str) -> Result<(), ProvisionError> {
-        if self.reserved.iter().any(|r| r == device_id) {
-            return Err(ProvisionError::Conflict(format!(
-                "{device_id} is one of delta-bridge's own broker accounts, not a device id"
-            )));
+        match self.reserved.refusal(device_id) {
+            Some(why) => Err(ProvisionError::Invalid(why)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     async fn connect(&self) -> Result<pg::Session, ProvisionError> {
@@ -432,6 +457,34 @@ mod tests {
                 other => panic!("{field}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn ttl_seconds_is_any_whole_json_number_and_nothing_else() {
+        let parse = |ttl: &str| -> Result<Option<u64>, String> {
+            serde_json::from_str::<IssueRequest>(&format!(
+                r#"{{"device_id":"a","merchant_code":"m","branch_code":"b"{ttl}}}"#
+            ))
+            .map(|r| r.ttl_seconds)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(parse(""), Ok(None));
+        for (json, secs) in [
+            ("3600", 3600),
+            ("3600.0", 3600),
+            ("3.6e3", 3600),
+            ("0", 0),
+            ("1e30", u64::MAX),
+        ] {
+            assert_eq!(parse(&format!(r#","ttl_seconds":{json}"#)), Ok(Some(secs)), "{json}");
+        }
+        for bad in ["null", "1.5", "-5", "-5.0", "\"60\"", "true", "[60]", "{}"] {
+            assert!(parse(&format!(r#","ttl_seconds":{bad}"#)).is_err(), "{bad}");
+        }
+        // Out of the bounds, a saturated value is refused like any too-large one.
+        let mut r = req(Some(u64::MAX));
+        r.ttl_seconds = parse(r#","ttl_seconds":1e30"#).expect("parses");
+        assert!(matches!(validate(&r, &cfg()), Err(ProvisionError::Invalid(_))));
     }
 
     #[test]

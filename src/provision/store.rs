@@ -44,21 +44,22 @@ const COLUMNS: &str = "device_id, merchant_code, branch_code, jti, key_id, first
                        expires_at, rotations, rotated_at, revoked_at, expired_at";
 
 impl DeviceRecord {
-    fn from_row(r: &Row) -> DeviceRecord {
-        DeviceRecord {
-            device_id: r.get(0),
-            merchant_code: r.get(1),
-            branch_code: r.get(2),
-            jti: r.get(3),
-            key_id: r.get(4),
-            first_issued_at: r.get(5),
-            issued_at: r.get(6),
-            expires_at: r.get(7),
-            rotations: r.get(8),
-            rotated_at: r.get(9),
-            revoked_at: r.get(10),
-            expired_at: r.get(11),
-        }
+    /// A column of an unexpected type or an unexpected NULL is an error of the query, never a panic.
+    fn from_row(r: &Row) -> Result<DeviceRecord, PgError> {
+        Ok(DeviceRecord {
+            device_id: r.try_get(0)?,
+            merchant_code: r.try_get(1)?,
+            branch_code: r.try_get(2)?,
+            jti: r.try_get(3)?,
+            key_id: r.try_get(4)?,
+            first_issued_at: r.try_get(5)?,
+            issued_at: r.try_get(6)?,
+            expires_at: r.try_get(7)?,
+            rotations: r.try_get(8)?,
+            rotated_at: r.try_get(9)?,
+            revoked_at: r.try_get(10)?,
+            expired_at: r.try_get(11)?,
+        })
     }
 
     /// The record as `GET /api/v1/devices/{id}` shows it: never a password.
@@ -99,7 +100,8 @@ pub(crate) async fn lookup_branch<C: GenericClient>(
                         WHERE m.code = $1 AND b.code = $2)"
     );
     let row = timed(c.query_one(&sql, &[&merchant, &branch])).await?;
-    Ok(match (row.get::<_, bool>(0), row.get::<_, bool>(1)) {
+    let found = |i: usize| row.try_get::<_, bool>(i).map_err(PgError::from);
+    Ok(match (found(0)?, found(1)?) {
         (false, _) => Lookup::NoMerchant,
         (true, false) => Lookup::NoBranch,
         (true, true) => Lookup::Found,
@@ -109,7 +111,7 @@ pub(crate) async fn lookup_branch<C: GenericClient>(
 pub(crate) async fn get<C: GenericClient>(c: &C, device_id: &str) -> Result<Option<DeviceRecord>, StoreError> {
     let sql = format!("SELECT {COLUMNS} FROM delta_bridge.devices WHERE device_id = $1");
     let row = timed(c.query_opt(&sql, &[&device_id])).await?;
-    Ok(row.as_ref().map(DeviceRecord::from_row))
+    Ok(row.as_ref().map(DeviceRecord::from_row).transpose()?)
 }
 
 /// Reads and row-locks a device inside the caller's transaction, so that issuing, revoking and the expiry
@@ -123,7 +125,7 @@ pub(crate) async fn lock<C: GenericClient>(c: &C, device_id: &str) -> Result<Opt
     .await?;
     let sql = format!("SELECT {COLUMNS} FROM delta_bridge.devices WHERE device_id = $1 FOR UPDATE");
     let row = timed(c.query_opt(&sql, &[&device_id])).await?;
-    Ok(row.as_ref().map(DeviceRecord::from_row))
+    Ok(row.as_ref().map(DeviceRecord::from_row).transpose()?)
 }
 
 /// What an issue writes.
@@ -168,7 +170,7 @@ pub(crate) async fn record_issue<C: GenericClient>(
     ))
     .await?;
     event(c, i.device_id, if rotation { "rotated" } else { "issued" }, Some(i.jti)).await?;
-    Ok(DeviceRecord::from_row(&row))
+    Ok(DeviceRecord::from_row(&row)?)
 }
 
 /// Marks a device revoked (keeping the first revocation time). The caller holds the row lock.
@@ -190,7 +192,11 @@ pub(crate) async fn lock_expired<C: GenericClient>(c: &C, limit: i64) -> Result<
         &[&limit],
     ))
     .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(rows
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()
+        .map_err(PgError::from)?)
 }
 
 pub(crate) async fn record_expired<C: GenericClient>(c: &C, device_id: &str) -> Result<(), StoreError> {
@@ -209,7 +215,7 @@ pub(crate) async fn next_expiry<C: GenericClient>(c: &C) -> Result<Option<DateTi
         &[],
     ))
     .await?;
-    Ok(row.get(0))
+    Ok(row.try_get(0).map_err(PgError::from)?)
 }
 
 async fn event<C: GenericClient>(c: &C, device_id: &str, event: &str, jti: Option<&str>) -> Result<(), StoreError> {

@@ -24,9 +24,9 @@ enum Op {
     /// The n-th open transaction with an id commits; the n-th open transaction rolls back.
     Commit(usize),
     Rollback(usize),
-    /// One read: the open gaps and up to `limit` rows after the cursor, in one snapshot.
+    /// One read: of the open gaps and the rows after the cursor, the `limit` lowest, in one snapshot.
     Read(usize),
-    /// The sweep, paging `page` ids at a time, stopping once `cap` are missing.
+    /// The sweep, paging `page` ids at a time, reading the first `cap` missing.
     Sweep {
         page: usize,
         cap: usize,
@@ -119,13 +119,16 @@ impl World {
         }
     }
 
-    /// `(SELECT … WHERE id = ANY(gaps)) UNION ALL (SELECT … WHERE id > cursor ORDER BY id LIMIT n) ORDER BY id`
+    /// `(SELECT … WHERE id = ANY(gaps) ORDER BY id LIMIT n) UNION ALL (SELECT … WHERE id > cursor ORDER BY id
+    /// LIMIT n) ORDER BY id LIMIT n`
     fn read(&mut self, limit: usize) {
         let gaps: BTreeSet<i64> = self.t.gap_ids().into_iter().collect();
-        let mut rows: Vec<i64> = gaps.intersection(&self.outbox).copied().collect();
+        let mut rows: Vec<i64> = gaps.intersection(&self.outbox).copied().take(limit).collect();
         rows.extend(self.outbox.range(self.t.cursor() + 1..).take(limit));
+        rows.sort_unstable();
+        rows.truncate(limit);
         let snap = self.snapshot();
-        let dispatched = self.t.observe(rows.iter().copied(), snap, self.now);
+        let dispatched = self.t.observe(rows.iter().copied(), snap, limit, self.now);
         self.record(&rows, dispatched);
     }
 
@@ -187,6 +190,7 @@ impl World {
                 break;
             }
         }
+        missing.truncate(cap);
         missing
     }
 
@@ -329,4 +333,28 @@ proptest! {
         prop_assert_eq!(w.not_dispatched(), Vec::<i64>::new(), "replayed and never dispatched");
         prop_assert!(w.t.gap_ids().is_empty(), "open gaps with no transaction left");
     }
+}
+
+/// A read cut at its limit among gaps that have all committed: those above its last row were not looked at
+/// and must stay open for the next read (not be taken for rolled back and left to the sweep).
+#[test]
+fn a_read_cut_among_committed_gaps_leaves_them_to_the_next_read() {
+    let mut w = World::new();
+    for op in [
+        Op::Begin(0),
+        Op::Begin(1),
+        Op::Begin(2),
+        Op::Allocate(0), // ids 1, 2, 3
+        Op::Allocate(0),
+        Op::Allocate(0),
+        Op::Commit(2), // 3 commits first: the read skips 1 and 2
+        Op::Read(5),
+        Op::Commit(0),
+        Op::Commit(0),
+        Op::Read(1), // returns 1 only: 2 was not looked at
+        Op::Read(5),
+    ] {
+        w.apply(op);
+    }
+    assert_eq!(w.not_dispatched(), Vec::<i64>::new(), "2 was read by the next read");
 }

@@ -39,7 +39,7 @@ impl Emqx {
         let http = reqwest::Client::builder()
             .timeout(ADMIN_TIMEOUT)
             .build()
-            .map_err(BrokerError::Request)?;
+            .map_err(|e| BrokerError::Request(e.without_url()))?;
         Ok(Emqx {
             http,
             base: base.trim_end_matches('/').to_string(),
@@ -63,7 +63,8 @@ impl Emqx {
         if let Some(b) = &body {
             req = req.json(b);
         }
-        let resp = req.send().await.map_err(BrokerError::Request)?;
+        // reqwest's error prints the URL, userinfo and all: broker.api_url may carry the API secret there.
+        let resp = req.send().await.map_err(|e| BrokerError::Request(e.without_url()))?;
         let status = resp.status();
         if status.is_success() || ok.contains(&status) {
             return Ok(());

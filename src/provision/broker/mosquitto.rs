@@ -93,7 +93,11 @@ impl Mosquitto {
     }
 
     async fn exchange(&self, payload: &str, correlation: &str, expected: usize) -> Result<Vec<Value>, BrokerError> {
-        let client_id = format!("delta-bridge-admin-{}", &correlation[..8]);
+        let client_id = format!(
+            "{}{}",
+            crate::provision::reserved::ADMIN_CLIENT_PREFIX,
+            &correlation[..8]
+        );
         let opts = crate::mqtt::mqtt_options(
             &self.mqtt,
             &client_id,

@@ -1,17 +1,24 @@
 //! The HTTP surface: /healthz, /readyz, /metrics, and the device API's routes (their handlers live with
 //! provisioning). Serves on the listener it is given, so tests can bind port 0, until the cancellation
 //! token fires. Never returns a database or broker error text to a client.
+//!
+//! - [`server`]: connections (header timeout, connection cap, shutdown deadline).
+//! - [`limits`]: the request body's size and time limits, and JSON for every error answer.
 
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+pub(crate) mod limits;
+pub(crate) mod server;
 
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -24,20 +31,31 @@ pub(crate) struct AppState {
     pub devices: Arc<DeviceApi>,
 }
 
+/// Every route, behind the body limits, with every error answer in JSON (the layers wrap the routes and the
+/// fallback alike: the last added runs first).
 pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(crate::openapi::routes())
         .fallback(not_found)
         .with_state(state.clone())
         .merge(crate::provision::api::routes(state.devices))
+        .layer(middleware::from_fn(limits::bounded_body))
+        .layer(middleware::map_response(limits::json_errors))
 }
 
-pub(crate) async fn serve(listener: TcpListener, state: AppState, cancel: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await
+/// Serves the routes on `listener` with at most `max_connections` connections, until `cancel` fires; returns
+/// within a few seconds of that ([`server::SHUTDOWN_GRACE`]).
+pub(crate) async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    max_connections: usize,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let metrics = state.metrics.clone();
+    server::serve(listener, router(state), max_connections, metrics, cancel).await
 }
 
 async fn healthz() -> Response {
@@ -64,5 +82,5 @@ async fn metrics(State(s): State<AppState>) -> Response {
 }
 
 async fn not_found() -> Response {
-    (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))).into_response()
+    limits::error(StatusCode::NOT_FOUND, "not found")
 }

@@ -1,0 +1,174 @@
+//! Reading, converting, queueing: how many rows a read may ask for (the room left under `max_pending` and
+//! `max_pending_bytes`), turning the rows a read returned into events (or into rows to delete or to
+//! dead-letter), and handing events to the publisher without ever blocking on it.
+
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::capture::outbox::{self, Fetched};
+use crate::convert::{self, ConvertError, Event};
+use crate::metrics::FailureReason;
+
+use super::tracker::Snapshot;
+use super::{Pipeline, PublisherGone};
+
+impl Pipeline {
+    /// Below both bounds of what may be read and not yet acknowledged: events and bytes.
+    pub(super) fn has_room(&self) -> bool {
+        self.tracker.outstanding_len() < self.cfg.bridge.max_pending
+            && self.pending_bytes < self.cfg.bridge.max_pending_bytes
+    }
+
+    /// Rows to ask for in one read (the cursor's, with the gaps, or a sweep step's): `bridge.batch_size`, or
+    /// fewer when fewer events are left under `max_pending`, or when the bytes left under `max_pending_bytes`
+    /// would hold fewer events of the recent mean size (at least one: the byte bound may be overshot by one
+    /// read's misjudged sizes).
+    pub(super) fn batch(&self) -> i64 {
+        let room = self.cfg.bridge.max_pending_bytes.saturating_sub(self.pending_bytes) as f64;
+        let by_bytes = (room / self.mean_event_bytes.max(1.0)).ceil() as i64;
+        let by_events = self
+            .cfg
+            .bridge
+            .max_pending
+            .saturating_sub(self.tracker.outstanding_len());
+        let by_events = i64::try_from(by_events).unwrap_or(i64::MAX);
+        by_bytes.min(by_events).clamp(1, i64::from(self.cfg.bridge.batch_size))
+    }
+
+    /// Converts the rows of one read of at most `limit` rows (gaps and rows after the cursor, one snapshot)
+    /// not already outstanding and queues their events, in id order.
+    pub(super) fn take(&mut self, rows: Vec<Fetched>, snap: Snapshot, limit: i64, install_id: &str) {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let dispatch = self
+            .tracker
+            .observe(rows.iter().map(outbox::fetched_id), snap, limit, Instant::now());
+        self.queue(rows, dispatch, install_id);
+    }
+
+    /// Converts the rows the sweep read (at or below the cursor) not already outstanding.
+    pub(super) fn take_swept(&mut self, rows: Vec<Fetched>, install_id: &str) {
+        let dispatch = self.tracker.observe_swept(rows.iter().map(outbox::fetched_id));
+        self.queue(rows, dispatch, install_id);
+    }
+
+    /// A row that could not be read is dead-lettered like one that cannot be converted.
+    fn queue(&mut self, rows: Vec<Fetched>, dispatch: Vec<i64>, install_id: &str) {
+        let mut dispatch = dispatch.into_iter().peekable();
+        for row in rows {
+            let id = outbox::fetched_id(&row);
+            // `dispatch` is a subsequence of the rows' ids, in their order.
+            if dispatch.next_if_eq(&id).is_none() {
+                continue;
+            }
+            let converted = row
+                .map_err(ConvertError::from)
+                .and_then(|row| convert::convert(&row, &self.cfg.env, install_id));
+            match converted {
+                Ok(Some(event)) => {
+                    if let Some(w) = &event.warning {
+                        tracing::warn!(id, warning = %w, "captured row published with a correction");
+                    }
+                    let size = (event.payload.len() + event.topic.len()) as u64;
+                    if let Some(old) = self.pending_sizes.insert(id, size) {
+                        self.pending_bytes = self.pending_bytes.saturating_sub(old);
+                    }
+                    self.pending_bytes += size;
+                    self.mean_event_bytes = 0.9 * self.mean_event_bytes + 0.1 * size as f64;
+                    self.ready.push_back(event)
+                }
+                Ok(None) => self.to_delete.push(id),
+                Err(e) => {
+                    tracing::warn!(id, error = %e, "cannot convert captured row; moved to delta_bridge.dead_letter");
+                    self.metrics.failure(FailureReason::Unconvertible);
+                    self.to_dead.push_back((id, FailureReason::Unconvertible, e.0));
+                }
+            }
+        }
+    }
+
+    /// Hands converted events to the publisher while its channel has room. A closed channel (the publisher
+    /// task is gone) ends the session with an error unless the bridge is stopping: a leader must not keep the
+    /// lock without publishing.
+    pub(super) fn push_ready(
+        &mut self,
+        events: &mpsc::Sender<Event>,
+        cancel: &CancellationToken,
+    ) -> Result<(), PublisherGone> {
+        if events.is_closed() && !cancel.is_cancelled() {
+            return Err(PublisherGone);
+        }
+        while let Some(ev) = self.ready.pop_front() {
+            crate::fault::check(crate::fault::Task::Pipeline, &ev.payload);
+            match events.try_send(ev) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(ev)) => {
+                    self.ready.push_front(ev);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(ev)) => {
+                    self.ready.push_front(ev);
+                    if cancel.is_cancelled() {
+                        break; // stopping: what is left stays in the outbox
+                    }
+                    return Err(PublisherGone);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::convert::Stream;
+    use crate::metrics::Metrics;
+
+    fn event(seq: i64) -> Event {
+        Event {
+            seq,
+            warning: None,
+            stream: Stream::Product,
+            topic: "dev/m/b/product".into(),
+            event_id: format!("i-{seq}"),
+            payload: bytes::Bytes::from_static(b"{}"),
+            captured_at: chrono::Utc::now(),
+        }
+    }
+
+    fn pipeline() -> Pipeline {
+        let cfg = Config::parse("", std::path::Path::new("t.toml"), &[]).expect("config");
+        Pipeline::new(Arc::new(cfg), Arc::new(Metrics::new().expect("metrics")))
+    }
+
+    #[test]
+    fn a_full_publisher_channel_keeps_events_waiting() {
+        let mut p = pipeline();
+        let (tx, _rx) = mpsc::channel(1);
+        p.ready.extend([event(1), event(2)]);
+        assert!(p.push_ready(&tx, &CancellationToken::new()).is_ok());
+        assert_eq!(p.ready.len(), 1, "one handed over, one waits for room");
+    }
+
+    #[test]
+    fn a_closed_publisher_channel_ends_the_session_unless_stopping() {
+        let mut p = pipeline();
+        let (tx, rx) = mpsc::channel(8);
+        drop(rx); // the publisher task is gone
+        p.ready.push_back(event(1));
+        assert!(p.push_ready(&tx, &CancellationToken::new()).is_err());
+        assert!(
+            pipeline().push_ready(&tx, &CancellationToken::new()).is_err(),
+            "even with nothing to hand over"
+        );
+        let stopping = CancellationToken::new();
+        stopping.cancel();
+        assert!(p.push_ready(&tx, &stopping).is_ok());
+        assert_eq!(p.ready.len(), 1, "kept: it stays in the outbox");
+    }
+}
