@@ -279,10 +279,10 @@ impl Publisher {
                     );
                 }
                 SessionEnd::Failed(why) => {
-                    let copies = self.set_aside(&mut book);
                     if !book.unacked.settled() {
                         self.metrics.failure(FailureReason::Connection);
                     }
+                    let copies = self.set_aside(&mut book);
                     if draining {
                         break;
                     }
