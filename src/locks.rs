@@ -159,21 +159,55 @@ pub(crate) async fn leader_holders(client: &Client, key: i64) -> Result<(Vec<Hol
     }
 }
 
-/// The leader's heartbeat: this backend leads, as `replica`, now. Returns false when the table does not exist
-/// (the database was not migrated by this version; `run --no-migrate`): the leader then publishes without.
-pub(crate) async fn heartbeat(client: &Client, replica: &str) -> Result<bool, PgError> {
-    let r = timed(client.execute(
+/// One heartbeat as written: by which backend, as which replica, and when (the database's clock, to the
+/// microsecond). Every beat writes a new time into the one row, so a row still equal to the last beat a
+/// replica wrote shows that no one has beaten since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Beat {
+    pub pid: i32,
+    pub replica: String,
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+fn beat(row: &tokio_postgres::Row) -> Result<Beat, PgError> {
+    Ok(Beat {
+        pid: row.try_get(0)?,
+        replica: row.try_get(1)?,
+        at: row.try_get(2)?,
+    })
+}
+
+/// The leader's heartbeat: this backend leads, as `replica`, now. Returns the beat as written, or None when
+/// the table does not exist (the database was not migrated by this version; `run --no-migrate`): the leader
+/// then publishes without.
+pub(crate) async fn heartbeat(client: &Client, replica: &str) -> Result<Option<Beat>, PgError> {
+    let r = timed(client.query_one(
         "INSERT INTO delta_bridge.leader AS l (singleton, pid, replica, since, heartbeat_at)
          VALUES (true, pg_backend_pid(), $1, clock_timestamp(), clock_timestamp())
          ON CONFLICT (singleton) DO UPDATE
             SET pid = EXCLUDED.pid, replica = EXCLUDED.replica, heartbeat_at = EXCLUDED.heartbeat_at,
-                since = CASE WHEN l.pid = EXCLUDED.pid THEN l.since ELSE EXCLUDED.since END",
+                since = CASE WHEN l.pid = EXCLUDED.pid THEN l.since ELSE EXCLUDED.since END
+         RETURNING l.pid, l.replica, l.heartbeat_at",
         &[&replica],
     ))
     .await;
     match r {
-        Ok(_) => Ok(true),
-        Err(e) if undefined_table(&e) => Ok(false),
+        Ok(row) => Ok(Some(beat(&row)?)),
+        Err(e) if undefined_table(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The last heartbeat written by any replica: None when there is none, or no table.
+pub(crate) async fn last_beat(client: &Client) -> Result<Option<Beat>, PgError> {
+    let r = timed(client.query_opt(
+        "SELECT pid, replica, heartbeat_at FROM delta_bridge.leader WHERE singleton",
+        &[],
+    ))
+    .await;
+    match r {
+        Ok(row) => row.as_ref().map(beat).transpose(),
+        Err(e) if undefined_table(&e) => Ok(None),
         Err(e) => Err(e),
     }
 }

@@ -67,6 +67,8 @@ pub(crate) struct Metrics {
     pub payload_bytes: HistogramVec,
     pub outbox_backlog: IntGauge,
     pub pending_bytes: IntGauge,
+    pub republish_window_bytes: IntGauge,
+    pub republish_window_evicted: IntCounter,
     pub postgres_connected: IntGauge,
     pub mqtt_connected: IntGauge,
     pub publishing_paused: IntGauge,
@@ -123,6 +125,14 @@ impl Metrics {
             "delta_bridge_pending_bytes",
             "Bytes (payloads and topics) of events read and not yet acknowledged (bounded by bridge.max_pending_bytes)",
         )?;
+        let republish_window_bytes = IntGauge::new(
+            "delta_bridge_republish_window_bytes",
+            "Bytes (payloads and topics) of acknowledged events kept to publish again after a lost broker connection, copies being sent again included (bounded by bridge.max_pending_bytes)",
+        )?;
+        let republish_window_evicted = IntCounter::new(
+            "delta_bridge_republish_window_evicted_total",
+            "Acknowledged events that left the republish window before mqtt.republish_window had passed, for want of room",
+        )?;
         let postgres_connected = IntGauge::new("delta_bridge_postgres_connected", "1 while PostgreSQL is connected")?;
         let mqtt_connected = IntGauge::new("delta_bridge_mqtt_connected", "1 while the MQTT broker is connected")?;
         let publishing_paused = IntGauge::new(
@@ -156,6 +166,8 @@ impl Metrics {
         registry.register(Box::new(payload_bytes.clone()))?;
         registry.register(Box::new(outbox_backlog.clone()))?;
         registry.register(Box::new(pending_bytes.clone()))?;
+        registry.register(Box::new(republish_window_bytes.clone()))?;
+        registry.register(Box::new(republish_window_evicted.clone()))?;
         registry.register(Box::new(postgres_connected.clone()))?;
         registry.register(Box::new(mqtt_connected.clone()))?;
         registry.register(Box::new(publishing_paused.clone()))?;
@@ -200,6 +212,8 @@ impl Metrics {
             payload_bytes,
             outbox_backlog,
             pending_bytes,
+            republish_window_bytes,
+            republish_window_evicted,
             postgres_connected,
             mqtt_connected,
             publishing_paused,
@@ -243,6 +257,8 @@ mod tests {
             "delta_bridge_end_to_end_latency_seconds_bucket{stream=\"inventory\",le=\"0.001\"} 0",
             "delta_bridge_outbox_backlog 0",
             "delta_bridge_pending_bytes 0",
+            "delta_bridge_republish_window_bytes 0",
+            "delta_bridge_republish_window_evicted_total 0",
             "delta_bridge_postgres_connected 0",
             "delta_bridge_mqtt_connected 0",
             "delta_bridge_publishing_paused 0",

@@ -119,12 +119,10 @@ async fn broker_sigkill_under_load_loses_nothing() {
 
 /// A device that is offline while the broker is killed: its persistent session holds what the broker queued
 /// for it, and the broker saves that only every second. What it queued (and already acknowledged to the
-/// bridge) since its last save is gone with the process; the bridge does not publish those events again,
-/// as it would need to (e.g. a window of recently acknowledged events republished after a reconnect).
+/// bridge) since its last save is gone with the process; the bridge publishes again what the broker
+/// acknowledged in the `mqtt.republish_window` (10 s) before the connection was lost, so the device gets
+/// every event all the same (some twice, byte for byte the same).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "loses events: a SIGKILLed Mosquitto forgets what it queued for an offline device since its last \
-            autosave (every second; 1-2 s of events lost per kill, ~800-1,800 at ~800 events/s), and the bridge \
-            does not yet republish a window of acknowledged events after reconnecting"]
 async fn broker_sigkill_loses_nothing_queued_for_an_offline_device() {
     let mut env = Env::start("crash-broker-offline");
     let bridge = env.bridge_process("a");
@@ -220,7 +218,7 @@ async fn broker_sigkill_loses_nothing_queued_for_an_offline_device() {
         .filter(|m| previous.is_some_and(|p| m.at > p))
         .count();
     eprintln!("missing events received by the online device after the last kill: {after_last}");
-    // The assertion the bridge does not meet yet (hence #[ignore]): the broker lost acknowledged messages.
+    // Without the republish window this fails: each kill loses the ~1-2 s of events queued since the save.
     assert!(
         missing.is_empty(),
         "{} events never reached the offline device",

@@ -112,6 +112,10 @@ pub struct MqttConfig {
     pub keep_alive: Duration,
     /// Upper bound on unacknowledged QoS 1 publishes on the wire (the broker's Receive Maximum caps it too).
     pub max_inflight: u16,
+    /// Events the broker acknowledged this recently before the connection was lost are published again
+    /// after the reconnect: a broker that crashes may lose what it had acknowledged and not yet saved. Zero
+    /// turns it off.
+    pub republish_window: Duration,
 }
 
 impl fmt::Debug for MqttConfig {
@@ -125,6 +129,7 @@ impl fmt::Debug for MqttConfig {
             ca_file,
             keep_alive,
             max_inflight,
+            republish_window,
         } = self;
         f.debug_struct("MqttConfig")
             .field("url", &redact_url(url))
@@ -135,6 +140,7 @@ impl fmt::Debug for MqttConfig {
             .field("ca_file", ca_file)
             .field("keep_alive", keep_alive)
             .field("max_inflight", max_inflight)
+            .field("republish_window", republish_window)
             .finish()
     }
 }

@@ -38,6 +38,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "ca_file",
             "keep_alive",
             "max_inflight",
+            "republish_window",
         ],
     ),
     (

@@ -49,6 +49,7 @@ pub(super) fn redacted_toml(cfg: &Config) -> String {
         ca_file,
         keep_alive,
         max_inflight,
+        republish_window,
     } = mqtt;
     t.section("mqtt");
     t.set("url", redact_url(url));
@@ -60,6 +61,7 @@ pub(super) fn redacted_toml(cfg: &Config) -> String {
     t.opt("ca_file", ca_file.as_deref().map(path));
     t.duration("keep_alive", *keep_alive);
     t.set("max_inflight", i64::from(*max_inflight));
+    t.duration("republish_window", *republish_window);
 
     let HttpConfig {
         listen,

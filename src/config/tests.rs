@@ -98,6 +98,14 @@ fn errors_name_the_key() {
         "mqtt.keep_alive"
     );
     assert_eq!(
+        key_of(parse("[mqtt]\nrepublish_window = \"a while\"\n", &[]).unwrap_err()),
+        "mqtt.republish_window"
+    );
+    assert_eq!(
+        key_of(parse("[mqtt]\nrepublish_window = -1\n", &[]).unwrap_err()),
+        "mqtt.republish_window"
+    );
+    assert_eq!(
         key_of(parse("[postgres]\nmigrate_lock_timeout = \"0s\"\n", &[]).unwrap_err()),
         "postgres.migrate_lock_timeout"
     );
@@ -348,6 +356,7 @@ username = "bridge"
 ca_file = "/etc/ssl/broker-ca.pem"
 keep_alive = "1h30m"
 max_inflight = 7
+republish_window = "2500ms"
 [http]
 listen = "[::1]:9090"
 max_connections = 17
@@ -440,6 +449,7 @@ fn check_config_prints_durations_as_the_file_takes_them() {
         "connect_timeout = \"1m500ms\"",
         "migrate_lock_timeout = \"2m30s\"",
         "keep_alive = \"1h30m\"",
+        "republish_window = \"2s500ms\"",
         "ttl = \"1d12h\"",
         "min_ttl = \"1m30s\"",
         "max_ttl = \"7d\"",
@@ -452,6 +462,7 @@ fn check_config_prints_durations_as_the_file_takes_them() {
     for line in [
         "connect_timeout = \"10s\"",
         "keep_alive = \"5s\"",
+        "republish_window = \"10s\"",
         "poll_interval = \"500ms\"",
     ] {
         assert!(defaults.lines().any(|l| l == line), "no line {line:?} in\n{defaults}");
@@ -503,6 +514,7 @@ client_id = "bridge-a"
 # ca_file: not set
 keep_alive = "5s"
 max_inflight = 100
+republish_window = "10s"
 
 [http]
 listen = "0.0.0.0:8080"
@@ -641,4 +653,17 @@ fn sizes_parse_in_the_units_people_write_and_print_back_the_same() {
         key_of(parse("[bridge]\nmax_pending_bytes = true\n", &[]).expect_err("not a size")),
         "bridge.max_pending_bytes"
     );
+}
+
+#[test]
+fn the_republish_window_defaults_to_ten_seconds_and_zero_turns_it_off() {
+    assert_eq!(
+        parse("", &[]).expect("valid").mqtt.republish_window,
+        Duration::from_secs(10)
+    );
+    let off = parse("[mqtt]\nrepublish_window = \"0s\"\n", &[]).expect("valid");
+    assert_eq!(off.mqtt.republish_window, Duration::ZERO);
+    assert!(off.redacted_toml().lines().any(|l| l == "republish_window = \"0s\""));
+    let env = parse("", &[("DELTA_BRIDGE__MQTT__REPUBLISH_WINDOW", "1m")]).expect("valid");
+    assert_eq!(env.mqtt.republish_window, Duration::from_secs(60));
 }

@@ -83,6 +83,7 @@ impl Raw {
             ca_file: self.string("mqtt.ca_file")?.map(PathBuf::from),
             keep_alive,
             max_inflight: self.integer("mqtt.max_inflight", 100, 1, 65535)? as u16,
+            republish_window: self.duration("mqtt.republish_window", "10s")?,
         };
 
         let listen_text = self.non_empty("http.listen", "0.0.0.0:8080")?;

@@ -167,12 +167,19 @@ impl<E: Sequenced> Unacked<E> {
         self.events.len() == self.held.len()
     }
 
+    #[cfg(test)]
     pub(crate) fn contains(&self, seq: i64) -> bool {
         self.events.contains_key(&seq)
     }
 
     pub(crate) fn get(&self, seq: i64) -> Option<&E> {
         self.events.get(&seq)
+    }
+
+    /// The entry itself, to change what it carries (not its seq or topic: the pairing and the order rely on
+    /// them).
+    pub(crate) fn get_mut(&mut self, seq: i64) -> Option<&mut E> {
+        self.events.get_mut(&seq)
     }
 
     /// When publishing was paused, if it is.

@@ -6,7 +6,7 @@ use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::capture::outbox::{self, Statements};
-use crate::deliver::Outcome;
+use crate::deliver::{Outcome, Term};
 use crate::metrics::FailureReason;
 use crate::pg::PgError;
 
@@ -30,7 +30,16 @@ impl Pipeline {
         }
     }
 
-    pub(super) fn absorb(&mut self, outcome: Outcome) {
+    /// An outcome from the publisher. One of an earlier term (another replica has led since; the tracker and
+    /// the pending bytes are this term's, which may have read the same row again) only deletes its row if it
+    /// was acknowledged: a refusal is decided again when the row is read again.
+    pub(super) fn absorb(&mut self, (term, outcome): (Term, Outcome)) {
+        if term != self.term {
+            if let Outcome::Acked(ev) = outcome {
+                self.stale_acks.push(ev.seq);
+            }
+            return;
+        }
         match outcome {
             Outcome::Acked(ev) => {
                 let stream = ev.stream.as_str();
@@ -66,6 +75,10 @@ impl Pipeline {
             || self.to_delete.len() >= DELETE_BATCH
             || self.first_ack_pending.is_some_and(|t| t.elapsed() >= DELETE_DELAY)
             || (!self.to_delete.is_empty() && self.first_ack_pending.is_none());
+        if !self.stale_acks.is_empty() {
+            stmts.delete(client, &self.stale_acks).await?;
+            self.stale_acks.clear();
+        }
         if due && !self.to_delete.is_empty() {
             stmts.delete(client, &self.to_delete).await?;
             for id in std::mem::take(&mut self.to_delete) {

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::capture::outbox::{self, Fetched};
 use crate::convert::{self, ConvertError, Event};
+use crate::deliver::Term;
 use crate::metrics::FailureReason;
 
 use super::tracker::Snapshot;
@@ -93,7 +94,7 @@ impl Pipeline {
     /// lock without publishing.
     pub(super) fn push_ready(
         &mut self,
-        events: &mpsc::Sender<Event>,
+        events: &mpsc::Sender<(Term, Event)>,
         cancel: &CancellationToken,
     ) -> Result<(), PublisherGone> {
         if events.is_closed() && !cancel.is_cancelled() {
@@ -101,13 +102,13 @@ impl Pipeline {
         }
         while let Some(ev) = self.ready.pop_front() {
             crate::fault::check(crate::fault::Task::Pipeline, &ev.payload);
-            match events.try_send(ev) {
+            match events.try_send((self.term, ev)) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(ev)) => {
+                Err(mpsc::error::TrySendError::Full((_, ev))) => {
                     self.ready.push_front(ev);
                     break;
                 }
-                Err(mpsc::error::TrySendError::Closed(ev)) => {
+                Err(mpsc::error::TrySendError::Closed((_, ev))) => {
                     self.ready.push_front(ev);
                     if cancel.is_cancelled() {
                         break; // stopping: what is left stays in the outbox
@@ -122,29 +123,8 @@ impl Pipeline {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::config::Config;
-    use crate::convert::Stream;
-    use crate::metrics::Metrics;
-
-    fn event(seq: i64) -> Event {
-        Event {
-            seq,
-            warning: None,
-            stream: Stream::Product,
-            topic: "dev/m/b/product".into(),
-            event_id: format!("i-{seq}"),
-            payload: bytes::Bytes::from_static(b"{}"),
-            captured_at: chrono::Utc::now(),
-        }
-    }
-
-    fn pipeline() -> Pipeline {
-        let cfg = Config::parse("", std::path::Path::new("t.toml"), &[]).expect("config");
-        Pipeline::new(Arc::new(cfg), Arc::new(Metrics::new().expect("metrics")))
-    }
+    use crate::pipeline::tests::{event, pipeline};
 
     #[test]
     fn a_full_publisher_channel_keeps_events_waiting() {

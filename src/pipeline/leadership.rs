@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use crate::capture::outbox::LEADER_LOCK;
-use crate::locks::{self, Squat, HEARTBEAT_EVERY};
+use crate::locks::{self, Beat, Squat, HEARTBEAT_EVERY};
 use crate::metrics::{Metrics, LOCK_LEADER};
 use crate::pg::PgError;
 
@@ -27,6 +27,8 @@ const REPEAT_EVERY: Duration = Duration::from_secs(60);
 pub(super) struct Heartbeat {
     replica: String,
     last: Option<Instant>,
+    /// The last beat this replica wrote, as the database has it (None: none, or its answer was lost).
+    written: Option<Beat>,
     /// False once the table turned out to be missing (a database not migrated by this version).
     enabled: bool,
 }
@@ -36,6 +38,7 @@ impl Heartbeat {
         Heartbeat {
             replica,
             last: None,
+            written: None,
             enabled: true,
         }
     }
@@ -50,7 +53,10 @@ impl Heartbeat {
         if !self.enabled || self.last.is_some_and(|t| t.elapsed() < HEARTBEAT_EVERY) {
             return Ok(());
         }
-        if !locks::heartbeat(client, &self.replica).await? {
+        // Forgotten first: if the write's answer is lost, what the row holds is unknown.
+        self.written = None;
+        self.written = locks::heartbeat(client, &self.replica).await?;
+        if self.written.is_none() {
             self.enabled = false;
             tracing::warn!(
                 "table delta_bridge.leader does not exist (run `delta-bridge migrate`): leading without a heartbeat, \
@@ -59,6 +65,27 @@ impl Heartbeat {
         }
         self.last = Some(Instant::now());
         Ok(())
+    }
+
+    /// Whether no other replica has led since this one's last beat: asked having just taken the leader lock,
+    /// before the first beat of the new lead. Then this replica goes on where its last lead stopped (the
+    /// pipeline keeps its tracker, the publisher sends again what it set aside); else a new term starts.
+    ///
+    /// The rule: the heartbeat row must still be exactly the last beat this replica wrote (its backend pid,
+    /// its name, and the database's timestamp of that write). A replica that takes the lock writes its first
+    /// beat before it reads or publishes anything, and every beat writes a new timestamp into the one row; so
+    /// a row unchanged since our last beat means that no replica has led and published since (one whose
+    /// session ended between taking the lock and its first beat published nothing). Where it cannot be told
+    /// (no beat of ours known, the answer to our last write lost, no heartbeat table) the answer is no: a new
+    /// term is always safe, since the outbox holds every row not acknowledged. A wrong yes costs duplicates,
+    /// not events: a leader of an earlier version writes no heartbeat (a rolling update) and may have led
+    /// meanwhile; this replica then sends again events the broker had or the outbox still holds, and its
+    /// cursor misses nothing, since the sweep that starts every lead finds rows left below it.
+    pub(super) async fn nobody_led_since(&self, client: &Client) -> Result<bool, PgError> {
+        let Some(mine) = &self.written else {
+            return Ok(false);
+        };
+        Ok(locks::last_beat(client).await?.as_ref() == Some(mine))
     }
 
     /// Until the next heartbeat is due (the leader's waits are bounded by it).

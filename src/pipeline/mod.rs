@@ -14,6 +14,11 @@
 //! queueing its rows; handing events to the publisher), `acks` (acknowledgements, deletes and dead letters),
 //! `sweep` (re-reading what lies at or below the cursor), `shutdown` (draining on stop); `tracker` (the cursor
 //! and its gaps, pure) and `leadership` (the heartbeat and the squatter watch).
+//!
+//! Leading goes in terms (see [`Term`]): when the leading session ends, the publisher is told at once and stops
+//! sending; when this replica leads again and no other replica led meanwhile (the heartbeat tells), the same
+//! term goes on (the tracker is kept, the publisher sends again what it set aside), else a new term starts
+//! from a fresh tracker and the outbox.
 
 mod acks;
 mod intake;
@@ -29,13 +34,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::convert::Event;
-use crate::deliver::{Outcome, Publisher};
+use crate::deliver::{Lead, Outcome, Publisher, Term};
 use crate::health::Health;
 use crate::metrics::{FailureReason, Metrics};
 use crate::pg::PgError;
@@ -43,7 +48,8 @@ use crate::pg::PgError;
 use leadership::Heartbeat;
 use tracker::Tracker;
 
-/// A leader without a broker connection this long gives up the lead.
+/// A leader without a broker connection this long (counted from when the broker was last heard from, which
+/// is usually some seconds before the connection is found dead) gives up the lead.
 const BROKER_LOST_RELEASE: Duration = Duration::from_secs(10);
 
 /// The publisher task has stopped while the pipeline still runs: nothing handed to it would be published, so
@@ -80,15 +86,21 @@ pub(crate) fn tasks(
 ) {
     let (event_tx, event_rx) = mpsc::channel(cfg.bridge.batch_size as usize * 2);
     let (outcome_tx, outcome_rx) = mpsc::unbounded_channel();
+    let (lead_tx, lead_rx) = watch::channel(Lead::default());
     let publisher = Publisher::new(
         cfg.mqtt.clone(),
         metrics.clone(),
         health.mqtt.clone(),
+        health.mqtt_heard.clone(),
         Duration::from_secs(5),
         cfg.bridge.max_pending,
+        cfg.bridge.max_pending_bytes,
     );
-    let publishing = publisher.run(event_rx, outcome_tx, cancel.clone());
-    (run(cfg, metrics, health, cancel, event_tx, outcome_rx), publishing)
+    let publishing = publisher.run(event_rx, outcome_tx, lead_rx, cancel.clone());
+    (
+        run(cfg, metrics, health, cancel, event_tx, outcome_rx, lead_tx),
+        publishing,
+    )
 }
 
 /// Runs the pipeline until `cancel`, reconnecting to PostgreSQL with backoff.
@@ -97,10 +109,11 @@ async fn run(
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     cancel: CancellationToken,
-    event_tx: mpsc::Sender<Event>,
-    mut outcome_rx: mpsc::UnboundedReceiver<Outcome>,
+    event_tx: mpsc::Sender<(Term, Event)>,
+    mut outcome_rx: mpsc::UnboundedReceiver<(Term, Outcome)>,
+    lead_tx: watch::Sender<Lead>,
 ) -> Result<(), PublisherGone> {
-    let mut pipeline = Pipeline::new(cfg.clone(), metrics.clone());
+    let mut pipeline = Pipeline::new(cfg.clone(), metrics.clone(), lead_tx);
     let mut backoff = Backoff::new();
     loop {
         let result = pipeline
@@ -109,6 +122,9 @@ async fn run(
         health.postgres.store(false, Ordering::SeqCst);
         metrics.postgres_connected.set(0);
         metrics.leader.set(0);
+        if result.is_err() {
+            pipeline.lead_ended();
+        }
         match result {
             Ok(()) => break,
             Err(SessionError::PublisherGone(e)) => return Err(e),
@@ -157,14 +173,27 @@ struct Pipeline {
     mean_event_bytes: f64,
     /// When a read last found rows (for the linger before arming the wake lock).
     last_rows: Option<Instant>,
-    /// The leader's heartbeat (delta_bridge.leader), by which standbys tell it from a squatter.
+    /// The leader's heartbeat (delta_bridge.leader), by which standbys tell it from a squatter, and by which
+    /// this replica, leading again, tells whether another one led meanwhile.
     heartbeat: Heartbeat,
+    /// The term this replica leads in, or led in last (0: it has not led yet), and whether it leads now: what
+    /// `lead` tells the publisher.
+    term: Term,
+    leading: bool,
+    lead: watch::Sender<Lead>,
+    /// Rows acknowledged in an earlier term: deleted, but not counted against this term's tracker and
+    /// pending bytes (this term may have read the same row again, and its own PUBACK settles it).
+    stale_acks: Vec<i64>,
 }
 
 impl Pipeline {
-    fn new(cfg: Arc<Config>, metrics: Arc<Metrics>) -> Pipeline {
+    fn new(cfg: Arc<Config>, metrics: Arc<Metrics>, lead: watch::Sender<Lead>) -> Pipeline {
         let now = Instant::now();
         Pipeline {
+            term: Term::default(),
+            leading: false,
+            lead,
+            stale_acks: Vec::new(),
             heartbeat: Heartbeat::new(cfg.mqtt.client_id.clone()),
             cfg,
             metrics,
@@ -183,5 +212,163 @@ impl Pipeline {
             mean_event_bytes: 512.0,
             last_rows: None,
         }
+    }
+
+    /// Leading in `term` from now on: the publisher sends.
+    fn lead_started(&mut self) {
+        self.leading = true;
+        self.lead.send_replace(Lead {
+            term: self.term,
+            leading: true,
+        });
+    }
+
+    /// The session that led has ended (lost, or the lead given up): the publisher stops sending at once and
+    /// sets aside what it holds of this term.
+    fn lead_ended(&mut self) {
+        if std::mem::take(&mut self.leading) {
+            self.lead.send_replace(Lead {
+                term: self.term,
+                leading: false,
+            });
+        }
+    }
+
+    /// Another replica may have led since this one did: start over with a new term and a fresh tracker (the
+    /// outbox holds every row not acknowledged, and they are read again). Rows acknowledged in the term before
+    /// are still deleted; its refusals and unconvertible rows are decided again when read again.
+    fn new_term(&mut self) {
+        self.term = Term(self.term.0 + 1);
+        self.tracker = Tracker::new();
+        self.ready.clear();
+        self.pending_sizes.clear();
+        self.pending_bytes = 0;
+        self.stale_acks.append(&mut self.to_delete);
+        self.to_dead.clear();
+        self.first_ack_pending = None;
+        self.last_sweep = None;
+        self.sweep_after = None;
+        self.sweep_found = 0;
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::convert::Stream;
+
+    pub(super) fn event(seq: i64) -> Event {
+        Event {
+            seq,
+            warning: None,
+            stream: Stream::Product,
+            topic: "dev/m/b/product".into(),
+            event_id: format!("i-{seq}"),
+            payload: bytes::Bytes::from_static(b"{}"),
+            captured_at: chrono::Utc::now(),
+        }
+    }
+
+    pub(super) fn pipeline() -> Pipeline {
+        let cfg = Config::parse("", std::path::Path::new("t.toml"), &[]).expect("config");
+        let (lead, _) = watch::channel(Lead::default());
+        Pipeline::new(Arc::new(cfg), Arc::new(Metrics::new().expect("metrics")), lead)
+    }
+
+    /// Row `id` read and handed over in the current term, `size` bytes pending.
+    fn dispatched(p: &mut Pipeline, id: i64, size: u64) {
+        assert_eq!(p.tracker.observe_swept([id]), vec![id]);
+        p.pending_sizes.insert(id, size);
+        p.pending_bytes += size;
+    }
+
+    #[test]
+    fn the_publisher_hears_at_once_when_the_lead_starts_and_ends() {
+        let mut p = pipeline();
+        let rx = p.lead.subscribe();
+        p.lead_ended();
+        assert_eq!(*rx.borrow(), Lead::default(), "not leading: nothing to tell");
+        p.new_term();
+        p.lead_started();
+        assert_eq!(
+            *rx.borrow(),
+            Lead {
+                term: Term(1),
+                leading: true
+            }
+        );
+        p.lead_ended();
+        assert_eq!(
+            *rx.borrow(),
+            Lead {
+                term: Term(1),
+                leading: false
+            }
+        );
+        // Leading again with no other replica in between: the same term.
+        p.lead_started();
+        assert_eq!(
+            *rx.borrow(),
+            Lead {
+                term: Term(1),
+                leading: true
+            }
+        );
+    }
+
+    #[test]
+    fn a_new_term_starts_from_a_fresh_tracker_and_still_deletes_what_was_acknowledged() {
+        let mut p = pipeline();
+        p.new_term();
+        dispatched(&mut p, 7, 10);
+        dispatched(&mut p, 8, 10);
+        p.ready.push_back(event(9));
+        p.absorb((Term(1), Outcome::Acked(event(7))));
+        p.absorb((
+            Term(1),
+            Outcome::Rejected {
+                event: event(8),
+                reason: FailureReason::Rejected,
+                detail: "refused".into(),
+            },
+        ));
+        assert_eq!((p.to_delete.len(), p.to_dead.len()), (1, 1));
+        p.new_term();
+        assert_eq!(p.term, Term(2));
+        assert_eq!(p.tracker.outstanding_len(), 0, "read again from the outbox");
+        assert_eq!((p.pending_bytes, p.ready.len()), (0, 0));
+        assert_eq!(p.stale_acks, vec![7], "acknowledged: still deleted");
+        assert!(
+            p.to_delete.is_empty() && p.to_dead.is_empty(),
+            "the refusal is decided again"
+        );
+    }
+
+    #[test]
+    fn an_outcome_of_an_earlier_term_deletes_its_row_but_leaves_this_terms_accounting_alone() {
+        let mut p = pipeline();
+        p.new_term();
+        p.new_term();
+        // Term 2 has read row 7 again, while term 1's publisher still had it.
+        dispatched(&mut p, 7, 10);
+        p.absorb((Term(1), Outcome::Acked(event(7))));
+        p.absorb((
+            Term(1),
+            Outcome::Rejected {
+                event: event(7),
+                reason: FailureReason::Rejected,
+                detail: "refused".into(),
+            },
+        ));
+        assert_eq!(p.stale_acks, vec![7]);
+        assert!(p.to_delete.is_empty() && p.to_dead.is_empty());
+        assert_eq!(
+            p.tracker.outstanding_len(),
+            1,
+            "still this term's, until its own PUBACK"
+        );
+        assert_eq!(p.pending_bytes, 10);
+        p.absorb((Term(2), Outcome::Acked(event(7))));
+        assert_eq!(p.to_delete, vec![7]);
     }
 }

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::capture::outbox::{self, Statements, LEADER_LOCK, WAKE_CHANNEL, WAKE_LOCK};
 use crate::convert::Event;
-use crate::deliver::Outcome;
+use crate::deliver::{Outcome, Term};
 use crate::health::Health;
 use crate::pg::{self, timed, PgError};
 
@@ -37,8 +37,8 @@ impl Pipeline {
     /// One database session: stand by until leader, then publish until cancelled or the session fails.
     pub(super) async fn session(
         &mut self,
-        events: &mpsc::Sender<Event>,
-        outcomes: &mut mpsc::UnboundedReceiver<Outcome>,
+        events: &mpsc::Sender<(Term, Event)>,
+        outcomes: &mut mpsc::UnboundedReceiver<(Term, Outcome)>,
         health: &Health,
         cancel: &CancellationToken,
         backoff: &mut Backoff,
@@ -96,10 +96,24 @@ impl Pipeline {
             }
         }
         drop(squatters);
+        // Read before our own first beat overwrites it: has another replica led since our last beat?
+        let resumed = self.heartbeat.nobody_led_since(&s.client).await?;
+        if !resumed {
+            self.new_term();
+        }
         self.metrics.leader.set(1);
         self.heartbeat.reset();
         self.heartbeat.beat_if_due(&s.client).await?;
-        tracing::info!("leader: publishing");
+        self.lead_started();
+        if resumed {
+            tracing::info!(
+                term = self.term.0,
+                outstanding = self.tracker.outstanding_len(),
+                "leader: publishing; no other replica led since this one did, so it goes on where it stopped"
+            );
+        } else {
+            tracing::info!(term = self.term.0, "leader: publishing");
+        }
         timed(s.client.batch_execute(&format!("LISTEN {WAKE_CHANNEL}"))).await?;
         // Sweep at once: a previous leader may have left rows below our cursor.
         self.last_sweep = None;
@@ -109,7 +123,11 @@ impl Pipeline {
         loop {
             if health.mqtt.load(Ordering::SeqCst) {
                 broker_lost = None;
-            } else if broker_lost.get_or_insert_with(Instant::now).elapsed() >= BROKER_LOST_RELEASE {
+            } else if broker_lost
+                .get_or_insert_with(|| health.mqtt_heard.last().unwrap_or_else(Instant::now))
+                .elapsed()
+                >= BROKER_LOST_RELEASE
+            {
                 // A leader cut off from the broker (a partition, its own network) would hold the lock and
                 // publish nothing; if the broker is down for everyone, the next leader waits for it too.
                 return Err(SessionError::BrokerLost(BROKER_LOST_RELEASE));

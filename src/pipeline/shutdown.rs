@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::capture::outbox::Statements;
-use crate::deliver::Outcome;
+use crate::deliver::{Outcome, Term};
 use crate::pg::PgError;
 
 use super::Pipeline;
@@ -17,7 +17,7 @@ impl Pipeline {
         &mut self,
         client: &tokio_postgres::Client,
         stmts: &Statements,
-        outcomes: &mut mpsc::UnboundedReceiver<Outcome>,
+        outcomes: &mut mpsc::UnboundedReceiver<(Term, Outcome)>,
     ) -> Result<(), PgError> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
         loop {
