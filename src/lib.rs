@@ -15,7 +15,8 @@
 //!
 //! Plumbing, imported by the domain modules and importing none of them: [`pg`] (PostgreSQL sessions),
 //! [`locks`] (who holds the bridge's advisory locks; the leader's heartbeat), [`schema`] (migrations of the
-//! bridge's own objects, from `sql/`), [`mqtt`] (client options, TLS), [`backoff`].
+//! bridge's own objects, from `sql/`, the capture triggers with short locks, uninstall), [`mqtt`] (client
+//! options, TLS), [`backoff`].
 //!
 //! The public API is what the `delta-bridge` binary, `delta-load` and the tests use: [`config`], [`service`],
 //! the device request and response types, the connection helpers [`pg::connect`] and
@@ -48,4 +49,4 @@ pub mod service;
 
 pub use capture::outbox::LEADER_LOCK;
 pub use provision::{IssueRequest, IssuedCredentials, ProvisionError};
-pub use schema::{MigrateError, MIGRATE_LOCK};
+pub use schema::{MigrateError, Migrated, Uninstalled, MIGRATE_LOCK};
