@@ -139,7 +139,7 @@ impl Runner {
                 held_by = %if list.is_empty() { "(gone)".to_string() } else { list.join(", ") },
                 tries,
                 retry_in = ?wait,
-                error = %failed.map_or_else(|| "index still invalid".to_string(), |e| e.to_string()),
+                error = %failed.map_or_else(|| "index still invalid".to_string(), |e| reason(&e)),
                 "could not lock the table within postgres.ddl_lock_timeout; gave way to the writers and will try again"
             );
             tokio::time::sleep(wait).await;
@@ -182,6 +182,12 @@ pub(super) async fn index_valid(client: &Client, index: &str) -> Result<Option<b
         .await?
         .map(|r| r.try_get(0))
         .transpose()
+}
+
+/// The server's message ("canceling statement due to lock timeout"), not tokio-postgres's bare "db error".
+fn reason(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map_or_else(|| e.to_string(), |d| d.message().to_string())
 }
 
 /// Lock timeout (55P03), or chosen as a deadlock's victim: the table is busy, try later.
