@@ -222,7 +222,7 @@ async fn writers_at_full_rate_barely_wait_while_two_replicas_migrate() {
         "migrate took {:?} / {:?}; {n} writer statements during it, the longest {longest:?}",
         a.1, b.1
     );
-    assert!(n > 100, "the writers ran during the migration: {n} statements");
+    assert!(n > 20, "the writers ran during the migration: {n} statements");
     assert!(longest < WRITER_WAIT_LIMIT, "a writer waited {longest:?}");
     assert_capture_works(&db).await;
 }
@@ -296,7 +296,7 @@ async fn a_row_held_for_8s_makes_migrate_retry_not_the_writers_wait() {
         "during both migrations ({:?}): {n} writer statements, the longest {longest:?} (the holder kept its row 8 s)",
         to - from
     );
-    assert!(n > 100, "the writers ran during the migration: {n} statements");
+    assert!(n > 20, "the writers ran during the migration: {n} statements");
     assert!(longest < WRITER_WAIT_LIMIT, "a writer waited {longest:?}");
     assert_capture_works(&db).await;
 }
