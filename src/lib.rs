@@ -16,7 +16,7 @@
 //! Plumbing, imported by the domain modules and importing none of them: [`pg`] (PostgreSQL sessions),
 //! [`locks`] (who holds the bridge's advisory locks; the leader's heartbeat), [`schema`] (migrations of the
 //! bridge's own objects, from `sql/`, the capture triggers with short locks, uninstall), [`mqtt`] (client
-//! options, TLS), [`backoff`].
+//! options), [`tls`] (CA roots and certificate checks of every TLS connection), [`backoff`].
 //!
 //! The public API is what the `delta-bridge` binary, `delta-load` and the tests use: [`config`], [`service`],
 //! the device request and response types, the connection helpers [`pg::connect`] and
@@ -46,6 +46,7 @@ pub(crate) mod pipeline;
 pub(crate) mod provision;
 pub(crate) mod schema;
 pub mod service;
+pub(crate) mod tls;
 
 pub use capture::outbox::LEADER_LOCK;
 pub use provision::{IssueRequest, IssuedCredentials, ProvisionError};

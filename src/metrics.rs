@@ -9,6 +9,11 @@ use prometheus::{
 
 use crate::convert::Stream;
 
+/// The `result` label of `delta_bridge_broker_authn_total`: `deny` (a superseded, revoked or misused token of
+/// this bridge), `ignore` (left to the broker's JWT authenticator), `unavailable` (the device store could not
+/// be read: answered 503, which EMQX treats as ignore), `unauthorized` (the caller's secret was wrong).
+pub(crate) const AUTHN_RESULTS: [&str; 4] = ["deny", "ignore", "unavailable", "unauthorized"];
+
 /// Why an event was not (yet) delivered: the `reason` label of `delta_bridge_publish_failures_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FailureReason {
@@ -70,6 +75,8 @@ pub(crate) struct Metrics {
     pub lock_squatter: IntGaugeVec,
     pub devices_issued: IntCounter,
     pub devices_revoked: IntCounter,
+    /// By `result`: one of [`AUTHN_RESULTS`], the answers to EMQX's HTTP authenticator.
+    pub broker_authn: IntCounterVec,
     pub outbox_poll_seconds: Histogram,
     /// Open HTTP connections (at most `http.max_connections`).
     pub http_connections: IntGauge,
@@ -132,6 +139,13 @@ impl Metrics {
         )?;
         let devices_issued = IntCounter::new("delta_bridge_devices_issued_total", "Device credentials issued")?;
         let devices_revoked = IntCounter::new("delta_bridge_devices_revoked_total", "Device credentials revoked")?;
+        let broker_authn = IntCounterVec::new(
+            Opts::new(
+                "delta_bridge_broker_authn_total",
+                "Answers to the broker's HTTP authenticator (POST /api/v1/broker/authn), by result",
+            ),
+            &["result"],
+        )?;
         let outbox_poll_seconds = Histogram::with_opts(
             HistogramOpts::new("delta_bridge_outbox_poll_seconds", "Duration of one outbox read")
                 .buckets(exponential_buckets(0.0001, 4.0, 9)?),
@@ -157,6 +171,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(devices_issued.clone()))?;
         registry.register(Box::new(devices_revoked.clone()))?;
+        registry.register(Box::new(broker_authn.clone()))?;
         registry.register(Box::new(outbox_poll_seconds.clone()))?;
         registry.register(Box::new(http_connections.clone()))?;
         registry.register(Box::new(http_connections_refused.clone()))?;
@@ -174,6 +189,9 @@ impl Metrics {
         for lock in [LOCK_LEADER, LOCK_MIGRATE] {
             lock_squatter.with_label_values(&[lock]);
         }
+        for r in AUTHN_RESULTS {
+            broker_authn.with_label_values(&[r]);
+        }
         Ok(Metrics {
             registry,
             events_published,
@@ -189,6 +207,7 @@ impl Metrics {
             lock_squatter,
             devices_issued,
             devices_revoked,
+            broker_authn,
             outbox_poll_seconds,
             http_connections,
             http_connections_refused,
@@ -233,6 +252,8 @@ mod tests {
             "delta_bridge_lock_squatter{lock=\"migrate\"} 0",
             "delta_bridge_devices_issued_total 0",
             "delta_bridge_devices_revoked_total 0",
+            "delta_bridge_broker_authn_total{result=\"deny\"} 0",
+            "delta_bridge_broker_authn_total{result=\"unavailable\"} 0",
             "delta_bridge_payload_bytes_bucket{stream=\"product\",le=\"64\"} 0",
             "delta_bridge_http_connections 0",
             "delta_bridge_http_connections_refused_total 0",

@@ -3,11 +3,11 @@
 //! published or when.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use rumqttc::v5::MqttOptions;
 
 use crate::config::{BrokerAddress, MqttConfig};
+use crate::tls::{Roots, TlsError, Verify};
 
 /// Why client options could not be built; never worth retrying without a configuration change.
 #[derive(Debug, thiserror::Error)]
@@ -43,29 +43,9 @@ pub fn mqtt_options(
 }
 
 fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, MqttSetupError> {
-    let mut roots = rustls::RootCertStore::empty();
-    match &cfg.ca_file {
-        Some(path) => {
-            let bad = |reason: String| MqttSetupError::CaFile {
-                path: path.clone(),
-                reason,
-            };
-            let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|e| bad(e.to_string()))?;
-                roots.add(cert).map_err(|e| bad(e.to_string()))?;
-            }
-        }
-        None => {
-            for cert in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(cert);
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| MqttSetupError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    // Chain and host name, against mqtt.ca_file or the system's roots: the broker is who the URL names.
+    crate::tls::client_config(&Roots::from_option(cfg.ca_file.as_deref()), Verify::Full).map_err(|e| match e {
+        TlsError::CaFile { path, reason } => MqttSetupError::CaFile { path, reason },
+        other => MqttSetupError::Tls(other.to_string()),
+    })
 }

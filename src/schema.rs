@@ -18,11 +18,11 @@
 //!   by validity), so a database installed half-way (a crash between steps, `uninstall` without
 //!   `--drop-schema`) gets what is missing and nothing twice.
 //!
-//! So a new install (migration 1 not applied) is: the objects of migrations 1–4 in four short transactions
-//! that touch no business table, the index concurrently, then the triggers of `products`, `inventory`,
-//! `transactions` and `transaction_items`, each in a transaction of its own. A database migrated by an
-//! earlier version keeps what it has; the pending migrations (e.g. 4 on a database at 3) run as published,
-//! in one transaction each, fence included.
+//! So a new install (migration 1 not applied) is: the objects of every migration, each in a short
+//! transaction that touches no business table, the index concurrently, then the triggers of `products`,
+//! `inventory`, `transactions` and `transaction_items`, each in a transaction of its own. A database migrated
+//! by an earlier version keeps what it has; the pending migrations (e.g. 4 and 5 on a database at 3) run as
+//! published, in one transaction each, fence included.
 //!
 //! **Short locks** ([`ddl`]). The session runs with `lock_timeout = postgres.ddl_lock_timeout` (1 s): a step
 //! that waits longer for a table lock gives up, rolls back (the writers queued behind it go on) and is tried
@@ -80,6 +80,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (2, "devices", include_str!("../sql/002_devices.sql")),
     (3, "leader", include_str!("../sql/003_leader.sql")),
     (4, "writer_isolation", include_str!("../sql/004_writer_isolation.sql")),
+    (5, "device_max_expiry", include_str!("../sql/005_device_max_expiry.sql")),
 ];
 
 /// The newest migration this binary knows.
@@ -452,7 +453,8 @@ mod tests {
         assert!(super::newer_than_known(Some(super::known_version())).is_ok());
         let e = super::newer_than_known(Some(99)).expect_err("newer");
         let text = e.to_string();
-        assert!(text.contains("migration 99") && text.contains("up to 4"), "{text}");
+        let known = format!("up to {}", super::known_version());
+        assert!(text.contains("migration 99") && text.contains(&known), "{text}");
         assert!(!e.is_transient());
     }
 }

@@ -39,6 +39,9 @@ pub enum ServiceError {
     Metrics(#[from] prometheus::Error),
     #[error("HTTP listener: {0}")]
     Listener(#[from] std::io::Error),
+    /// The https listener's certificate or key cannot be used.
+    #[error("https listener (http.tls_cert_file, http.tls_key_file): {0}")]
+    HttpTls(String),
     #[error(transparent)]
     Provision(#[from] ProvisionError),
     /// A migration failed or the business schema is missing: retrying would not help.
@@ -246,11 +249,18 @@ pub async fn start(
     let tracker = TaskTracker::new();
     let supervisor = Supervisor::new(cancel.clone());
     let provisioner = Arc::new(Provisioner::from_config(&cfg, metrics.clone())?);
+    let https = match (&cfg.http.tls_cert_file, &cfg.http.tls_key_file) {
+        (Some(cert), Some(key)) => Some(Arc::new(
+            crate::tls::server_config(cert, key).map_err(|e| ServiceError::HttpTls(e.to_string()))?,
+        )),
+        _ => None,
+    };
     let state = AppState {
         health: health.clone(),
         metrics: metrics.clone(),
         devices: Arc::new(DeviceApi {
             admin_token: cfg.http.admin_token.clone(),
+            authn_token: cfg.broker.authn_token.clone(),
             provisioner: provisioner.clone(),
             throttle: Default::default(),
         }),
@@ -258,7 +268,7 @@ pub async fn start(
     supervisor.spawn(
         &tracker,
         "http",
-        http::serve(listener, state, cfg.http.max_connections, cancel.clone()),
+        http::serve(listener, state, cfg.http.max_connections, https, cancel.clone()),
     );
     {
         let mut backoff = Backoff::new();

@@ -1,94 +1,74 @@
-//! The EMQX backend against a local stub of EMQX's REST API v5 (EMQX itself cannot run on these machines):
-//! the stub records every request and the test asserts the documented shapes — nothing pushed on issue,
-//! ban (`POST /api/v5/banned`) then kick (`DELETE /api/v5/clients/{clientid}`) on revoke, the ban lifted on
-//! re-issue, Basic auth `api_key:api_secret` on each — and that a refusing EMQX leaves the device unrevoked.
-//! Also covers RS256 through the service: the token verifies against the JWKS with jsonwebtoken.
+//! The EMQX backend against a model of EMQX 5.8.9 (tests/emqx_stub: its REST API v5 with the bans and
+//! sessions it keeps, and its connect-time decision: bans, then the HTTP authenticator calling the bridge as
+//! EMQX would, then the JWT authenticator on the bridge's JWKS; the EMQX source files it follows are named
+//! there). EMQX itself cannot run on these machines. Checks the REST calls' shapes (Basic auth, ban then kick,
+//! the ban lifted on re-issue, a refusing EMQX leaves the device unrevoked) and the contract: after a rotation,
+//! a rotation to a shorter lifetime, a move to another branch, or a DELETE and a re-issue, no earlier password
+//! of the device connects, the current one does; a DELETE never sends a ban that has already ended. Also covers
+//! RS256 through the service: the token verifies against the JWKS with jsonwebtoken.
 
 mod common;
+mod emqx_stub;
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
-use axum::Router;
-use base64::Engine;
-use common::Env;
+use common::{Env, InProcessBridge};
 use delta_bridge::config::Config;
+use emqx_stub::{Chain, Emqx, API_KEY, API_SECRET};
 use serde_json::{json, Value};
 
 const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
-const API_KEY: &str = "delta-bridge";
-const API_SECRET: &str = "emqx-api-secret-value";
+const AUTHN_TOKEN: &str = "emqx-authn-secret-0123456789";
+const BRANCH_A: &str = "BRN-MST-OSK00001";
+const BRANCH_B: &str = "BRN-MST-OSK00002";
 
-#[derive(Debug, Clone)]
-struct Seen {
-    method: String,
-    path: String,
-    authorization: String,
-    body: Value,
+struct Setup {
+    env: Env,
+    emqx: Emqx,
+    bridge: InProcessBridge,
+    /// The chain as emqx/emqx.conf configures it.
+    chain: Chain,
 }
 
-#[derive(Clone, Default)]
-struct Stub {
-    seen: Arc<Mutex<Vec<Seen>>>,
-    /// When set, every call fails with 500 (an EMQX that is down or refuses).
-    fail: Arc<AtomicBool>,
-}
-
-impl Stub {
-    fn take(&self) -> Vec<Seen> {
-        std::mem::take(&mut *self.seen.lock().expect("lock"))
-    }
-}
-
-async fn record(
-    State(stub): State<Stub>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> (StatusCode, String) {
-    let seen = Seen {
-        method: method.to_string(),
-        path: uri.path().to_string(),
-        authorization: headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string(),
-        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+async fn start(tag: &str) -> Setup {
+    let env = Env::start(tag);
+    let emqx = Emqx::start().await;
+    let key = env.dir.join("rsa-signing-key.pem");
+    let out = std::process::Command::new("openssl")
+        .args(["genrsa", "2048"])
+        .output()
+        .expect("openssl");
+    assert!(out.status.success());
+    std::fs::write(&key, out.stdout).expect("key");
+    let toml = env.config_toml(&format!(
+        "[credentials]\nsigning_key_file = \"{}\"\nmin_ttl = \"1s\"\n\
+         [broker]\nkind = \"emqx\"\napi_url = \"http://{}\"\napi_key = \"{API_KEY}\"\n",
+        key.display(),
+        emqx.addr
+    ));
+    let secrets: Vec<(String, String)> = [
+        ("DELTA_BRIDGE__HTTP__ADMIN_TOKEN", ADMIN_TOKEN),
+        ("DELTA_BRIDGE__BROKER__API_SECRET", API_SECRET),
+        ("DELTA_BRIDGE__BROKER__AUTHN_TOKEN", AUTHN_TOKEN),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let cfg = Config::parse(&toml, Path::new("test.toml"), &secrets).expect("config");
+    let bridge = env.bridge_with(cfg).await;
+    let chain = Chain {
+        authn_url: Some(format!("{}/api/v1/broker/authn", bridge.http)),
+        authn_header: format!("Bearer {AUTHN_TOKEN}"),
+        jwks_url: format!("{}/.well-known/jwks.json", bridge.http),
+        iss: "delta-bridge".into(),
+        aud: "mqtt".into(),
     };
-    stub.seen.lock().expect("lock").push(seen.clone());
-    if stub.fail.load(Ordering::SeqCst) {
-        return (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "{\"code\":\"INTERNAL_ERROR\"}".into(),
-        );
+    Setup {
+        env,
+        emqx,
+        bridge,
+        chain,
     }
-    // What EMQX 5.8 answers: a created ban echoes it; an absent client or ban is 404.
-    match (seen.method.as_str(), seen.path.as_str()) {
-        ("POST", "/api/v5/banned") => (StatusCode::OK, seen.body.to_string()),
-        ("DELETE", p) if p.starts_with("/api/v5/clients/") => {
-            (StatusCode::NOT_FOUND, "{\"code\":\"CLIENTID_NOT_FOUND\"}".into())
-        }
-        ("DELETE", p) if p.starts_with("/api/v5/banned/clientid/") => (StatusCode::NO_CONTENT, String::new()),
-        _ => (StatusCode::NOT_FOUND, "{\"code\":\"NOT_FOUND\"}".into()),
-    }
-}
-
-async fn start_stub() -> (Stub, SocketAddr) {
-    let stub = Stub::default();
-    let app = Router::new().fallback(record).with_state(stub.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (stub, addr)
 }
 
 async fn call(http: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -104,53 +84,56 @@ async fn call(http: &str, method: reqwest::Method, path: &str, body: Option<Valu
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
-fn issue_body(device: &str) -> Value {
-    json!({"device_id": device, "merchant_code": "MCH-MST-001", "branch_code": "BRN-MST-OSK00002", "ttl_seconds": 3600})
+impl Setup {
+    /// Issues and returns the password (the JWT).
+    async fn issue(&self, device: &str, branch: &str, ttl: u64) -> String {
+        let body =
+            json!({"device_id": device, "merchant_code": "MCH-MST-001", "branch_code": branch, "ttl_seconds": ttl});
+        let (status, creds) = call(&self.bridge.http, reqwest::Method::POST, "/api/v1/devices", Some(body)).await;
+        assert_eq!(status, 201, "{creds}");
+        creds["password"].as_str().expect("password").to_string()
+    }
+
+    async fn delete(&self, device: &str) -> (u16, Value) {
+        call(
+            &self.bridge.http,
+            reqwest::Method::DELETE,
+            &format!("/api/v1/devices/{device}"),
+            None,
+        )
+        .await
+    }
+
+    async fn accepted(&self, device: &str, password: &str, what: &str) {
+        if let Err(e) = self.emqx.connect(&self.chain, device, device, password).await {
+            panic!("{what}: refused ({e}) but must connect");
+        }
+    }
+
+    /// Refused, and why.
+    async fn refused(&self, device: &str, password: &str, what: &str) -> String {
+        match self.emqx.connect(&self.chain, device, device, password).await {
+            Ok(()) => panic!("{what}: connected but must be refused"),
+            Err(e) => e,
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emqx_backend_speaks_the_documented_api() {
-    let env = Env::start("emqx");
-    let (stub, addr) = start_stub().await;
-    let key = env.dir.join("rsa-signing-key.pem");
-    let out = std::process::Command::new("openssl")
-        .args(["genrsa", "2048"])
-        .output()
-        .expect("openssl");
-    assert!(out.status.success());
-    std::fs::write(&key, out.stdout).expect("key");
-    let toml = env.config_toml(&format!(
-        "[credentials]\nsigning_key_file = \"{}\"\n[broker]\nkind = \"emqx\"\napi_url = \"http://{addr}\"\napi_key = \"{API_KEY}\"\n",
-        key.display()
-    ));
-    let secrets: Vec<(String, String)> = [
-        ("DELTA_BRIDGE__HTTP__ADMIN_TOKEN", ADMIN_TOKEN),
-        ("DELTA_BRIDGE__BROKER__API_SECRET", API_SECRET),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    let cfg = Config::parse(&toml, Path::new("test.toml"), &secrets).expect("config");
-    let bridge = env.bridge_with(cfg).await;
-    let basic = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{API_KEY}:{API_SECRET}"))
-    );
+    let s = start("emqx").await;
+    let http = &s.bridge.http;
+    let body =
+        json!({"device_id": "tab-01", "merchant_code": "MCH-MST-001", "branch_code": BRANCH_B, "ttl_seconds": 3600});
 
-    // Issue: stateless on EMQX, nothing is pushed.
-    let (status, creds) = call(
-        &bridge.http,
-        reqwest::Method::POST,
-        "/api/v1/devices",
-        Some(issue_body("tab-01")),
-    )
-    .await;
+    // A first issue: nothing is pushed, nothing to kick.
+    let (status, creds) = call(http, reqwest::Method::POST, "/api/v1/devices", Some(body.clone())).await;
     assert_eq!(status, 201, "{creds}");
-    assert!(stub.take().is_empty(), "issuing calls nothing on EMQX");
+    assert!(s.emqx.take().is_empty(), "a first issue calls nothing on EMQX");
 
     // What EMQX checks: RS256 signature through the JWKS, exp/nbf, clientid = username, the acl claim.
     let token = creds["password"].as_str().expect("password");
-    let claims = common::verify_with_jwks(&bridge.http, token, jsonwebtoken::Algorithm::RS256).await;
+    let claims = common::verify_with_jwks(http, token, jsonwebtoken::Algorithm::RS256).await;
     assert_eq!(claims["clientid"], "tab-01");
     assert_eq!(claims["username"], "tab-01");
     assert_eq!(
@@ -159,59 +142,176 @@ async fn emqx_backend_speaks_the_documented_api() {
                {"permission": "deny", "action": "all", "topic": "#"}])
     );
     let exp = claims["exp"].as_i64().expect("exp");
+    s.accepted("tab-01", token, "the issued token").await;
 
-    // Revoke: ban by client id until the credential has expired, then kick (404 = not connected = fine).
-    let (status, _) = call(&bridge.http, reqwest::Method::DELETE, "/api/v1/devices/tab-01", None).await;
+    // Revoke: ban by client id until the credential has expired, then kick the connected client (204).
+    let (status, _) = s.delete("tab-01").await;
     assert_eq!(status, 204);
-    let seen = stub.take();
-    let calls: Vec<(String, String)> = seen.iter().map(|s| (s.method.clone(), s.path.clone())).collect();
+    let seen = s.emqx.take();
+    let calls: Vec<(&str, &str)> = seen.iter().map(|c| (c.method.as_str(), c.path.as_str())).collect();
     assert_eq!(
         calls,
-        [
-            ("POST".to_string(), "/api/v5/banned".to_string()),
-            ("DELETE".to_string(), "/api/v5/clients/tab-01".to_string())
-        ],
+        [("POST", "/api/v5/banned"), ("DELETE", "/api/v5/clients/tab-01")],
         "ban first, so the kicked device cannot reconnect in between"
     );
-    for s in &seen {
-        assert_eq!(s.authorization, basic, "Basic auth with api_key:api_secret");
-    }
+    assert!(!s.emqx.is_connected("tab-01"), "kicked");
     let ban = &seen[0].body;
     assert_eq!(ban["as"], "clientid");
     assert_eq!(ban["who"], "tab-01");
     let until = chrono::DateTime::parse_from_rfc3339(ban["until"].as_str().expect("until")).expect("RFC 3339");
     assert_eq!(until.timestamp(), exp + 60, "banned until the token is dead");
-    let (_, rec) = call(&bridge.http, reqwest::Method::GET, "/api/v1/devices/tab-01", None).await;
+    let (_, rec) = call(http, reqwest::Method::GET, "/api/v1/devices/tab-01", None).await;
     assert_eq!(rec["revoked"], true);
+    assert_eq!(s.delete("tab-01").await.0, 204, "again: EMQX's ALREADY_EXISTS is fine");
+    s.emqx.take();
 
-    // Re-issuing a revoked device lifts its ban.
-    let (status, _) = call(
-        &bridge.http,
-        reqwest::Method::POST,
-        "/api/v1/devices",
-        Some(issue_body("tab-01")),
-    )
-    .await;
+    // Re-issuing a revoked device lifts its ban; a rotation kicks before and after the commit.
+    let (status, _) = call(http, reqwest::Method::POST, "/api/v1/devices", Some(body)).await;
     assert_eq!(status, 201);
-    let seen = stub.take();
-    assert_eq!(seen.len(), 1, "{seen:?}");
+    let seen = s.emqx.take();
+    let calls: Vec<(&str, &str)> = seen.iter().map(|c| (c.method.as_str(), c.path.as_str())).collect();
     assert_eq!(
-        (seen[0].method.as_str(), seen[0].path.as_str()),
-        ("DELETE", "/api/v5/banned/clientid/tab-01")
+        calls,
+        [
+            ("DELETE", "/api/v5/banned/clientid/tab-01"),
+            ("DELETE", "/api/v5/clients/tab-01"),
+            ("DELETE", "/api/v5/clients/tab-01")
+        ]
     );
-    assert_eq!(seen[0].authorization, basic);
+    assert_eq!(s.emqx.ban_until("tab-01"), None);
 
     // An EMQX that refuses: 502, a JSON error without EMQX's text, and the device stays unrevoked.
-    stub.fail.store(true, Ordering::SeqCst);
-    let (status, body) = call(&bridge.http, reqwest::Method::DELETE, "/api/v1/devices/tab-01", None).await;
+    s.emqx.set_failing(true);
+    let (status, body) = s.delete("tab-01").await;
     assert_eq!(status, 502, "{body}");
     assert!(!body["error"].as_str().expect("error").contains("INTERNAL_ERROR"));
-    let (_, rec) = call(&bridge.http, reqwest::Method::GET, "/api/v1/devices/tab-01", None).await;
+    let (_, rec) = call(http, reqwest::Method::GET, "/api/v1/devices/tab-01", None).await;
     assert_eq!(rec["revoked"], false, "not recorded as revoked when EMQX did not ban");
-    stub.fail.store(false, Ordering::SeqCst);
+    s.emqx.set_failing(false);
 
-    let metrics = common::scrape(&bridge.http).await;
+    let metrics = common::scrape(http).await;
     assert!(metrics.contains("delta_bridge_devices_issued_total 2"), "{metrics}");
     assert!(metrics.contains("delta_bridge_devices_revoked_total 1"));
-    bridge.stop().await;
+    assert_eq!(
+        common::sample(&metrics, "delta_bridge_broker_authn_total{result=\"ignore\"} "),
+        Some(1.0),
+        "{metrics}"
+    );
+    s.bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_earlier_password_connects_again() {
+    let s = start("emqx-life").await;
+
+    // Rotation: the first token is refused at once, the new one connects; the old session is kicked.
+    let first = s.issue("pos-10", BRANCH_A, 3600).await;
+    s.accepted("pos-10", &first, "first token").await;
+    let second = s.issue("pos-10", BRANCH_A, 3600).await;
+    assert!(!s.emqx.is_connected("pos-10"), "rotation ends the old session");
+    s.refused("pos-10", &first, "rotated-away token").await;
+    s.accepted("pos-10", &second, "current token").await;
+
+    // Rotation to a shorter lifetime: the longer, earlier token is refused.
+    let long = s.issue("pos-11", BRANCH_A, 86_400).await;
+    let short = s.issue("pos-11", BRANCH_A, 60).await;
+    s.refused("pos-11", &long, "longer rotated-away token").await;
+    s.accepted("pos-11", &short, "shorter current token").await;
+    // Revoked, the ban outlasts the longer token, not only the current one.
+    let long_exp = common::verify_with_jwks(&s.bridge.http, &long, jsonwebtoken::Algorithm::RS256).await["exp"]
+        .as_i64()
+        .expect("exp");
+    assert_eq!(s.delete("pos-11").await.0, 204);
+    assert_eq!(
+        s.emqx.ban_until("pos-11"),
+        Some(long_exp + 60),
+        "ban until the latest exp + 60 s"
+    );
+
+    // A move to another branch: the old branch's token is refused, the new one connects.
+    let old_branch = s.issue("pos-12", BRANCH_A, 3600).await;
+    let new_branch = s.issue("pos-12", BRANCH_B, 3600).await;
+    s.refused("pos-12", &old_branch, "token of the old branch").await;
+    s.accepted("pos-12", &new_branch, "token of the new branch").await;
+
+    // DELETE, then issue again: the revoked token stays refused, though the ban had to be lifted.
+    let revoked = s.issue("pos-13", BRANCH_A, 3600).await;
+    assert_eq!(s.delete("pos-13").await.0, 204);
+    assert_eq!(s.refused("pos-13", &revoked, "revoked token").await, "banned");
+    let again = s.issue("pos-13", BRANCH_A, 3600).await;
+    assert_eq!(s.emqx.ban_until("pos-13"), None, "lifted for the new token");
+    let why = s.refused("pos-13", &revoked, "revoked token after a re-issue").await;
+    assert!(why.contains("HTTP authenticator"), "{why}");
+    s.accepted("pos-13", &again, "re-issued token").await;
+
+    // Each earlier password once more, after everything: still refused.
+    s.refused("pos-10", &first, "rotated-away token").await;
+    s.refused("pos-12", &old_branch, "token of the old branch").await;
+    let metrics = common::scrape(&s.bridge.http).await;
+    let denied = common::sample(&metrics, "delta_bridge_broker_authn_total{result=\"deny\"} ").unwrap_or(0.0);
+    assert_eq!(denied, 6.0, "{metrics}");
+    s.bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_of_an_expired_device_and_the_bridge_unreachable() {
+    let s = start("emqx-expired").await;
+
+    // A device whose every token expired long ago: DELETE is 204 and no ban that has ended is sent.
+    s.issue("pos-20", BRANCH_A, 3600).await;
+    s.env
+        .client()
+        .await
+        .execute(
+            "UPDATE delta_bridge.devices SET expires_at = now() - interval '2 hours',
+                    max_expires_at = now() - interval '2 hours' WHERE device_id = 'pos-20'",
+            &[],
+        )
+        .await
+        .expect("age the device");
+    s.emqx.take();
+    let before = chrono::Utc::now().timestamp();
+    let (status, body) = s.delete("pos-20").await;
+    assert_eq!(status, 204, "{body}");
+    let ban = s
+        .emqx
+        .take()
+        .into_iter()
+        .find(|c| c.path == "/api/v5/banned")
+        .expect("ban sent");
+    let until = chrono::DateTime::parse_from_rfc3339(ban.body["until"].as_str().expect("until"))
+        .expect("RFC 3339")
+        .timestamp();
+    assert!(until >= before + 59, "a ban in the future ({until} vs now {before})");
+
+    // EMQX cannot reach the bridge (its HTTP authenticator then ignores): a revoked device stays out by its
+    // ban, until every token it was issued has expired; the current token of a live device still connects.
+    let revoked = s.issue("pos-21", BRANCH_A, 3600).await;
+    assert_eq!(s.delete("pos-21").await.0, 204);
+    let live = s.issue("pos-22", BRANCH_A, 3600).await;
+    let mut unreachable = s.chain.clone();
+    unreachable.authn_url = Some("http://127.0.0.1:9/api/v1/broker/authn".into());
+    assert_eq!(
+        s.emqx.connect(&unreachable, "pos-21", "pos-21", &revoked).await,
+        Err("banned".into())
+    );
+    assert_eq!(s.emqx.connect(&unreachable, "pos-22", "pos-22", &live).await, Ok(()));
+
+    // A wrong secret is 401 (EMQX: ignore, the JWT check decides), counted for the alert.
+    let mut wrong = s.chain.clone();
+    wrong.authn_header = "Bearer not-the-secret".into();
+    let rotated = s.issue("pos-22", BRANCH_A, 3600).await;
+    assert_eq!(
+        s.emqx.connect(&wrong, "pos-22", "pos-22", &live).await,
+        Ok(()),
+        "fails open, as EMQX does: which is why the secret must match"
+    );
+    s.accepted("pos-22", &rotated, "current token").await;
+    let metrics = common::scrape(&s.bridge.http).await;
+    assert_eq!(
+        common::sample(&metrics, "delta_bridge_broker_authn_total{result=\"unauthorized\"} "),
+        Some(1.0),
+        "{metrics}"
+    );
+    s.bridge.stop().await;
 }

@@ -38,6 +38,7 @@ const ADMIN_TOKEN: &str = "http-ADMIN-TOKEN-0123456789";
 const DYNSEC_PW: &str = "dynsec-ADMIN-SECRET";
 const DYNSEC_WRONG_PW: &str = "dynsec-WRONG-SECRET";
 const API_SECRET: &str = "emqx-API-SECRET";
+const AUTHN_TOKEN: &str = "emqx-AUTHN-TOKEN-SECRET";
 const API_URL_PW: &str = "emqx-URLINFO-SECRET";
 const LOAD_PW: &str = "load-SECRET-pw";
 
@@ -417,6 +418,7 @@ async fn no_secret_is_ever_printed_or_logged() {
     let pg_pw_file = secret_file(&env.dir, 2, PG_PW);
     let api_secret_file = secret_file(&env.dir, 3, API_SECRET);
     let dynsec_wrong_file = secret_file(&env.dir, 4, DYNSEC_WRONG_PW);
+    let authn_token_file = secret_file(&env.dir, 5, AUTHN_TOKEN);
     let (pg, db) = (env.pg.port, env.db.clone());
     let closed = free_port().expect("port");
     let mut secrets = vec![
@@ -429,6 +431,7 @@ async fn no_secret_is_ever_printed_or_logged() {
         Secret::new("broker.admin_password", DYNSEC_PW, DYNSEC_PW),
         Secret::new("broker.admin_password (wrong)", DYNSEC_WRONG_PW, DYNSEC_WRONG_PW),
         Secret::new("broker.api_secret", API_SECRET, API_SECRET),
+        Secret::new("broker.authn_token", AUTHN_TOKEN, AUTHN_TOKEN),
         Secret::new("broker.api_url userinfo", API_URL_PW, API_URL_PW),
         Secret::new("load.password", LOAD_PW, LOAD_PW),
     ];
@@ -449,8 +452,9 @@ async fn no_secret_is_ever_printed_or_logged() {
     // The EMQX settings are given in every run (printed by check-config); used in the last one.
     let emqx_settings = format!(
         "api_url = \"http://emqx-key:{API_URL_PW}@127.0.0.1:{closed}\"\napi_key = \"emqx-key\"\n\
-         api_secret_file = {}",
-        toml::Value::String(api_secret_file)
+         api_secret_file = {}\nauthn_token_file = {}",
+        toml::Value::String(api_secret_file),
+        toml::Value::String(authn_token_file)
     );
     let mosquitto = format!("kind = \"mosquitto\"\nadmin_username = \"{DYNSEC_ADMIN}\"\n{emqx_settings}");
     // The password as a URL's query parameter, in the config file.

@@ -149,8 +149,16 @@ impl ExtraListen {
     }
 }
 
+/// A server's TLS certificate (chain, PEM) and private key (PEM), as files; the server gets copies of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// A private PostgreSQL cluster. Superuser `postgres`, trust authentication, loopback only (plus any
-/// [`ExtraListen`] address, trusting its network).
+/// [`ExtraListen`] address, trusting its network); TLS offered (`ssl = on`) when started with a certificate,
+/// plain connections accepted as well.
 pub struct Postgres {
     pub port: u16,
     dir: PathBuf,
@@ -158,6 +166,8 @@ pub struct Postgres {
     user: Option<(u32, u32)>,
     durable: bool,
     also: Vec<ExtraListen>,
+    /// `ssl = on` with the copies `server.crt` and `server.key` in `dir`.
+    tls: bool,
     child: Option<Child>,
 }
 
@@ -171,8 +181,27 @@ impl Postgres {
     /// Like [`Postgres::start`], also listening on `also` (the same port) and trusting clients from its
     /// networks.
     pub fn start_on(dir: &Path, durable: bool, also: &[ExtraListen]) -> Result<Postgres, LocalEnvError> {
+        Self::start_tls(dir, durable, also, None)
+    }
+
+    /// Like [`Postgres::start_on`], with `ssl = on` and this certificate when `tls` is given.
+    pub fn start_tls(
+        dir: &Path,
+        durable: bool,
+        also: &[ExtraListen],
+        tls: Option<&ServerTls>,
+    ) -> Result<Postgres, LocalEnvError> {
         let bin = postgres_bin_dir()?;
         fs::create_dir_all(dir).map_err(io_err(dir))?;
+        if let Some(tls) = tls {
+            // PostgreSQL refuses a key file that others can read: copies of its own, owned by it, mode 0600.
+            use std::os::unix::fs::PermissionsExt;
+            for (from, to) in [(&tls.cert, "server.crt"), (&tls.key, "server.key")] {
+                let to = dir.join(to);
+                fs::copy(from, &to).map_err(io_err(from))?;
+                fs::set_permissions(&to, fs::Permissions::from_mode(0o600)).map_err(io_err(&to))?;
+            }
+        }
         let user = service_user("postgres");
         chown_tree(dir, user)?;
         let data = dir.join("data");
@@ -206,6 +235,7 @@ impl Postgres {
             user,
             durable,
             also: also.to_vec(),
+            tls: tls.is_some(),
             child: None,
         };
         pg.spawn()?;
@@ -243,6 +273,12 @@ impl Postgres {
             .stderr(errf);
         if !self.durable {
             cmd.args(["-c", "fsync=off", "-c", "full_page_writes=off"]);
+        }
+        if self.tls {
+            cmd.args(["-c", "ssl=on", "-c"])
+                .arg(format!("ssl_cert_file={}", self.dir.join("server.crt").display()))
+                .arg("-c")
+                .arg(format!("ssl_key_file={}", self.dir.join("server.key").display()));
         }
         as_user(&mut cmd, self.user);
         let mut child = cmd.spawn().map_err(io_err(&self.bin))?;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use rumqttc::v5::MqttOptions;
 
 use crate::loadgen::Target;
-use crate::servers::{ExtraListen, LocalEnvError, Mosquitto, Postgres};
+use crate::servers::{ExtraListen, LocalEnvError, Mosquitto, Postgres, ServerTls};
 
 /// The business tables the bridge attaches to (`sql/reference_schema.sql`).
 pub const REFERENCE_SCHEMA: &str = include_str!("../../sql/reference_schema.sql");
@@ -50,6 +50,8 @@ pub struct StackOptions<'a> {
     /// Addresses both servers listen on besides 127.0.0.1 (e.g. the host side of a test's veth pairs, for a
     /// bridge in a network namespace). A custom `mqtt` starter gets them passed to it by the caller.
     pub listen_also: Vec<ExtraListen>,
+    /// PostgreSQL offers TLS with this certificate (`ssl = on`; plain connections are still accepted).
+    pub pg_tls: Option<ServerTls>,
 }
 
 impl<'a> StackOptions<'a> {
@@ -61,6 +63,7 @@ impl<'a> StackOptions<'a> {
             mqtt: None,
             dir: None,
             listen_also: Vec::new(),
+            pg_tls: None,
         }
     }
 }
@@ -86,7 +89,7 @@ impl Stack {
                 detail: e.to_string(),
             })?,
         };
-        let pg = Postgres::start_on(&dir.join("pg"), opts.durable, &opts.listen_also)?;
+        let pg = Postgres::start_tls(&dir.join("pg"), opts.durable, &opts.listen_also, opts.pg_tls.as_ref())?;
         let mqtt = match opts.mqtt {
             Some(start) => start(&dir.join("mqtt"))?,
             None => Mosquitto::start_on(&dir.join("mqtt"), "allow_anonymous true\n", &opts.listen_also)?,

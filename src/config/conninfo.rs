@@ -18,17 +18,15 @@ const REDACTED: &str = "redacted";
 /// only when it holds neither an `@` nor the word "password", and otherwise as `<redacted>`: how it would
 /// have been read is unknown, so where a password sits in it is too.
 pub fn redact_postgres(raw: &str) -> String {
-    let spans = match raw.parse::<tokio_postgres::Config>() {
-        Ok(_) => secret_spans(raw),
-        Err(_) => {
-            let risky = raw.contains('@') || raw.to_ascii_lowercase().contains("password");
-            return if risky {
-                "<redacted>".to_string()
-            } else {
-                raw.to_string()
-            };
-        }
-    };
+    if !parses(raw) {
+        let risky = raw.contains('@') || raw.to_ascii_lowercase().contains("password");
+        return if risky {
+            "<redacted>".to_string()
+        } else {
+            raw.to_string()
+        };
+    }
+    let spans = secret_spans(raw);
     let Some(mut spans) = spans else {
         return "<redacted>".to_string();
     };
@@ -70,6 +68,12 @@ pub(super) fn with_password(raw: &str, password: &str) -> String {
             format!("{raw}{sep}password={encoded}")
         }
     }
+}
+
+/// Whether the bridge reads `raw`: tokio-postgres, once `sslmode` and `sslrootcert` are taken out
+/// (`super::pgtls`: tokio-postgres knows neither `verify-*` nor `sslrootcert`).
+pub(super) fn parses(raw: &str) -> bool {
+    super::pgtls::split(raw).is_ok_and(|(rest, _)| rest.parse::<tokio_postgres::Config>().is_ok())
 }
 
 /// True when `raw` reads as one of the two forms to the end. tokio-postgres stops reading a `key=value`

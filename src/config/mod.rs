@@ -6,6 +6,7 @@
 //! environment, or a file (`<key>_file`), and are wrapped in [`Secret`] so that they never print.
 
 mod conninfo;
+mod pgtls;
 mod raw;
 mod render;
 mod secret;
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use conninfo::redact_postgres;
+pub(crate) use pgtls::{split as split_pg_tls, RootCert, SslMode as PgSslMode};
 pub use raw::ENV_PREFIX;
 pub use secret::{redact_url, Secret};
 
@@ -154,6 +156,10 @@ pub struct HttpConfig {
     /// Connections served at once; one more is closed as soon as it is accepted. Bounds the memory hostile
     /// or stalled clients can pin (each holds at most a 64 KiB body and hyper's read buffer).
     pub max_connections: usize,
+    /// PEM certificate chain (the server's first) of an https listener; set with `tls_key_file` or not at all.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`'s first certificate.
+    pub tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,8 +196,13 @@ pub struct BrokerConfig {
     pub admin_username: Option<String>,
     pub admin_password: Option<Secret>,
     pub api_url: Option<String>,
+    /// PEM file of CA certificates for an `https://` `api_url` (default: the system's roots).
+    pub api_ca_file: Option<PathBuf>,
     pub api_key: Option<String>,
     pub api_secret: Option<Secret>,
+    /// The secret EMQX's HTTP authenticator sends (`Authorization: Bearer …`) when it asks the bridge about a
+    /// device's password (`POST /api/v1/broker/authn`); required with `kind = "emqx"`.
+    pub authn_token: Option<Secret>,
 }
 
 impl fmt::Debug for BrokerConfig {
@@ -201,16 +212,20 @@ impl fmt::Debug for BrokerConfig {
             admin_username,
             admin_password,
             api_url,
+            api_ca_file,
             api_key,
             api_secret,
+            authn_token,
         } = self;
         f.debug_struct("BrokerConfig")
             .field("kind", kind)
             .field("admin_username", admin_username)
             .field("admin_password", admin_password)
             .field("api_url", &api_url.as_deref().map(redact_url))
+            .field("api_ca_file", api_ca_file)
             .field("api_key", api_key)
             .field("api_secret", api_secret)
+            .field("authn_token", authn_token)
             .finish()
     }
 }

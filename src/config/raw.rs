@@ -44,7 +44,14 @@ const KNOWN: &[(&str, &[&str])] = &[
     ),
     (
         "http",
-        &["listen", "admin_token", "admin_token_file", "max_connections"],
+        &[
+            "listen",
+            "admin_token",
+            "admin_token_file",
+            "max_connections",
+            "tls_cert_file",
+            "tls_key_file",
+        ],
     ),
     (
         "credentials",
@@ -58,9 +65,12 @@ const KNOWN: &[(&str, &[&str])] = &[
             "admin_password",
             "admin_password_file",
             "api_url",
+            "api_ca_file",
             "api_key",
             "api_secret",
             "api_secret_file",
+            "authn_token",
+            "authn_token_file",
         ],
     ),
     (

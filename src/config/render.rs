@@ -69,11 +69,15 @@ pub(super) fn redacted_toml(cfg: &Config) -> String {
         listen,
         admin_token,
         max_connections,
+        tls_cert_file,
+        tls_key_file,
     } = http;
     t.section("http");
     t.set("listen", listen.to_string());
     t.secret("admin_token", admin_token.as_ref());
     t.set("max_connections", *max_connections as i64);
+    t.opt("tls_cert_file", tls_cert_file.as_deref().map(path));
+    t.opt("tls_key_file", tls_key_file.as_deref().map(path));
 
     let CredentialsConfig {
         signing_key_file,
@@ -96,16 +100,20 @@ pub(super) fn redacted_toml(cfg: &Config) -> String {
         admin_username,
         admin_password,
         api_url,
+        api_ca_file,
         api_key,
         api_secret,
+        authn_token,
     } = broker;
     t.section("broker");
     t.set("kind", kind.name());
     t.opt("admin_username", admin_username.as_deref());
     t.secret("admin_password", admin_password.as_ref());
     t.opt("api_url", api_url.as_deref().map(redact_url));
+    t.opt("api_ca_file", api_ca_file.as_deref().map(path));
     t.opt("api_key", api_key.as_deref());
     t.secret("api_secret", api_secret.as_ref());
+    t.secret("authn_token", authn_token.as_ref());
 
     let BridgeConfig {
         batch_size,

@@ -118,6 +118,80 @@ fn errors_name_the_key() {
 }
 
 #[test]
+fn tls_settings_are_checked_with_the_key_and_the_reason() {
+    for (toml, key, says) in [
+        (
+            "[postgres]\nurl = \"postgres://db/x?sslmode=verify-ca\"\n",
+            "postgres.url",
+            "needs sslrootcert",
+        ),
+        (
+            "[postgres]\nurl = \"host=db sslmode=verify-any\"\n",
+            "postgres.url",
+            "not one of",
+        ),
+        (
+            "[postgres]\nurl = \"postgres://db/x?sslcert=/c.pem\"\n",
+            "postgres.url",
+            "not a PostgreSQL connection URL",
+        ),
+        (
+            "[broker]\napi_url = \"http://emqx:18083\"\napi_ca_file = \"/ca.pem\"\n",
+            "broker.api_ca_file",
+            "https://",
+        ),
+        ("[broker]\napi_url = \"ftp://emqx\"\n", "broker.api_url", "https://"),
+        (
+            "[http]\ntls_cert_file = \"/tls/cert.pem\"\n",
+            "http.tls_key_file",
+            "both or neither",
+        ),
+        (
+            "[http]\ntls_key_file = \"/tls/key.pem\"\n",
+            "http.tls_cert_file",
+            "both or neither",
+        ),
+    ] {
+        match parse(toml, &[]) {
+            Err(ConfigError::Invalid { key: k, reason }) => {
+                assert_eq!(k, key, "{toml}");
+                assert!(reason.contains(says), "{toml}: {reason}");
+            }
+            other => panic!("{toml}: {other:?}"),
+        }
+    }
+    let ok = parse(
+        "[postgres]\nurl = \"postgres://db/x?sslmode=verify-full&sslrootcert=/ca.pem\"\n\
+         [broker]\napi_url = \"https://emqx:18084\"\napi_ca_file = \"/emqx-ca.pem\"\n\
+         [http]\ntls_cert_file = \"/tls/cert.pem\"\ntls_key_file = \"/tls/key.pem\"\n",
+        &[],
+    )
+    .expect("valid");
+    assert_eq!(ok.broker.api_ca_file.as_deref(), Some(Path::new("/emqx-ca.pem")));
+    assert!(ok.redacted_toml().contains("api_ca_file = \"/emqx-ca.pem\"\n"));
+    assert!(ok
+        .redacted_toml()
+        .contains("tls_cert_file = \"/tls/cert.pem\"\ntls_key_file = \"/tls/key.pem\"\n"));
+    // A URL with TLS settings and a password prints whole, the password hidden (not "<redacted>" for a string
+    // tokio-postgres alone would not read), and postgres.password applies to it.
+    let c = parse(
+        "[postgres]\nurl = \"postgres://u:hunter2@db/x?sslmode=verify-full&sslrootcert=/ca.pem\"\npassword = \"pw2\"\n",
+        &[],
+    )
+    .expect("valid");
+    assert!(
+        c.redacted_toml()
+            .contains("url = \"postgres://u:redacted@db/x?sslmode=verify-full&sslrootcert=/ca.pem\""),
+        "{}",
+        c.redacted_toml()
+    );
+    assert_eq!(
+        c.postgres_url(),
+        "postgres://u:pw2@db/x?sslmode=verify-full&sslrootcert=/ca.pem"
+    );
+}
+
+#[test]
 fn secrets_never_print() {
     let c = parse(
         "[postgres]\nurl = \"postgres://u:hunter2@h/db\"\n[mqtt]\npassword = \"s3cret-mqtt\"\n\
@@ -197,7 +271,8 @@ fn secrets_everywhere() -> (Config, Vec<(String, String)>, Vec<&'static str>) {
          [mqtt]\nurl = \"mqtt://u:mqtt-userinfo-pw@broker:1883\"\n\
          [http]\nadmin_token_file = {:?}\n\
          [broker]\nkind = \"mosquitto\"\nadmin_username = \"admin\"\n\
-         api_url = \"http://k:api-userinfo-pw@emqx:18083\"\napi_key = \"k\"\napi_secret = \"api-secret-toml\"\n",
+         api_url = \"http://k:api-userinfo-pw@emqx:18083\"\napi_key = \"k\"\napi_secret = \"api-secret-toml\"\n\
+         authn_token = \"authn-secret-toml\"\n",
         token_file.to_str().expect("utf8"),
     );
     let env = owned(&[
@@ -223,6 +298,7 @@ fn secrets_everywhere() -> (Config, Vec<(String, String)>, Vec<&'static str>) {
         "admin-pw-from-file",
         "api-userinfo-pw",
         "api-secret-toml",
+        "authn-secret-toml",
         "load-pw-env",
     ];
     (cfg, env, secrets)
@@ -252,6 +328,7 @@ fn check_config_never_prints_secrets_and_says_where_each_is() {
         "# password: set by DELTA_BRIDGE__MQTT__PASSWORD, not printed",
         "api_url = \"http://k:redacted@emqx:18083/\"",
         "# api_secret: set in the config file, not printed",
+        "# authn_token: set in the config file, not printed",
         "# password: set by DELTA_BRIDGE__LOAD__PASSWORD, not printed",
     ] {
         assert!(shown.lines().any(|l| l == line), "no line {line:?} in\n{shown}");
@@ -299,6 +376,7 @@ admin_username = "admin"
 api_url = "http://emqx:18083"
 api_key = "key-1"
 api_secret = "emqx-secret"
+authn_token = "emqx-authn-secret"
 [bridge]
 max_pending = 1234
 poll_interval = "1500ms"
@@ -316,6 +394,7 @@ fn without_secrets(mut cfg: Config) -> Config {
     cfg.http.admin_token = None;
     cfg.broker.admin_password = None;
     cfg.broker.api_secret = None;
+    cfg.broker.authn_token = None;
     cfg.load.password = None;
     cfg
 }
@@ -343,7 +422,10 @@ fn check_config_output_parses_back_to_the_same_config() {
 
     // Parsed again with no environment, only a secret the emqx broker requires (the config file held it, so
     // the output does not): everything but the secrets is the same...
-    let only_secret = owned(&[("DELTA_BRIDGE__BROKER__API_SECRET", "another")]);
+    let only_secret = owned(&[
+        ("DELTA_BRIDGE__BROKER__API_SECRET", "another"),
+        ("DELTA_BRIDGE__BROKER__AUTHN_TOKEN", "another-authn-token"),
+    ]);
     let bare = Config::parse(&printed, Path::new("printed.toml"), &only_secret).expect("printed config is valid");
     assert_eq!(
         without_secrets(bare.clone()),
@@ -356,6 +438,7 @@ fn check_config_output_parses_back_to_the_same_config() {
     // With the same environment plus the two secrets the config file held, it is the same configuration.
     env.push(("DELTA_BRIDGE__POSTGRES__PASSWORD".into(), "pg-secret".into()));
     env.push(("DELTA_BRIDGE__BROKER__API_SECRET".into(), "emqx-secret".into()));
+    env.push(("DELTA_BRIDGE__BROKER__AUTHN_TOKEN".into(), "emqx-authn-secret".into()));
     let again = Config::parse(&printed, Path::new("printed.toml"), &env).expect("valid");
     assert_eq!(again, first, "{printed}");
     assert_eq!(again.postgres_url(), first.postgres_url());
@@ -439,6 +522,8 @@ max_inflight = 100
 listen = "0.0.0.0:8080"
 # admin_token: not set
 max_connections = 256
+# tls_cert_file: not set
+# tls_key_file: not set
 
 [credentials]
 # signing_key_file: not set
@@ -453,8 +538,10 @@ kind = "none"
 # admin_username: not set
 # admin_password: not set
 # api_url: not set
+# api_ca_file: not set
 # api_key: not set
 # api_secret: not set
+# authn_token: not set
 
 [bridge]
 batch_size = 500
@@ -492,14 +579,38 @@ fn every_broker_kind_and_log_format_prints_as_the_file_takes_it() {
         assert_eq!(again.log.format, c.log.format);
         assert_eq!(c.log.format.name(), format);
     }
+    let authn = temp_dir("broker-kinds").join("authn-token");
+    std::fs::write(&authn, "0123456789abcdef\n").expect("write");
+    let emqx = format!(
+        "kind = \"emqx\"\napi_url = \"http://e\"\napi_key = \"k\"\napi_secret_file = \"/dev/null\"\nauthn_token_file = {:?}",
+        authn.to_str().expect("utf8")
+    );
     for kind in [
         "kind = \"none\"",
         "kind = \"mosquitto\"\nadmin_username = \"a\"\nadmin_password_file = \"/dev/null\"",
-        "kind = \"emqx\"\napi_url = \"http://e\"\napi_key = \"k\"\napi_secret_file = \"/dev/null\"",
+        emqx.as_str(),
     ] {
         let c = parse(&format!("[broker]\n{kind}\n"), &[]).expect("valid");
         let again = parse(&c.redacted_toml(), &[]).expect("valid");
         assert_eq!(again.broker, c.broker);
+    }
+}
+
+#[test]
+fn emqx_needs_an_authn_token_of_16_characters() {
+    let emqx = "[broker]\nkind = \"emqx\"\napi_url = \"http://e\"\napi_key = \"k\"\napi_secret = \"s\"\n";
+    for (extra, ok) in [
+        ("", false),
+        ("authn_token = \"0123456789abcde\"\n", false),
+        ("authn_token = \"0123456789abcdef\"\n", true),
+    ] {
+        match parse(&format!("{emqx}{extra}"), &[]) {
+            Ok(_) => assert!(ok, "{extra:?} accepted"),
+            Err(e) => {
+                assert!(!ok, "{extra:?}: {e}");
+                assert!(e.to_string().contains("broker.authn_token"), "{e}");
+            }
+        }
     }
 }
 

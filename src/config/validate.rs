@@ -17,7 +17,9 @@ impl Raw {
         }
 
         let pg_url = self.non_empty("postgres.url", "postgres://postgres@127.0.0.1:5432/postgres")?;
-        if pg_url.parse::<tokio_postgres::Config>().is_err() || !conninfo::is_readable(&pg_url) {
+        let (pg_rest, _) =
+            super::pgtls::split(&pg_url).map_err(|reason| ConfigError::invalid("postgres.url", reason))?;
+        if pg_rest.parse::<tokio_postgres::Config>().is_err() || !conninfo::is_readable(&pg_url) {
             // Not tokio-postgres's reason: it can quote a character or a keyword of the string.
             return Err(ConfigError::invalid(
                 "postgres.url",
@@ -40,8 +42,10 @@ impl Raw {
         if let Some(p) = &postgres.password {
             // Appended last, so it wins over a password in the URL; a string ending in a lone backslash would
             // swallow the separator, so check that it reads back.
-            let applied = conninfo::with_password(&postgres.url, p.expose()).parse::<tokio_postgres::Config>();
-            if !applied.is_ok_and(|c| c.get_password() == Some(p.expose().as_bytes())) {
+            let applied = super::pgtls::split(&conninfo::with_password(&postgres.url, p.expose()))
+                .ok()
+                .and_then(|(rest, _)| rest.parse::<tokio_postgres::Config>().ok());
+            if applied.is_none_or(|c| c.get_password() != Some(p.expose().as_bytes())) {
                 return Err(ConfigError::invalid(
                     "postgres.password",
                     "cannot be applied to postgres.url (does it end in a backslash?)",
@@ -117,7 +121,24 @@ impl Raw {
             listen,
             admin_token,
             max_connections: self.integer("http.max_connections", 256, 1, 65_536)? as usize,
+            tls_cert_file: self.string("http.tls_cert_file")?.map(PathBuf::from),
+            tls_key_file: self.string("http.tls_key_file")?.map(PathBuf::from),
         };
+        match (&http.tls_cert_file, &http.tls_key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "http.tls_key_file",
+                    "must be set with http.tls_cert_file (both or neither: the listener serves https with both)",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "http.tls_cert_file",
+                    "must be set with http.tls_key_file (both or neither: the listener serves https with both)",
+                ))
+            }
+            _ => {}
+        }
 
         let credentials = CredentialsConfig {
             signing_key_file: self.string("credentials.signing_key_file")?.map(PathBuf::from),
@@ -156,9 +177,17 @@ impl Raw {
             admin_username: self.string("broker.admin_username")?,
             admin_password: self.secret("broker.admin_password")?,
             api_url: self.string("broker.api_url")?,
+            api_ca_file: self.string("broker.api_ca_file")?.map(PathBuf::from),
             api_key: self.string("broker.api_key")?,
             api_secret: self.secret("broker.api_secret")?,
+            authn_token: self.secret("broker.authn_token")?,
         };
+        if broker.authn_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            return Err(ConfigError::invalid(
+                "broker.authn_token",
+                "must be at least 16 characters",
+            ));
+        }
         match kind {
             BrokerKind::Mosquitto if broker.admin_username.is_none() || broker.admin_password.is_none() => {
                 return Err(ConfigError::invalid(
@@ -172,7 +201,36 @@ impl Raw {
                     "broker.kind = \"emqx\" needs api_url, api_key and api_secret (REST API v5)",
                 ))
             }
+            // Without it EMQX cannot ask which token is a device's current one: a rotated-away or revoked
+            // token would pass EMQX's JWT check until its exp (docs/provisioning.md).
+            BrokerKind::Emqx if broker.authn_token.is_none() => {
+                return Err(ConfigError::invalid(
+                    "broker.authn_token",
+                    "broker.kind = \"emqx\" needs authn_token (the secret of EMQX's HTTP authenticator, docs/deployment.md)",
+                ))
+            }
             _ => {}
+        }
+        let api_https = match broker
+            .api_url
+            .as_deref()
+            .map(|u| url::Url::parse(u).map(|u| u.scheme().to_string()))
+        {
+            None => false,
+            Some(Ok(scheme)) if scheme == "https" => true,
+            Some(Ok(scheme)) if scheme == "http" => false,
+            Some(_) => {
+                return Err(ConfigError::invalid(
+                    "broker.api_url",
+                    "must be an http:// or https:// URL (EMQX's REST API, e.g. https://emqx:18084)",
+                ))
+            }
+        };
+        if broker.api_ca_file.is_some() && !api_https {
+            return Err(ConfigError::invalid(
+                "broker.api_ca_file",
+                "is used only with an https:// broker.api_url",
+            ));
         }
 
         let bridge = BridgeConfig {

@@ -2,7 +2,7 @@
 //! provisioning). Serves on the listener it is given, so tests can bind port 0, until the cancellation
 //! token fires. Never returns a database or broker error text to a client.
 //!
-//! - [`server`]: connections (header timeout, connection cap, shutdown deadline).
+//! - [`server`]: connections (TLS when configured, header timeout, connection cap, shutdown deadline).
 //! - [`limits`]: the request body's size and time limits, and JSON for every error answer.
 
 use std::sync::Arc;
@@ -46,16 +46,19 @@ pub(crate) fn router(state: AppState) -> Router {
         .layer(middleware::map_response(limits::json_errors))
 }
 
-/// Serves the routes on `listener` with at most `max_connections` connections, until `cancel` fires; returns
-/// within a few seconds of that ([`server::SHUTDOWN_GRACE`]).
+/// Serves the routes on `listener` with at most `max_connections` connections, over TLS when `tls` is given
+/// (https only: a plain request gets no answer), until `cancel` fires; returns within a few seconds of that
+/// ([`server::SHUTDOWN_GRACE`]).
 pub(crate) async fn serve(
     listener: TcpListener,
     state: AppState,
     max_connections: usize,
+    tls: Option<Arc<rustls::ServerConfig>>,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     let metrics = state.metrics.clone();
-    server::serve(listener, router(state), max_connections, metrics, cancel).await
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+    server::serve(listener, router(state), max_connections, metrics, tls, cancel).await
 }
 
 async fn healthz() -> Response {

@@ -7,6 +7,8 @@
 //! - open connections without end: at most `http.max_connections` are served, one more is closed as soon as
 //!   it is accepted and counted in `delta_bridge_http_connections_refused_total`, so the memory clients can
 //!   pin stays bounded (each holds at most hyper's read buffer, [`MAX_BUF`], and a 64 KiB body);
+//! - with TLS (`http.tls_cert_file`), hold a connection in the handshake: it must complete within
+//!   [`HEADER_TIMEOUT`] too, in the connection's own task, so a slow handshake delays no one else's accept;
 //! - keep the process from stopping: once the cancellation token fires the listener is closed, idle
 //!   connections are closed, requests in progress get [`SHUTDOWN_GRACE`] to finish, and whatever is left
 //!   then is dropped. The rest of the bridge (the publisher's drain) stops in parallel.
@@ -22,9 +24,12 @@ use hyper::server::conn::http1;
 use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -71,6 +76,7 @@ pub(crate) async fn serve(
     router: Router,
     max_connections: usize,
     metrics: Arc<Metrics>,
+    tls: Option<TlsAcceptor>,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     let permits = Arc::new(Semaphore::new(max_connections));
@@ -108,8 +114,16 @@ pub(crate) async fn serve(
         let open = Open::new(metrics.clone());
         let router = router.clone();
         let cancel = cancel.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
-            connection(stream, peer, router, cancel).await;
+            match tls {
+                None => connection(stream, peer, router, cancel).await,
+                Some(tls) => {
+                    if let Some(stream) = handshake(&tls, stream, peer, &cancel).await {
+                        connection(stream, peer, router, cancel).await;
+                    }
+                }
+            }
             drop((open, permit));
         });
     }
@@ -139,9 +153,37 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
+/// The TLS handshake of an accepted connection, within [`HEADER_TIMEOUT`]; None when it fails (a client that
+/// speaks plain HTTP, trusts another certificate, or stalls) or the bridge is stopping.
+async fn handshake(
+    tls: &TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    cancel: &CancellationToken,
+) -> Option<TlsStream<TcpStream>> {
+    tokio::select! {
+        r = tokio::time::timeout(HEADER_TIMEOUT, tls.accept(stream)) => match r {
+            Ok(Ok(stream)) => Some(stream),
+            Ok(Err(e)) => {
+                // The client's business (a plain-HTTP client, one that refused our certificate), not an operator's.
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                None
+            }
+        },
+        _ = cancel.cancelled() => None,
+    }
+}
+
 /// One connection: HTTP/1.1 with the header timeout, the peer's address in each request's extensions (for the
 /// device API's limit on failed authentication), and the shutdown deadline.
-async fn connection(stream: TcpStream, peer: SocketAddr, router: Router, cancel: CancellationToken) {
+async fn connection<S>(stream: S, peer: SocketAddr, router: Router, cancel: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = TowerToHyperService::new(router);
     let service = service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));

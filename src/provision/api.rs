@@ -2,7 +2,8 @@
 //! /api/v1/devices/{device_id}` behind the admin bearer token, and the public `GET /.well-known/jwks.json`.
 //! Owns status codes and the JSON error shape; never answers with a database or broker message (those are
 //! logged), and refuses every device call when no admin token is configured rather than run open. Failed
-//! authentication is limited per client address ([`super::throttle`]).
+//! authentication is limited per client address ([`super::throttle`]). `POST /api/v1/broker/authn` is EMQX's
+//! HTTP authenticator asking about a password ([`super::authn`]), behind its own secret (`broker.authn_token`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +27,8 @@ use crate::config::Secret;
 /// What the device routes need: the admin token, the provisioner, and the record of failed authentication.
 pub(crate) struct DeviceApi {
     pub admin_token: Option<Secret>,
+    /// The secret EMQX's HTTP authenticator sends; None: the authn endpoint answers 503.
+    pub authn_token: Option<Secret>,
     pub provisioner: Arc<Provisioner>,
     pub throttle: AuthThrottle,
 }
@@ -36,6 +39,7 @@ pub(crate) fn routes(api: Arc<DeviceApi>) -> Router {
         .route("/api/v1/devices", post(issue))
         .route("/api/v1/devices/{device_id}", get(show).delete(revoke))
         .route("/.well-known/jwks.json", get(jwks))
+        .route("/api/v1/broker/authn", post(broker_authn))
         .with_state(api)
 }
 
@@ -51,6 +55,15 @@ fn bearer_token(headers: &HeaderMap) -> &str {
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map_or("", |(_, token)| token.trim_start_matches(' '))
+}
+
+/// `given` equals `expected`, compared in constant time through hashes of equal length (neither the content nor
+/// the length of the secret leaks through timing); an empty `given` never matches.
+fn secret_matches(given: &str, expected: &Secret) -> bool {
+    let same: bool = Sha256::digest(given.as_bytes())
+        .ct_eq(&Sha256::digest(expected.expose().as_bytes()))
+        .into();
+    same && !given.is_empty()
 }
 
 /// Checks `Authorization: Bearer <admin_token>` in constant time (hashes of equal length are compared, so
@@ -76,11 +89,7 @@ fn authorize(api: &DeviceApi, client: SocketAddr, headers: &HeaderMap) -> Result
             return Err(Box::new(r));
         }
     };
-    let given = bearer_token(headers);
-    let ok: bool = Sha256::digest(given.as_bytes())
-        .ct_eq(&Sha256::digest(expected.expose().as_bytes()))
-        .into();
-    if ok && !given.is_empty() {
+    if secret_matches(bearer_token(headers), expected) {
         api.throttle.succeeded(client.ip(), now);
         Ok(())
     } else {
@@ -192,6 +201,60 @@ async fn jwks(State(api): State<Arc<DeviceApi>>) -> Response {
     match api.provisioner.jwks() {
         Ok(v) => ([(header::CACHE_CONTROL, "public, max-age=300")], Json(v)).into_response(),
         Err(e) => failure(e, "jwks"),
+    }
+}
+
+/// What EMQX's HTTP authenticator sends (the body template of docs/deployment.md).
+#[derive(serde::Deserialize)]
+struct AuthnRequest {
+    clientid: String,
+    username: String,
+    password: String,
+}
+
+/// `POST /api/v1/broker/authn`: 200 `{"result": "deny" | "ignore"}` (never 204, which EMQX takes as allow),
+/// 401 for a wrong secret, 400 for a body that is not the documented one, 503 when unconfigured or the device
+/// store cannot be read. EMQX treats every status but 200 and 204 as ignore (docs/api.md). No throttle: EMQX is
+/// the only caller, and a throttle by address would lock out the broker itself.
+async fn broker_authn(State(api): State<Arc<DeviceApi>>, headers: HeaderMap, body: Bytes) -> Response {
+    let count = |result: &str| api.provisioner.count_authn(result);
+    let Some(expected) = &api.authn_token else {
+        count("unavailable");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker authentication disabled: broker.authn_token is not configured",
+        );
+    };
+    if !secret_matches(bearer_token(&headers), expected) {
+        count("unauthorized");
+        tracing::warn!("broker authn call with a missing or wrong secret (check broker.authn_token and EMQX's HTTP authenticator header)");
+        let mut r = error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    let req: AuthnRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "body must be {\"clientid\", \"username\", \"password\"} (strings)",
+            )
+        }
+    };
+    match api.provisioner.authn(&req.clientid, &req.username, &req.password).await {
+        Ok(verdict) => {
+            count(verdict.result());
+            if let super::authn::Verdict::Deny(why) = verdict {
+                tracing::info!(clientid = %req.clientid, reason = why, "broker authn: token refused");
+            }
+            (StatusCode::OK, Json(json!({"result": verdict.result()}))).into_response()
+        }
+        Err(e) => {
+            count("unavailable");
+            tracing::error!(error = %e, "broker authn: device store unavailable; EMQX falls back to the JWT check and bans");
+            error(StatusCode::SERVICE_UNAVAILABLE, "device store unavailable")
+        }
     }
 }
 

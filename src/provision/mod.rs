@@ -7,6 +7,7 @@
 //! - [`store`]: device records (PostgreSQL).
 //! - [`broker`]: Mosquitto dynamic security, EMQX REST API, or nothing.
 //! - [`api`]: the HTTP handlers.
+//! - [`authn`]: the answer to EMQX's HTTP authenticator (which token of a device is current).
 //! - [`reserved`]: the ids the bridge keeps for itself (pure).
 //! - [`throttle`]: the per-address limit on failed admin authentication.
 //!
@@ -28,6 +29,7 @@ use crate::pg;
 
 pub(crate) mod acl;
 pub(crate) mod api;
+pub(crate) mod authn;
 pub(crate) mod broker;
 pub(crate) mod credentials;
 pub(crate) mod reserved;
@@ -162,6 +164,14 @@ pub(crate) fn validate(req: &IssueRequest, cfg: &CredentialsConfig) -> Result<i6
     i64::try_from(ttl).map_err(|_| ProvisionError::Invalid("ttl_seconds is too large".into()))
 }
 
+/// How long a revocation must keep a device out: past the expiry of every token it was ever issued (a
+/// rotation to a shorter lifetime leaves the longer one valid), plus the clock skew `nbf` allows, and never in
+/// the past (EMQX refuses a ban that has already ended).
+pub(crate) fn revoke_until(rec: &store::DeviceRecord, now: DateTime<Utc>) -> DateTime<Utc> {
+    let margin = chrono::Duration::seconds(60);
+    (rec.max_expires_at.max(rec.expires_at) + margin).max(now + margin)
+}
+
 fn check_id(device_id: &str) -> Result<(), ProvisionError> {
     if acl::is_valid_id(device_id) {
         Ok(())
@@ -185,6 +195,8 @@ pub(crate) struct Provisioner {
     keys: Option<SigningKeys>,
     broker: Arc<dyn BrokerBackend>,
     metrics: Arc<Metrics>,
+    /// The database sessions of [`authn`], apart from the admin calls' so that a connect storm cannot starve them.
+    authn_sessions: authn::Sessions,
 }
 
 impl Provisioner {
@@ -204,6 +216,7 @@ impl Provisioner {
             keys,
             broker: broker::from_config(cfg)?,
             metrics,
+            authn_sessions: authn::Sessions::new(),
         })
     }
 
@@ -289,9 +302,17 @@ impl Provisioner {
             reinstated: previous
                 .as_ref()
                 .is_some_and(|p| p.revoked_at.is_some() || p.expired_at.is_some()),
+            rotation: previous.is_some(),
         };
         self.broker.grant(&grant).await?;
         tx.commit().await?;
+        if grant.rotation {
+            // After the commit, a session ended here can only come back with the token now current. `grant`
+            // already ended the device's session, so a failure here leaves only a reconnect in between.
+            if let Err(e) = self.broker.issued(&req.device_id).await {
+                tracing::warn!(device_id = %req.device_id, error = %e, "could not end the device's session after the rotation");
+            }
+        }
         self.metrics.devices_issued.inc();
         tracing::info!(
             device_id = %req.device_id,
@@ -333,9 +354,7 @@ impl Provisioner {
             .await?
             .ok_or_else(|| ProvisionError::NotFound(format!("device {device_id} not found")))?;
         // Again on a revoked device too: cheap, and it repairs a broker that lost the revocation.
-        self.broker
-            .revoke(device_id, rec.expires_at + chrono::Duration::seconds(60))
-            .await?;
+        self.broker.revoke(device_id, revoke_until(&rec, Utc::now())).await?;
         store::record_revoke(&tx, device_id).await?;
         tx.commit().await?;
         if rec.revoked_at.is_none() {
@@ -407,90 +426,4 @@ impl Provisioner {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cfg() -> CredentialsConfig {
-        CredentialsConfig {
-            signing_key_file: None,
-            ttl: Duration::from_secs(86400),
-            min_ttl: Duration::from_secs(60),
-            max_ttl: Duration::from_secs(30 * 86400),
-            audience: "mqtt".into(),
-            issuer: "delta-bridge".into(),
-        }
-    }
-
-    fn req(ttl: Option<u64>) -> IssueRequest {
-        IssueRequest {
-            device_id: "pos-01".into(),
-            merchant_code: "MCH-MST-001".into(),
-            branch_code: "BRN-MST-OSK00001".into(),
-            ttl_seconds: ttl,
-        }
-    }
-
-    #[test]
-    fn ttl_defaults_and_bounds() {
-        assert_eq!(validate(&req(None), &cfg()).ok(), Some(86400));
-        assert_eq!(validate(&req(Some(60)), &cfg()).ok(), Some(60));
-        assert_eq!(validate(&req(Some(30 * 86400)), &cfg()).ok(), Some(30 * 86400));
-        for bad in [0, 59, 30 * 86400 + 1, u64::MAX] {
-            assert!(
-                matches!(validate(&req(Some(bad)), &cfg()), Err(ProvisionError::Invalid(_))),
-                "{bad}"
-            );
-        }
-    }
-
-    #[test]
-    fn ids_are_checked_before_anything_else() {
-        for (field, bad) in [("device_id", "a/b"), ("merchant_code", "+"), ("branch_code", "#")] {
-            let mut r = req(None);
-            match field {
-                "device_id" => r.device_id = bad.into(),
-                "merchant_code" => r.merchant_code = bad.into(),
-                _ => r.branch_code = bad.into(),
-            }
-            match validate(&r, &cfg()) {
-                Err(ProvisionError::Invalid(m)) => assert!(m.starts_with(field), "{m}"),
-                other => panic!("{field}: {other:?}"),
-            }
-        }
-    }
-
-    #[test]
-    fn ttl_seconds_is_any_whole_json_number_and_nothing_else() {
-        let parse = |ttl: &str| -> Result<Option<u64>, String> {
-            serde_json::from_str::<IssueRequest>(&format!(
-                r#"{{"device_id":"a","merchant_code":"m","branch_code":"b"{ttl}}}"#
-            ))
-            .map(|r| r.ttl_seconds)
-            .map_err(|e| e.to_string())
-        };
-        assert_eq!(parse(""), Ok(None));
-        for (json, secs) in [
-            ("3600", 3600),
-            ("3600.0", 3600),
-            ("3.6e3", 3600),
-            ("0", 0),
-            ("1e30", u64::MAX),
-        ] {
-            assert_eq!(parse(&format!(r#","ttl_seconds":{json}"#)), Ok(Some(secs)), "{json}");
-        }
-        for bad in ["null", "1.5", "-5", "-5.0", "\"60\"", "true", "[60]", "{}"] {
-            assert!(parse(&format!(r#","ttl_seconds":{bad}"#)).is_err(), "{bad}");
-        }
-        // Out of the bounds, a saturated value is refused like any too-large one.
-        let mut r = req(Some(u64::MAX));
-        r.ttl_seconds = parse(r#","ttl_seconds":1e30"#).expect("parses");
-        assert!(matches!(validate(&r, &cfg()), Err(ProvisionError::Invalid(_))));
-    }
-
-    #[test]
-    fn unknown_fields_are_refused() {
-        let r: Result<IssueRequest, _> =
-            serde_json::from_str(r#"{"device_id":"a","merchant_code":"m","branch_code":"b","ttl":5}"#);
-        assert!(r.is_err());
-    }
-}
+mod tests;

@@ -38,10 +38,12 @@ pub(crate) struct DeviceRecord {
     pub rotated_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub expired_at: Option<DateTime<Utc>>,
+    /// The latest `exp` of any token ever issued to this device (a revocation must outlast them all).
+    pub max_expires_at: DateTime<Utc>,
 }
 
 const COLUMNS: &str = "device_id, merchant_code, branch_code, jti, key_id, first_issued_at, issued_at, \
-                       expires_at, rotations, rotated_at, revoked_at, expired_at";
+                       expires_at, rotations, rotated_at, revoked_at, expired_at, max_expires_at";
 
 impl DeviceRecord {
     /// A column of an unexpected type or an unexpected NULL is an error of the query, never a panic.
@@ -59,6 +61,7 @@ impl DeviceRecord {
             rotated_at: r.try_get(9)?,
             revoked_at: r.try_get(10)?,
             expired_at: r.try_get(11)?,
+            max_expires_at: r.try_get(12)?,
         })
     }
 
@@ -147,12 +150,14 @@ pub(crate) async fn record_issue<C: GenericClient>(
 ) -> Result<DeviceRecord, StoreError> {
     let sql = format!(
         "INSERT INTO delta_bridge.devices AS d
-             (device_id, merchant_code, branch_code, jti, key_id, first_issued_at, issued_at, expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $6, $7)
+             (device_id, merchant_code, branch_code, jti, key_id, first_issued_at, issued_at, expires_at,
+              max_expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $6, $7, $7)
          ON CONFLICT (device_id) DO UPDATE SET
              merchant_code = EXCLUDED.merchant_code, branch_code = EXCLUDED.branch_code,
              jti = EXCLUDED.jti, key_id = EXCLUDED.key_id, issued_at = EXCLUDED.issued_at,
-             expires_at = EXCLUDED.expires_at, rotations = d.rotations + 1, rotated_at = EXCLUDED.issued_at,
+             expires_at = EXCLUDED.expires_at,
+             max_expires_at = greatest(d.max_expires_at, EXCLUDED.expires_at), rotations = d.rotations + 1, rotated_at = EXCLUDED.issued_at,
              revoked_at = NULL, expired_at = NULL
          RETURNING {COLUMNS}"
     );

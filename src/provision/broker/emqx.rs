@@ -1,11 +1,18 @@
-//! EMQX (5.5+, written against 5.8): authentication and authorisation are stateless — EMQX verifies each
-//! device's JWT through the bridge's JWKS and applies the `acl` claim — so issuing pushes nothing. Revoking
-//! bans the client id until the credential expires (`POST /api/v5/banned`) and kicks its session
-//! (`DELETE /api/v5/clients/{clientid}`), with the REST API v5 and Basic auth `api_key:api_secret`.
-//! Re-issuing a revoked device lifts its ban. Never keeps state between calls.
+//! EMQX (5.5+, written against 5.8.9), REST API v5 with Basic auth `api_key:api_secret`. EMQX verifies each
+//! device's JWT through the bridge's JWKS and applies its `acl` claim, but its JWT authenticator cannot tell
+//! a device's current token from an earlier one (EMQX v5.8.9, `apps/emqx_auth_jwt/src/emqx_authn_jwt.erl`,
+//! `verify_claims/2`: signature, `exp`, `nbf` and fixed claim values only). So EMQX asks the bridge first, on
+//! every connect, through its HTTP authenticator ([`crate::provision::authn`]), and this backend only has to:
+//! - on a rotation (any issue of a device that had credentials): kick the device's session
+//!   (`DELETE /api/v5/clients/{clientid}`) before the commit, so that a session opened with an earlier token
+//!   has to authenticate again, and once more after it, for a reconnect in between;
+//! - on revoke: ban the client id (`POST /api/v5/banned`) until every token the device was ever issued has
+//!   expired, then kick. The ban is the backstop for when EMQX cannot reach the bridge (its HTTP authenticator
+//!   then passes the client on to the JWT check). A ban never ends in the past: EMQX refuses those (400);
+//! - on a re-issue after revoke: lift the ban (`DELETE /api/v5/banned/clientid/{clientid}`; 404 if it lapsed),
+//!   since a ban by client id refuses the new token too (EMQX v5.8.9, `apps/emqx/src/emqx_banned.erl`).
 //!
-//! Limit of the stateless design: rotating a device's credentials does not invalidate the previous JWT on
-//! EMQX before its `exp` (Mosquitto replaces the password at once). Revoke, then issue, to cut it off.
+//! Never keeps state between calls.
 
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
@@ -14,6 +21,7 @@ use serde_json::{json, Value};
 
 use super::{BrokerBackend, BrokerError, Grant, ADMIN_TIMEOUT};
 use crate::config::{BrokerConfig, Secret};
+use crate::tls::{Roots, Verify};
 
 pub(crate) struct Emqx {
     http: reqwest::Client,
@@ -28,24 +36,39 @@ impl Emqx {
         let base = cfg.api_url.clone().ok_or_else(|| need("api_url"))?;
         let key = cfg.api_key.clone().ok_or_else(|| need("api_key"))?;
         let secret = cfg.api_secret.clone().ok_or_else(|| need("api_secret"))?;
-        if !base.starts_with("http://") {
-            // reqwest is built without TLS here (a TLS feature would also demand a process-wide rustls
-            // provider from every other reqwest user); an https API goes through a local TLS sidecar.
+        let mut http = reqwest::Client::builder().timeout(ADMIN_TIMEOUT);
+        if base.starts_with("https://") {
+            // The API is verified like every TLS peer of the bridge (chain and host name, against
+            // broker.api_ca_file or the system's roots), with our own rustls configuration: reqwest's
+            // defaults would trust no root at all in this build.
+            let roots = Roots::from_option(cfg.api_ca_file.as_deref());
+            let tls = crate::tls::client_config(&roots, Verify::Full)
+                .map_err(|e| BrokerError::Config(format!("broker.api_ca_file: {e}")))?;
+            http = http.use_preconfigured_tls(tls).https_only(true);
+        } else if !base.starts_with("http://") {
             return Err(BrokerError::Config(
-                "broker.api_url must be an http:// URL (EMQX's REST API on a private network, or a local TLS proxy)"
-                    .into(),
+                "broker.api_url must be an http:// or https:// URL".into(),
             ));
         }
-        let http = reqwest::Client::builder()
-            .timeout(ADMIN_TIMEOUT)
-            .build()
-            .map_err(|e| BrokerError::Request(e.without_url()))?;
+        let http = http.build().map_err(|e| BrokerError::Request(e.without_url()))?;
         Ok(Emqx {
             http,
             base: base.trim_end_matches('/').to_string(),
             key,
             secret,
         })
+    }
+
+    /// Ends the device's session, if any (404: not connected).
+    async fn kick(&self, device_id: &str) -> Result<(), BrokerError> {
+        // Device ids are [A-Za-z0-9_.-] (checked before any call): safe in a path as they are.
+        self.call(
+            Method::DELETE,
+            format!("/api/v5/clients/{device_id}"),
+            None,
+            &[StatusCode::NOT_FOUND],
+        )
+        .await
     }
 
     /// One API call; `ok` lists the statuses that count as success besides 2xx.
@@ -81,6 +104,12 @@ impl Emqx {
             body: text.chars().take(300).collect(),
         })
     }
+}
+
+/// `until`, or a minute from now if that is later: EMQX refuses a ban whose `until` is not in the future
+/// (EMQX v5.8.9, `apps/emqx/src/emqx_banned.erl`, `parse/1`).
+pub(crate) fn ban_until(until: DateTime<Utc>, now: DateTime<Utc>) -> DateTime<Utc> {
+    until.max(now + chrono::Duration::seconds(60))
 }
 
 fn method_name(m: &Method) -> &'static str {
@@ -120,8 +149,15 @@ impl BrokerBackend for Emqx {
                 )
                 .await?;
             }
+            if grant.rotation {
+                self.kick(&grant.device_id).await?;
+            }
             Ok(())
         })
+    }
+
+    fn issued<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(self.kick(device_id))
     }
 
     fn revoke<'a>(&'a self, device_id: &'a str, until: DateTime<Utc>) -> BoxFuture<'a, Result<(), BrokerError>> {
@@ -130,17 +166,11 @@ impl BrokerBackend for Emqx {
             self.call(
                 Method::POST,
                 "/api/v5/banned".into(),
-                Some(ban_body(device_id, until)),
+                Some(ban_body(device_id, ban_until(until, Utc::now()))),
                 &[],
             )
             .await?;
-            self.call(
-                Method::DELETE,
-                format!("/api/v5/clients/{device_id}"),
-                None,
-                &[StatusCode::NOT_FOUND],
-            )
-            .await
+            self.kick(device_id).await
         })
     }
 
@@ -158,17 +188,44 @@ impl BrokerBackend for Emqx {
 mod tests {
     use super::*;
 
-    #[test]
-    fn https_api_url_is_refused_at_start() {
-        let cfg = BrokerConfig {
+    fn emqx_at(url: &str, ca: Option<&str>) -> BrokerConfig {
+        BrokerConfig {
             kind: crate::config::BrokerKind::Emqx,
             admin_username: None,
             admin_password: None,
-            api_url: Some("https://emqx:18084".into()),
+            api_url: Some(url.into()),
+            api_ca_file: ca.map(Into::into),
             api_key: Some("k".into()),
             api_secret: Some(Secret::new("s")),
-        };
-        assert!(matches!(Emqx::new(&cfg), Err(BrokerError::Config(_))));
+            authn_token: Some(Secret::new("t")),
+        }
+    }
+
+    #[test]
+    fn an_unreadable_api_ca_file_is_refused_at_start_with_its_key() {
+        let cfg = emqx_at("https://emqx:18084", Some("/nonexistent/emqx-ca.pem"));
+        match Emqx::new(&cfg) {
+            Err(BrokerError::Config(why)) => {
+                assert!(
+                    why.contains("broker.api_ca_file") && why.contains("/nonexistent/emqx-ca.pem"),
+                    "{why}"
+                )
+            }
+            other => panic!("expected a configuration error, got {:?}", other.map(|_| ())),
+        }
+        assert!(matches!(
+            Emqx::new(&emqx_at("ftp://emqx", None)),
+            Err(BrokerError::Config(_))
+        ));
+    }
+
+    #[test]
+    fn a_ban_never_ends_in_the_past() {
+        let now = Utc::now();
+        let later = now + chrono::Duration::hours(2);
+        assert_eq!(ban_until(later, now), later);
+        let past = now - chrono::Duration::hours(2);
+        assert_eq!(ban_until(past, now), now + chrono::Duration::seconds(60));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Broker backends behind one interface: what a broker must be told when a device is issued, revoked or its
 //! credential expires. `mosquitto` pushes a client and a role per device through the dynamic-security plugin;
-//! `emqx` pushes nothing per device (EMQX checks the JWT itself through the JWKS) and kicks and bans on
-//! revocation; `none` only issues credentials. Backends never touch the database: the caller holds the
+//! `emqx` pushes nothing per device (EMQX asks the bridge which token is current, then checks the JWT
+//! through the JWKS), kicks on every rotation, bans and kicks on revocation; `none` only issues credentials. Backends never touch the database: the caller holds the
 //! device's row lock and commits only after the broker agreed.
 
 use std::sync::Arc;
@@ -53,6 +53,8 @@ pub(crate) struct Grant {
     pub branch_code: String,
     /// The device was revoked or expired before: a ban or a removal may have to be undone.
     pub reinstated: bool,
+    /// The device had credentials before (a rotation, a move, a reinstatement): a session may use them.
+    pub rotation: bool,
 }
 
 pub(crate) trait BrokerBackend: Send + Sync {
@@ -61,6 +63,13 @@ pub(crate) trait BrokerBackend: Send + Sync {
     /// Lets the device connect with `grant.password` (replacing any earlier password) and subscribe to its
     /// branch only.
     fn grant<'a>(&'a self, grant: &'a Grant) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// Called after a rotation is committed (the new token is the device's current one): ends any session of
+    /// the device again, in case it reconnected with its earlier token between `grant` and the commit.
+    /// Mosquitto ends sessions itself when the password changes.
+    fn issued<'a>(&'a self, _device_id: &'a str) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async { Ok(()) })
+    }
 
     /// Disconnects the device and keeps it out (until `until` at least, when its credential expires anyway).
     fn revoke<'a>(&'a self, device_id: &'a str, until: DateTime<Utc>) -> BoxFuture<'a, Result<(), BrokerError>>;

@@ -295,6 +295,7 @@ mod tests {
             merchant_code: "M1".into(),
             branch_code: "B1".into(),
             reinstated: false,
+            rotation: false,
         }
     }
 
