@@ -4,8 +4,11 @@
 use std::time::Duration;
 
 /// Exponential backoff with jitter, 100 ms to 5 s: a restarted broker or database sees a spread of retries.
+/// [`Backoff::between`] paces other retries (a migration's statement that could not get its table's lock).
 pub(crate) struct Backoff {
     next: Duration,
+    first: Duration,
+    max: Duration,
 }
 
 impl Default for Backoff {
@@ -16,16 +19,22 @@ impl Default for Backoff {
 
 impl Backoff {
     pub(crate) fn new() -> Self {
+        Self::between(Duration::from_millis(100), Duration::from_secs(5))
+    }
+    /// Starts at `first`, doubles up to `max` (each with ±15% jitter).
+    pub(crate) fn between(first: Duration, max: Duration) -> Self {
         Backoff {
-            next: Duration::from_millis(100),
+            next: first,
+            first,
+            max: max.max(first),
         }
     }
     pub(crate) fn reset(&mut self) {
-        self.next = Duration::from_millis(100);
+        self.next = self.first;
     }
     pub(crate) fn next_delay(&mut self) -> Duration {
         let base = self.next;
-        self.next = (self.next * 2).min(Duration::from_secs(5));
+        self.next = (self.next * 2).min(self.max);
         let jitter = rand::random::<f64>() * 0.3 + 0.85;
         base.mul_f64(jitter)
     }

@@ -15,8 +15,8 @@
 //!
 //! Plumbing, imported by the domain modules and importing none of them: [`pg`] (PostgreSQL sessions),
 //! [`locks`] (who holds the bridge's advisory locks; the leader's heartbeat), [`schema`] (migrations of the
-//! bridge's own objects, from `sql/`), [`mqtt`] (client options), [`tls`] (CA
-//! roots and certificate checks of every TLS connection), [`backoff`].
+//! bridge's own objects, from `sql/`, the capture triggers with short locks, uninstall), [`mqtt`] (client
+//! options), [`tls`] (CA roots and certificate checks of every TLS connection), [`backoff`].
 //!
 //! The public API is what the `delta-bridge` binary, `delta-load` and the tests use: [`config`], [`service`],
 //! the device request and response types, the connection helpers [`pg::connect`] and
@@ -50,4 +50,4 @@ pub(crate) mod tls;
 
 pub use capture::outbox::LEADER_LOCK;
 pub use provision::{IssueRequest, IssuedCredentials, ProvisionError};
-pub use schema::{MigrateError, MIGRATE_LOCK};
+pub use schema::{MigrateError, Migrated, Uninstalled, MIGRATE_LOCK};

@@ -1,5 +1,6 @@
 //! Who holds the bridge's advisory locks, read from PostgreSQL itself (`pg_locks` joined with
-//! `pg_stat_activity`), and the leader's heartbeat that tells a publishing leader replica from a squatter.
+//! `pg_stat_activity`), and the leader's heartbeat that tells a publishing leader replica from a squatter; and
+//! who held up a migration's statement on a table (the sessions it names when it gives up).
 //!
 //! Any login can take an advisory lock, so a session of some other program (a psql session, a job that happens
 //! to use the same key) can hold the leader lock or the migration lock. A squatter is a session that holds a
@@ -20,6 +21,8 @@ use crate::pg::{timed, PgError};
 pub(crate) const REPLICA_APP: &str = "delta-bridge";
 /// The application_name of the session that applies migrations (`migrate`, and `run` before it starts).
 pub(crate) const MIGRATE_APP: &str = "delta-bridge-migrate";
+/// The application_name of `delta-bridge uninstall`'s session (it holds the migration lock too).
+pub(crate) const UNINSTALL_APP: &str = "delta-bridge-uninstall";
 
 /// How often the leader writes its heartbeat.
 pub(crate) const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
@@ -99,9 +102,10 @@ impl Holder {
         }
     }
 
-    /// For a holder of the migration lock: is it something other than another bridge's migration?
+    /// For a holder of the migration lock: is it something other than another bridge's migration (or
+    /// uninstall)?
     pub(crate) fn migrate_squat(&self) -> bool {
-        self.application_name.as_deref() != Some(MIGRATE_APP)
+        !matches!(self.application_name.as_deref(), Some(MIGRATE_APP | UNINSTALL_APP))
     }
 }
 
@@ -212,6 +216,56 @@ pub(crate) async fn last_beat(client: &Client) -> Result<Option<Beat>, PgError> 
     }
 }
 
+/// Sessions (other than this one) holding a lock on one of `all` (any mode), or a lock that keeps writers
+/// out on one of `writes` (any mode but ACCESS SHARE and ROW SHARE), in a transaction that began at least
+/// `for_secs` ago: after a statement gave up waiting `for_secs` for its lock, these are who it waited for (a
+/// lock granted while it waited was granted to a transaction that began before it, or it would have queued
+/// behind the statement). Names that are no relation are ignored. A prepared transaction has no session.
+const TABLE_BLOCKERS: &str = "
+SELECT DISTINCT l.pid, a.usename::text, a.application_name, NULL::float8
+  FROM pg_catalog.pg_locks l
+  LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'relation' AND l.granted
+   AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+   AND l.pid IS DISTINCT FROM pg_backend_pid()
+   AND (a.xact_start IS NULL OR a.xact_start <= clock_timestamp() - make_interval(secs => $3))
+   AND (l.relation IN (SELECT pg_catalog.to_regclass(x)::oid FROM unnest($1::text[]) x)
+        OR (l.relation IN (SELECT pg_catalog.to_regclass(x)::oid FROM unnest($2::text[]) x)
+            AND l.mode NOT IN ('AccessShareLock', 'RowShareLock')))
+ ORDER BY l.pid";
+
+/// Sessions of this database (other than this one) in a transaction that began at least `$1` seconds ago:
+/// what `CREATE INDEX CONCURRENTLY` waits for besides the table's writers (transactions with older snapshots).
+const OLDER_TRANSACTIONS: &str = "
+SELECT a.pid, a.usename::text, a.application_name, NULL::float8
+  FROM pg_catalog.pg_stat_activity a
+ WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.backend_type = 'client backend'
+   AND a.xact_start <= clock_timestamp() - make_interval(secs => $1)
+ ORDER BY a.pid";
+
+/// Who held up a statement that waited `waited` for a lock on the relations `all` (any lock conflicts) or
+/// `writes` (a writer's lock conflicts); see [`TABLE_BLOCKERS`]. With `older_transactions`, when no lock holder
+/// is found, the sessions in transactions older than the wait (see [`OLDER_TRANSACTIONS`]).
+pub(crate) async fn table_blockers(
+    client: &Client,
+    all: &[String],
+    writes: &[String],
+    waited: Duration,
+    older_transactions: bool,
+) -> Result<Vec<Holder>, PgError> {
+    let secs = waited.as_secs_f64();
+    let rows = timed(client.query(TABLE_BLOCKERS, &[&all, &writes, &secs])).await?;
+    let found: Vec<Holder> = rows.iter().map(holder).collect::<Result<_, _>>()?;
+    if !found.is_empty() || !older_transactions {
+        return Ok(found);
+    }
+    timed(client.query(OLDER_TRANSACTIONS, &[&secs]))
+        .await?
+        .iter()
+        .map(holder)
+        .collect()
+}
+
 fn undefined_table(e: &PgError) -> bool {
     matches!(e, PgError::Query(q) if q.code() == Some(&SqlState::UNDEFINED_TABLE))
 }
@@ -262,6 +316,7 @@ mod tests {
     #[test]
     fn only_another_bridge_migration_may_hold_the_migration_lock() {
         assert!(!holder(MIGRATE_APP, None).migrate_squat());
+        assert!(!holder(UNINSTALL_APP, None).migrate_squat());
         assert!(holder(REPLICA_APP, None).migrate_squat());
         assert!(holder("psql", None).migrate_squat());
     }

@@ -33,6 +33,15 @@ enum Command {
     },
     /// Install/upgrade database objects and capture triggers (idempotent), then exit.
     Migrate,
+    /// Remove the capture triggers from the business tables (idempotent); refuses while a replica leads.
+    Uninstall {
+        /// Also drop the schema delta_bridge: the outbox, dead letters, device records (says what first).
+        #[arg(long)]
+        drop_schema: bool,
+        /// Go on even while a session holds the leader lock.
+        #[arg(long)]
+        force: bool,
+    },
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig,
     /// Device credentials (the same code path as the HTTP API).
@@ -87,11 +96,29 @@ fn main() -> ExitCode {
         Command::Migrate => {
             init_logging(cfg.log.format, &cfg.log.level);
             run_async(async move {
-                let v = delta_bridge::service::migrate_once(&cfg).await?;
-                if v.is_empty() {
+                let done = delta_bridge::service::migrate_once(&cfg).await?;
+                if done.is_empty() {
                     println!("database objects are up to date");
-                } else {
-                    println!("applied migrations {v:?}");
+                }
+                if !done.applied.is_empty() {
+                    println!("applied migrations {:?}", done.applied);
+                }
+                for what in &done.attached {
+                    println!("attached {what}");
+                }
+                Ok(())
+            })
+        }
+        Command::Uninstall { drop_schema, force } => {
+            init_logging(cfg.log.format, &cfg.log.level);
+            run_async(async move {
+                let mut say = |line: &str| println!("{line}");
+                delta_bridge::service::uninstall(&cfg, drop_schema, force, &mut say).await?;
+                if !drop_schema {
+                    println!(
+                        "schema delta_bridge kept (outbox, dead letters, device records); \
+                         `delta-bridge migrate` attaches capture again, `uninstall --drop-schema` removes it"
+                    );
                 }
                 Ok(())
             })

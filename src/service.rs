@@ -1,5 +1,5 @@
 //! The service's entry points, what the binary calls: `run` (wires configuration, migrations, the pipeline and
-//! the HTTP server under one cancellation token), `migrate`, and `device issue`. The listener and the
+//! the HTTP server under one cancellation token), `migrate`, `uninstall`, and `device issue`. The listener and the
 //! cancellation token are arguments, so tests bind port 0, learn the real address, and stop it at will.
 //!
 //! Every task `run` starts is essential and supervised: if one ends (panics, fails, or returns) while the bridge
@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
+use crate::capture::outbox::LEADER_LOCK;
 use crate::config::Config;
 use crate::health::Health;
 use crate::http::{self, AppState};
@@ -28,7 +29,7 @@ use crate::metrics::{Metrics, LOCK_MIGRATE};
 use crate::pipeline;
 use crate::provision::api::DeviceApi;
 use crate::provision::{IssueRequest, IssuedCredentials, ProvisionError, Provisioner};
-use crate::schema::MigrateError;
+use crate::schema::{Limits, MigrateError, Migrated, UninstallOptions, Uninstalled};
 use crate::{pg, schema};
 
 /// Why the service could not start.
@@ -48,25 +49,50 @@ pub enum ServiceError {
     Migrate(#[from] MigrateError),
 }
 
-/// Connects and applies migrations; returns the versions applied now. Waits at most
-/// `postgres.migrate_lock_timeout` for the migration lock, logging who holds it meanwhile.
-pub async fn migrate_once(cfg: &Config) -> Result<Vec<i32>, MigrateError> {
+/// Connects, applies migrations and attaches what is missing of capture; says what it did. Waits at most
+/// `postgres.migrate_lock_timeout` for the migration lock, logging who holds it meanwhile; each statement on
+/// a business table waits at most `postgres.ddl_lock_timeout` for its lock, and is tried again until
+/// `postgres.ddl_deadline`.
+pub async fn migrate_once(cfg: &Config) -> Result<Migrated, MigrateError> {
     migrate_reporting(cfg, &mut |_| {}).await
+}
+
+fn limits(cfg: &Config) -> Limits {
+    Limits {
+        migrate_lock: cfg.postgres.migrate_lock_timeout,
+        ddl_lock: cfg.postgres.ddl_lock_timeout,
+        ddl_deadline: cfg.postgres.ddl_deadline,
+    }
 }
 
 /// [`migrate_once`], calling `waiting` with the holders of the migration lock while it waits for it.
 async fn migrate_reporting(
     cfg: &Config,
     waiting: &mut (dyn FnMut(&[Holder]) + Send),
-) -> Result<Vec<i32>, MigrateError> {
+) -> Result<Migrated, MigrateError> {
     let mut s = pg::connect(&cfg.postgres_url(), cfg.postgres.connect_timeout, locks::MIGRATE_APP).await?;
-    schema::migrate(
-        &mut s.client,
-        &cfg.postgres.schema,
-        cfg.postgres.migrate_lock_timeout,
-        waiting,
-    )
-    .await
+    schema::migrate(&mut s.client, &cfg.postgres.schema, limits(cfg), waiting).await
+}
+
+/// For `run --no-migrate`: refuses a database migrated by a newer version.
+async fn check_schema_version(cfg: &Config) -> Result<Migrated, MigrateError> {
+    let s = pg::connect(&cfg.postgres_url(), cfg.postgres.connect_timeout, locks::MIGRATE_APP).await?;
+    schema::check_version(&s.client).await?;
+    Ok(Migrated::default())
+}
+
+/// `delta-bridge uninstall`: removes the capture triggers from the business tables and, with `drop_schema`,
+/// the schema `delta_bridge`; `say` is told what is about to be dropped before it is. Refuses while a replica
+/// holds the leader lock, unless `force`. Idempotent.
+pub async fn uninstall(
+    cfg: &Config,
+    drop_schema: bool,
+    force: bool,
+    say: &mut (dyn FnMut(&str) + Send),
+) -> Result<Uninstalled, MigrateError> {
+    let mut s = pg::connect(&cfg.postgres_url(), cfg.postgres.connect_timeout, locks::UNINSTALL_APP).await?;
+    let opts = UninstallOptions { drop_schema, force };
+    schema::uninstall(&mut s.client, limits(cfg), LEADER_LOCK, opts, &mut |_| {}, say).await
 }
 
 /// `delta-bridge device issue`: the same code path as `POST /api/v1/devices`.
@@ -206,7 +232,8 @@ async fn infallible(fut: impl Future<Output = ()>) -> Result<(), Infallible> {
 }
 
 /// Starts everything. With `migrate`, installs/upgrades the database objects first, retrying while the
-/// database is unreachable (a missing table or a failed migration is final and returned). Cancelling
+/// database is unreachable (a missing table or a failed migration is final and returned); without, checks
+/// that the database was not migrated by a newer version (final too). Cancelling
 /// `cancel` at any point, during those retries included, stops whatever was started; [`Running::wait`] then
 /// returns once it has.
 pub async fn start(
@@ -243,7 +270,7 @@ pub async fn start(
         "http",
         http::serve(listener, state, cfg.http.max_connections, https, cancel.clone()),
     );
-    if migrate {
+    {
         let mut backoff = Backoff::new();
         loop {
             // While the migration waits for its lock, /metrics shows whether a session that is not another
@@ -252,8 +279,15 @@ pub async fn start(
             let mut waiting = |holders: &[Holder]| {
                 squatter.set(i64::from(holders.iter().any(Holder::migrate_squat)));
             };
+            let prepare = async {
+                if migrate {
+                    migrate_reporting(&cfg, &mut waiting).await
+                } else {
+                    check_schema_version(&cfg).await
+                }
+            };
             let attempt = tokio::select! {
-                r = migrate_reporting(&cfg, &mut waiting) => r,
+                r = prepare => r,
                 _ = cancel.cancelled() => {
                     tracker.close();
                     return Ok(Running { http_addr, tracker, supervisor });
@@ -263,7 +297,7 @@ pub async fn start(
             match attempt {
                 Ok(v) if v.is_empty() => break,
                 Ok(v) => {
-                    tracing::info!(versions = ?v, "database objects installed");
+                    tracing::info!(versions = ?v.applied, attached = ?v.attached, "database objects installed");
                     break;
                 }
                 Err(e) if !e.is_transient() => {

@@ -74,6 +74,12 @@ pub struct PostgresConfig {
     /// How long a migration waits for the migration lock (held by another replica's migration, or squatted)
     /// before it gives up with an error naming the holder.
     pub migrate_lock_timeout: Duration,
+    /// How long each statement of a migration (or uninstall) waits for a table's lock before it gives way to
+    /// the writers and tries again later: the longest a writer queues behind it.
+    pub ddl_lock_timeout: Duration,
+    /// How long a migration (or uninstall) keeps trying to get its table locks before it gives up with an
+    /// error naming the table and who held it.
+    pub ddl_deadline: Duration,
 }
 
 // Debug by hand where a field is a URL (it may carry a password) and by destructuring, so that a new field
@@ -86,6 +92,8 @@ impl fmt::Debug for PostgresConfig {
             schema,
             connect_timeout,
             migrate_lock_timeout,
+            ddl_lock_timeout,
+            ddl_deadline,
         } = self;
         f.debug_struct("PostgresConfig")
             .field("url", &redact_postgres(url))
@@ -93,6 +101,8 @@ impl fmt::Debug for PostgresConfig {
             .field("schema", schema)
             .field("connect_timeout", connect_timeout)
             .field("migrate_lock_timeout", migrate_lock_timeout)
+            .field("ddl_lock_timeout", ddl_lock_timeout)
+            .field("ddl_deadline", ddl_deadline)
             .finish()
     }
 }

@@ -25,6 +25,8 @@ const KNOWN: &[(&str, &[&str])] = &[
             "schema",
             "connect_timeout",
             "migrate_lock_timeout",
+            "ddl_lock_timeout",
+            "ddl_deadline",
         ],
     ),
     (

@@ -32,6 +32,8 @@ pub(super) fn redacted_toml(cfg: &Config) -> String {
         schema,
         connect_timeout,
         migrate_lock_timeout,
+        ddl_lock_timeout,
+        ddl_deadline,
     } = postgres;
     t.section("postgres");
     t.set("url", redact_postgres(url));
@@ -39,6 +41,8 @@ pub(super) fn redacted_toml(cfg: &Config) -> String {
     t.set("schema", schema.as_str());
     t.duration("connect_timeout", *connect_timeout);
     t.duration("migrate_lock_timeout", *migrate_lock_timeout);
+    t.duration("ddl_lock_timeout", *ddl_lock_timeout);
+    t.duration("ddl_deadline", *ddl_deadline);
 
     let MqttConfig {
         url,

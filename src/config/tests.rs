@@ -41,6 +41,8 @@ fn defaults_are_valid() {
     assert_eq!(c.credentials.ttl, Duration::from_secs(86400));
     assert_eq!(c.broker.kind, BrokerKind::None);
     assert_eq!(c.postgres.migrate_lock_timeout, Duration::from_secs(60));
+    assert_eq!(c.postgres.ddl_lock_timeout, Duration::from_secs(1));
+    assert_eq!(c.postgres.ddl_deadline, Duration::from_secs(300));
     assert_eq!(c.http.max_connections, 256);
 }
 
@@ -112,6 +114,14 @@ fn errors_name_the_key() {
     assert_eq!(
         key_of(parse("", &[("DELTA_BRIDGE__POSTGRES__MIGRATE_LOCK_TIMEOUT", "soon")]).unwrap_err()),
         "postgres.migrate_lock_timeout"
+    );
+    assert_eq!(
+        key_of(parse("[postgres]\nddl_lock_timeout = \"0s\"\n", &[]).unwrap_err()),
+        "postgres.ddl_lock_timeout"
+    );
+    assert_eq!(
+        key_of(parse("[postgres]\nddl_lock_timeout = \"2s\"\nddl_deadline = \"1s\"\n", &[]).unwrap_err()),
+        "postgres.ddl_deadline"
     );
 }
 
@@ -349,6 +359,8 @@ password = "pg-secret"
 schema = "shop \"eu\""
 connect_timeout = "250ms"
 migrate_lock_timeout = "2m30s"
+ddl_lock_timeout = "750ms"
+ddl_deadline = "12m"
 [mqtt]
 url = "mqtts://broker.internal:8883"
 client_id = "bridge-{hostname}-{pid}"
@@ -505,6 +517,8 @@ url = "postgres://postgres@127.0.0.1:5432/postgres"
 schema = "public"
 connect_timeout = "10s"
 migrate_lock_timeout = "1m"
+ddl_lock_timeout = "1s"
+ddl_deadline = "5m"
 
 [mqtt]
 url = "mqtt://127.0.0.1:1883"

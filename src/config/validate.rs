@@ -36,6 +36,8 @@ impl Raw {
             schema,
             connect_timeout: self.duration("postgres.connect_timeout", "10s")?,
             migrate_lock_timeout: self.duration("postgres.migrate_lock_timeout", "60s")?,
+            ddl_lock_timeout: self.duration("postgres.ddl_lock_timeout", "1s")?,
+            ddl_deadline: self.duration("postgres.ddl_deadline", "5m")?,
         };
         if let Some(p) = &postgres.password {
             // Appended last, so it wins over a password in the URL; a string ending in a lone backslash would
@@ -54,6 +56,20 @@ impl Raw {
             return Err(ConfigError::invalid(
                 "postgres.migrate_lock_timeout",
                 "must be greater than 0",
+            ));
+        }
+        // PostgreSQL's lock_timeout counts milliseconds (and 0 would mean: wait forever).
+        if postgres.ddl_lock_timeout < Duration::from_millis(1) || postgres.ddl_lock_timeout > Duration::from_secs(600)
+        {
+            return Err(ConfigError::invalid(
+                "postgres.ddl_lock_timeout",
+                "must be between 1ms and 10m",
+            ));
+        }
+        if postgres.ddl_deadline < postgres.ddl_lock_timeout {
+            return Err(ConfigError::invalid(
+                "postgres.ddl_deadline",
+                "must be at least postgres.ddl_lock_timeout",
             ));
         }
 
