@@ -4,6 +4,8 @@
 //!
 //! - [`server`]: connections (TLS when configured, header timeout, connection cap, shutdown deadline).
 //! - [`limits`]: the request body's size and time limits, and JSON for every error answer.
+//! - [`wire`]: the connection's bytes: a client that does not read its answers is let go, and hyper's own
+//!   error answers (to requests it cannot parse) are JSON too.
 
 use std::sync::Arc;
 
@@ -19,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 pub(crate) mod limits;
 pub(crate) mod server;
+pub(crate) mod wire;
 
 use crate::health::Health;
 use crate::metrics::Metrics;
