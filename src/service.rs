@@ -235,6 +235,7 @@ pub async fn start(
             admin_token: cfg.http.admin_token.clone(),
             provisioner: provisioner.clone(),
             throttle: Default::default(),
+            calls: TaskTracker::new(),
         }),
     };
     supervisor.spawn(

@@ -8,6 +8,7 @@
 //!   error answers (to requests it cannot parse) are JSON too.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -49,9 +50,14 @@ pub(crate) fn router(state: AppState) -> Router {
         .layer(middleware::map_response(limits::json_errors))
 }
 
+/// After the connections are gone at shutdown, how long device calls still running get to finish (they run
+/// in tasks of their own, [`DeviceApi::calls`]). With [`server::SHUTDOWN_GRACE`] and its second, the HTTP
+/// side is done within 12 s of the signal, inside the 15 s the process has.
+const DEVICE_CALL_GRACE: Duration = Duration::from_secs(6);
+
 /// Serves the routes on `listener` with at most `max_connections` connections, over TLS when `tls` is given
 /// (https only: a plain request gets no answer), until `cancel` fires; returns within a few seconds of that
-/// ([`server::SHUTDOWN_GRACE`]).
+/// ([`server::SHUTDOWN_GRACE`], then [`DEVICE_CALL_GRACE`] for device calls whose connection is gone).
 pub(crate) async fn serve(
     listener: TcpListener,
     state: AppState,
@@ -61,7 +67,16 @@ pub(crate) async fn serve(
 ) -> std::io::Result<()> {
     let metrics = state.metrics.clone();
     let tls = tls.map(tokio_rustls::TlsAcceptor::from);
-    server::serve(listener, router(state), max_connections, metrics, tls, cancel).await
+    let calls = state.devices.calls.clone();
+    let served = server::serve(listener, router(state), max_connections, metrics, tls, cancel).await;
+    calls.close();
+    if tokio::time::timeout(DEVICE_CALL_GRACE, calls.wait()).await.is_err() {
+        tracing::warn!(
+            running = calls.len(),
+            "device calls still running at shutdown; the broker and the device records may disagree for them"
+        );
+    }
+    served
 }
 
 async fn healthz() -> Response {
