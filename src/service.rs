@@ -263,6 +263,7 @@ pub async fn start(
             authn_token: cfg.broker.authn_token.clone(),
             provisioner: provisioner.clone(),
             throttle: Default::default(),
+            calls: TaskTracker::new(),
         }),
     };
     supervisor.spawn(

@@ -2,7 +2,9 @@
 //! `GET /api/v1/openapi.json` is the file byte for byte; the file is valid OpenAPI 3.1 (openapi-spec-validator,
 //! plus the checks in tests/openapi/document.rs); and a live bridge, a real process on a real PostgreSQL and a
 //! Mosquitto with dynamic security, keeps to it under schemathesis's generated requests: no 5xx, every status,
-//! content type, header and body as documented, every error answer `{"error": "..."}` in JSON.
+//! content type, header and body as documented, every error answer `{"error": "..."}` in JSON; and what
+//! schemathesis does not send (tests/openapi/edges.rs): a body over the limit to every operation, a method
+//! no operation lists to every path, each answer as the document describes it.
 //!
 //! The two Python tools are PyPI packages pinned in scripts/setup-api-tools, which installs them into
 //! .tools/venv; these tests run it first, so `cargo test --test openapi` works on a fresh machine by itself.
@@ -13,6 +15,8 @@
 mod common;
 #[path = "openapi/document.rs"]
 mod document;
+#[path = "openapi/edges.rs"]
+mod edges;
 #[path = "openapi/har.rs"]
 mod har;
 
@@ -105,6 +109,13 @@ async fn the_served_document_is_the_file_and_valid_openapi_3_1() {
             file.len()
         );
     }
+    // What schemathesis does not send: bodies over the limit to every operation, unlisted methods.
+    let problems = edges::oversized_bodies_and_wrong_methods(&doc, &bridge.http, ADMIN_TOKEN).await;
+    assert!(
+        problems.is_empty(),
+        "answers the document does not describe:\n{}",
+        problems.join("\n")
+    );
     bridge.stop().await;
 
     let Some(bin) = api_tools("openapi-spec-validator") else {

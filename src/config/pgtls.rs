@@ -39,11 +39,9 @@ impl SslMode {
             "require" => SslMode::Require,
             "verify-ca" => SslMode::VerifyCa,
             "verify-full" => SslMode::VerifyFull,
-            other => {
-                return Err(format!(
-                    "sslmode {other:?} is not one of disable, prefer, require, verify-ca, verify-full"
-                ))
-            }
+            // The value is not quoted: a value that swallowed its neighbours (`sslmode=require\\ password=…`)
+            // would print them.
+            _ => return Err("sslmode is not one of disable, prefer, require, verify-ca, verify-full".into()),
         })
     }
 
@@ -185,7 +183,8 @@ fn split_key_values(conn: &str) -> Result<Split, String> {
         let key = &conn[start..key_end];
         while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
         if chars.next_if(|(_, c)| *c == '=').is_none() {
-            return Err(format!("parameter {key:?} has no '=' and value"));
+            // Not quoted: a stray word may be a password pasted in the wrong place.
+            return Err("a parameter has no '=' and value".into());
         }
         while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
         let quoted = chars.next_if(|(_, c)| *c == '\'').is_some();
@@ -211,7 +210,7 @@ fn split_key_values(conn: &str) -> Result<Split, String> {
             }
         }
         if !closed {
-            return Err(format!("the value of {key:?} has no closing quote"));
+            return Err("a quoted value has no closing quote".into());
         }
         match key {
             "sslmode" => mode = Some(SslMode::parse(&value)?),

@@ -20,13 +20,12 @@ impl Raw {
         let (pg_rest, _) =
             super::pgtls::split(&pg_url).map_err(|reason| ConfigError::invalid("postgres.url", reason))?;
         if pg_rest.parse::<tokio_postgres::Config>().is_err() || !conninfo::is_readable(&pg_url) {
-            // Not tokio-postgres's reason: it can quote a character or a keyword of the string.
+            // Neither the string nor tokio-postgres's reason (which can quote a character or a keyword of it):
+            // where a password sits in a string that does not parse is unknown (a percent-encoded key, a stray
+            // word), so none of it is shown.
             return Err(ConfigError::invalid(
                 "postgres.url",
-                format!(
-                    "{:?} is not a PostgreSQL connection URL or key=value connection string",
-                    redact_postgres(&pg_url)
-                ),
+                "is not a PostgreSQL connection URL or key=value connection string (not shown: it may hold a password)",
             ));
         }
         let schema = self.non_empty("postgres.schema", "public")?;

@@ -4,8 +4,11 @@
 //!
 //! - [`server`]: connections (TLS when configured, header timeout, connection cap, shutdown deadline).
 //! - [`limits`]: the request body's size and time limits, and JSON for every error answer.
+//! - [`wire`]: the connection's bytes: a client that does not read its answers is let go, and hyper's own
+//!   error answers (to requests it cannot parse) are JSON too.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -19,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 pub(crate) mod limits;
 pub(crate) mod server;
+pub(crate) mod wire;
 
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -46,9 +50,14 @@ pub(crate) fn router(state: AppState) -> Router {
         .layer(middleware::map_response(limits::json_errors))
 }
 
+/// After the connections are gone at shutdown, how long device calls still running get to finish (they run
+/// in tasks of their own, [`DeviceApi::calls`]). With [`server::SHUTDOWN_GRACE`] and its second, the HTTP
+/// side is done within 12 s of the signal, inside the 15 s the process has.
+const DEVICE_CALL_GRACE: Duration = Duration::from_secs(6);
+
 /// Serves the routes on `listener` with at most `max_connections` connections, over TLS when `tls` is given
 /// (https only: a plain request gets no answer), until `cancel` fires; returns within a few seconds of that
-/// ([`server::SHUTDOWN_GRACE`]).
+/// ([`server::SHUTDOWN_GRACE`], then [`DEVICE_CALL_GRACE`] for device calls whose connection is gone).
 pub(crate) async fn serve(
     listener: TcpListener,
     state: AppState,
@@ -58,7 +67,16 @@ pub(crate) async fn serve(
 ) -> std::io::Result<()> {
     let metrics = state.metrics.clone();
     let tls = tls.map(tokio_rustls::TlsAcceptor::from);
-    server::serve(listener, router(state), max_connections, metrics, tls, cancel).await
+    let calls = state.devices.calls.clone();
+    let served = server::serve(listener, router(state), max_connections, metrics, tls, cancel).await;
+    calls.close();
+    if tokio::time::timeout(DEVICE_CALL_GRACE, calls.wait()).await.is_err() {
+        tracing::warn!(
+            running = calls.len(),
+            "device calls still running at shutdown; the broker and the device records may disagree for them"
+        );
+    }
+    served
 }
 
 async fn healthz() -> Response {

@@ -4,6 +4,8 @@
 //! - hold a connection without sending a request: headers must arrive within [`HEADER_TIMEOUT`] of the
 //!   connection opening or of the previous answer (idle keep-alive connections included), else hyper closes
 //!   it (the body's own deadline is [`super::limits`]'s);
+//! - hold a connection by not reading the answers: a write that makes no progress for
+//!   [`super::wire::WRITE_STALL`], or stays behind for [`super::wire::WRITE_BEHIND`], closes it;
 //! - open connections without end: at most `http.max_connections` are served, one more is closed as soon as
 //!   it is accepted and counted in `delta_bridge_http_connections_refused_total`, so the memory clients can
 //!   pin stays bounded (each holds at most hyper's read buffer, [`MAX_BUF`], and a 64 KiB body);
@@ -33,6 +35,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::wire::Wire;
 use crate::metrics::Metrics;
 
 /// How long a client may take to send a request's headers, from the moment the connection is open or the
@@ -178,9 +181,10 @@ async fn handshake(
     }
 }
 
-/// One connection: HTTP/1.1 with the header timeout, the peer's address in each request's extensions (for the
-/// device API's limit on failed authentication), and the shutdown deadline.
-async fn connection<S>(stream: S, peer: SocketAddr, router: Router, cancel: CancellationToken)
+/// One connection: HTTP/1.1 with the header timeout, the write deadlines and JSON for hyper's own error
+/// answers ([`super::wire`]), the peer's address in each request's extensions (for the device API's limit on
+/// failed authentication), and the shutdown deadline.
+pub(super) async fn connection<S>(stream: S, peer: SocketAddr, router: Router, cancel: CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -194,7 +198,7 @@ where
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(MAX_BUF)
         .max_header_size(MAX_HEADER_BYTES)
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(TokioIo::new(Wire::new(stream)), service);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,

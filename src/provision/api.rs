@@ -18,19 +18,46 @@ use axum::{Json, Router};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio_util::task::TaskTracker;
 
 use super::broker::BrokerError;
 use super::throttle::{AuthThrottle, Verdict};
 use super::{IssueRequest, ProvisionError, Provisioner};
 use crate::config::Secret;
 
-/// What the device routes need: the admin token, the provisioner, and the record of failed authentication.
+/// What the device routes need: the admin token, the provisioner, the record of failed authentication, and
+/// the device calls in progress.
 pub(crate) struct DeviceApi {
     pub admin_token: Option<Secret>,
     /// The secret EMQX's HTTP authenticator sends; None: the authn endpoint answers 503.
     pub authn_token: Option<Secret>,
     pub provisioner: Arc<Provisioner>,
     pub throttle: AuthThrottle,
+    /// Issue and revoke run in tasks of their own, tracked here, not in the connection's: a connection dropped
+    /// at shutdown (or by its client) must not cut a call between the broker's change and the database's
+    /// commit (the broker would hold a credential nobody received, or the record name one the broker no
+    /// longer has). The server waits for them when it stops ([`crate::http::serve`]).
+    pub calls: TaskTracker,
+}
+
+/// `call` run to its end whatever becomes of the request that started it; None if its task failed (a panic,
+/// or the runtime stopping under it), logged.
+async fn detached<T: Send + 'static>(
+    api: &DeviceApi,
+    what: &str,
+    call: impl std::future::Future<Output = T> + Send + 'static,
+) -> Option<T> {
+    match api.calls.spawn(call).await {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::error!(error = %e, "{what}: the call's task failed");
+            None
+        }
+    }
+}
+
+fn task_failed() -> Response {
+    error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
 }
 
 /// The device routes with their own state, ready to merge into the service's router.
@@ -77,8 +104,15 @@ fn authorize(api: &DeviceApi, client: SocketAddr, headers: &HeaderMap) -> Result
         )));
     };
     let now = Instant::now();
-    let last = match api.throttle.admit(client.ip(), now) {
-        Verdict::Check { last } => last,
+    let given = bearer_token(headers);
+    let compare = || {
+        let ok: bool = Sha256::digest(given.as_bytes())
+            .ct_eq(&Sha256::digest(expected.expose().as_bytes()))
+            .into();
+        ok && !given.is_empty()
+    };
+    match api.throttle.check(client.ip(), now, compare) {
+        Verdict::Passed => Ok(()),
         Verdict::Limited(wait) => {
             let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
             let mut r = error(
@@ -86,20 +120,17 @@ fn authorize(api: &DeviceApi, client: SocketAddr, headers: &HeaderMap) -> Result
                 format!("too many failed authentications from this address; retry in {secs}s"),
             );
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            return Err(Box::new(r));
+            Err(Box::new(r))
         }
-    };
-    if secret_matches(bearer_token(headers), expected) {
-        api.throttle.succeeded(client.ip(), now);
-        Ok(())
-    } else {
-        if last {
-            tracing::warn!(client = %client.ip(), "failed admin authentications: answering this address 429 for a while");
+        Verdict::Failed { last } => {
+            if last {
+                tracing::warn!(client = %client.ip(), "failed admin authentications: answering this address 429 for a while");
+            }
+            let mut r = error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            Err(Box::new(r))
         }
-        let mut r = error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        Err(Box::new(r))
     }
 }
 
@@ -161,9 +192,11 @@ async fn issue(
             )
         }
     };
-    match api.provisioner.issue(&req).await {
-        Ok(c) => (StatusCode::CREATED, Json(c)).into_response(),
-        Err(e) => failure(e, "issue"),
+    let provisioner = api.provisioner.clone();
+    match detached(&api, "issue", async move { provisioner.issue(&req).await }).await {
+        Some(Ok(c)) => (StatusCode::CREATED, Json(c)).into_response(),
+        Some(Err(e)) => failure(e, "issue"),
+        None => task_failed(),
     }
 }
 
@@ -191,9 +224,11 @@ async fn revoke(
     if let Err(r) = authorize(&api, client, &headers) {
         return *r;
     }
-    match api.provisioner.revoke(&device_id).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => failure(e, "revoke"),
+    let provisioner = api.provisioner.clone();
+    match detached(&api, "revoke", async move { provisioner.revoke(&device_id).await }).await {
+        Some(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Some(Err(e)) => failure(e, "revoke"),
+        None => task_failed(),
     }
 }
 

@@ -1,19 +1,22 @@
 //! The limit on failed admin authentication (docs/api.md#authentication): per client address, a bucket of
 //! [`BURST`] failures that refills at [`PER_SECOND`] a second. A request with a missing or wrong token takes
-//! one failure from its address's bucket (a right one gives it back); while the bucket holds less than one,
-//! every device-API request from that address is answered 429 *without its token being compared*, and with
-//! the time until the next failure is allowed.
+//! one failure from its address's bucket; while the bucket holds less than one, every device-API request from
+//! that address is answered 429 *without its token being compared*, and with the time until the next failure
+//! is allowed.
 //!
 //! Not comparing is what makes it a limit: if a right token were still served while wrong ones got 429, the
 //! 429 itself would tell a guesser that the guess was wrong, and guessing could go on at full speed. The cost
 //! is that a valid client sharing an address with a guesser (behind the same NAT or proxy) waits with it;
-//! a client that never fails never takes from a bucket, and the wait ends within a second of the failures
-//! stopping.
+//! a client that never fails never has a bucket at all, and the wait ends within a second of the failures
+//! stopping. The comparison runs under the table's lock ([`AuthThrottle::check`], a hash of a short token), so
+//! requests in parallel get no more comparisons than the bucket holds.
 //!
-//! Memory is bounded: at most [`MAX_ADDRESSES`] buckets. IPv6 clients are counted by /64 (one host usually
-//! has a whole /64). When the table is full, buckets that have refilled completely (which remember nothing)
-//! are dropped; if every bucket is still in use, addresses without a bucket share one overflow bucket, so
-//! that many addresses guessing at once are limited together.
+//! Memory and work are bounded: at most [`MAX_ADDRESSES`] buckets, made only on a failure. IPv6 clients are
+//! counted by /64 (one host usually has a whole /64). When the table is full and a new address fails, the
+//! buckets that have refilled completely (which remember nothing) are dropped, at most once every
+//! [`SWEEP_INTERVAL`]; if none could be, addresses without a bucket are counted together in one shared
+//! bucket: while it is empty, such an address is answered 429 (many addresses guessing at once are limited
+//! together), while addresses that have a bucket of their own keep it.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -72,19 +75,24 @@ impl Bucket {
     }
 }
 
+/// How often, at most, a full table is swept for buckets that remember nothing.
+pub(crate) const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
 struct Table {
     buckets: HashMap<Key, Bucket>,
+    /// Counts the addresses that found the table full.
     overflow: Bucket,
+    last_sweep: Option<Instant>,
 }
 
-/// What a client address may do next.
+/// What became of a device-API request's token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
-    /// Its token is compared. One failure is set aside for it before the comparison, so that requests in
-    /// parallel cannot get more comparisons than the bucket holds; [`AuthThrottle::succeeded`] gives it back.
-    /// `last`: that was the address's last failure (worth a log line if the token is wrong).
-    Check { last: bool },
-    /// Answered 429; it may try again after this long.
+    /// It was right.
+    Passed,
+    /// It was wrong or missing, and counted. `last`: that was the address's last failure (worth a log line).
+    Failed { last: bool },
+    /// Not compared: the address has failed too often; it may try again after this long.
     Limited(Duration),
 }
 
@@ -99,20 +107,30 @@ impl Default for AuthThrottle {
             table: Mutex::new(Table {
                 buckets: HashMap::new(),
                 overflow: Bucket::full(Instant::now()),
+                last_sweep: None,
             }),
         }
     }
 }
 
 impl Table {
-    /// The bucket that counts `key`: its own (made when there is room, after forgetting the buckets that have
-    /// refilled if the table is full), else the shared overflow bucket.
-    fn bucket(&mut self, key: Key, now: Instant) -> &mut Bucket {
+    /// The bucket that counts `key` if it has one, or the shared one if the table is full (and cannot be
+    /// swept yet); None for an address with no failures on record and room to record them.
+    fn existing(&mut self, key: Key, now: Instant) -> Option<&mut Bucket> {
+        if self.buckets.contains_key(&key) {
+            return self.buckets.get_mut(&key);
+        }
+        if self.buckets.len() >= MAX_ADDRESSES {
+            self.sweep(now);
+        }
+        (self.buckets.len() >= MAX_ADDRESSES).then_some(&mut self.overflow)
+    }
+
+    /// The bucket a failure of `key` is counted in: its own, made if there is room (after a sweep if the
+    /// table is full), else the shared one.
+    fn counting(&mut self, key: Key, now: Instant) -> &mut Bucket {
         if !self.buckets.contains_key(&key) && self.buckets.len() >= MAX_ADDRESSES {
-            self.buckets.retain(|_, b| {
-                b.refill(now);
-                b.tokens < BURST
-            });
+            self.sweep(now);
         }
         if self.buckets.len() < MAX_ADDRESSES || self.buckets.contains_key(&key) {
             self.buckets.entry(key).or_insert_with(|| Bucket::full(now))
@@ -120,29 +138,47 @@ impl Table {
             &mut self.overflow
         }
     }
+
+    /// Forgets the buckets that have refilled, unless that was tried less than [`SWEEP_INTERVAL`] ago.
+    fn sweep(&mut self, now: Instant) {
+        if self
+            .last_sweep
+            .is_some_and(|t| now.saturating_duration_since(t) < SWEEP_INTERVAL)
+        {
+            return;
+        }
+        self.last_sweep = Some(now);
+        self.buckets.retain(|_, b| {
+            b.refill(now);
+            b.tokens < BURST
+        });
+    }
 }
 
 impl AuthThrottle {
-    /// Before the token is compared: whether `ip` may have it compared now (and if so, one failure is set
-    /// aside for it).
-    pub(crate) fn admit(&self, ip: IpAddr, now: Instant) -> Verdict {
+    /// Whether `ip` may have its token compared now, and if so, `compare` (true: the token is right) with
+    /// a wrong token counted against the address. A right token changes nothing and makes no bucket.
+    pub(crate) fn check(&self, ip: IpAddr, now: Instant, compare: impl FnOnce() -> bool) -> Verdict {
+        let key = Key::of(ip);
         let mut t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        let bucket = t.bucket(Key::of(ip), now);
-        if let Some(wait) = bucket.wait(now) {
-            return Verdict::Limited(wait);
+        if let Some(bucket) = t.existing(key, now) {
+            if let Some(wait) = bucket.wait(now) {
+                return Verdict::Limited(wait);
+            }
         }
+        if compare() {
+            return Verdict::Passed;
+        }
+        let bucket = t.counting(key, now);
         bucket.tokens -= 1.0;
-        Verdict::Check {
+        Verdict::Failed {
             last: bucket.tokens < 1.0,
         }
     }
 
-    /// The token was right: the failure set aside for it goes back (a success never counts).
-    pub(crate) fn succeeded(&self, ip: IpAddr, now: Instant) {
-        let mut t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        let bucket = t.bucket(Key::of(ip), now);
-        bucket.refill(now);
-        bucket.tokens = (bucket.tokens + 1.0).min(BURST);
+    #[cfg(test)]
+    fn buckets(&self) -> usize {
+        self.table.lock().expect("lock").buckets.len()
     }
 }
 
@@ -155,10 +191,18 @@ mod tests {
         IpAddr::V4(Ipv4Addr::new(10, 0, 0, last))
     }
 
+    fn wrong(t: &AuthThrottle, ip: IpAddr, now: Instant) -> Verdict {
+        t.check(ip, now, || false)
+    }
+
+    fn right(t: &AuthThrottle, ip: IpAddr, now: Instant) -> Verdict {
+        t.check(ip, now, || true)
+    }
+
     fn fail_burst(t: &AuthThrottle, ip: IpAddr, now: Instant) {
         for i in 0..BURST as usize {
             let last = i + 1 == BURST as usize;
-            assert_eq!(t.admit(ip, now), Verdict::Check { last }, "failure {i}");
+            assert_eq!(wrong(t, ip, now), Verdict::Failed { last }, "failure {i}");
         }
     }
 
@@ -167,41 +211,59 @@ mod tests {
         let t = AuthThrottle::default();
         let now = Instant::now();
         fail_burst(&t, v4(1), now);
-        let Verdict::Limited(wait) = t.admit(v4(1), now) else {
-            panic!("limited after the burst")
+        let Verdict::Limited(wait) = right(&t, v4(1), now) else {
+            panic!("limited after the burst, whatever the token")
         };
         assert_eq!(wait, Duration::from_secs_f64(1.0 / PER_SECOND));
         // Another address is not affected.
-        assert_eq!(t.admit(v4(2), now), Verdict::Check { last: false });
+        assert_eq!(wrong(&t, v4(2), now), Verdict::Failed { last: false });
         // One failure's worth later it may try once more, and is limited again after it.
         let later = now + wait;
-        assert_eq!(t.admit(v4(1), later), Verdict::Check { last: true });
-        assert!(matches!(t.admit(v4(1), later), Verdict::Limited(_)));
+        assert_eq!(wrong(&t, v4(1), later), Verdict::Failed { last: true });
+        assert!(matches!(wrong(&t, v4(1), later), Verdict::Limited(_)));
         // Long enough without failures: the whole burst again.
         fail_burst(&t, v4(1), later + Duration::from_secs_f64(BURST / PER_SECOND));
     }
 
     #[test]
-    fn successes_never_count() {
+    fn successes_never_count_nor_make_a_bucket() {
         let t = AuthThrottle::default();
         let now = Instant::now();
-        for _ in 0..1000 {
-            assert!(matches!(t.admit(v4(1), now), Verdict::Check { .. }));
-            t.succeeded(v4(1), now);
+        for i in 0..1000 {
+            assert_eq!(right(&t, v4(1), now), Verdict::Passed);
+            assert_eq!(
+                right(&t, IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + i)), now),
+                Verdict::Passed
+            );
         }
+        assert_eq!(t.buckets(), 0);
         fail_burst(&t, v4(1), now);
-        assert!(matches!(t.admit(v4(1), now), Verdict::Limited(_)));
+        assert!(matches!(right(&t, v4(1), now), Verdict::Limited(_)));
+        assert_eq!(t.buckets(), 1);
     }
 
     #[test]
     fn requests_in_parallel_get_no_more_comparisons_than_the_bucket_holds() {
-        let t = AuthThrottle::default();
+        let t = std::sync::Arc::new(AuthThrottle::default());
         let now = Instant::now();
-        // Every admission sets a failure aside before any comparison is done.
-        let admitted = (0..100)
-            .filter(|_| matches!(t.admit(v4(1), now), Verdict::Check { .. }))
-            .count();
-        assert_eq!(admitted, BURST as usize);
+        let compared = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (t, compared) = (t.clone(), compared.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        t.check(v4(1), now, || {
+                            compared.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            false
+                        });
+                    }
+                })
+            })
+            .collect();
+        for th in threads {
+            th.join().expect("thread");
+        }
+        assert_eq!(compared.load(std::sync::atomic::Ordering::SeqCst), BURST as usize);
     }
 
     #[test]
@@ -212,39 +274,64 @@ mod tests {
         let same64: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("ip");
         let other64: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
         fail_burst(&t, a, now);
-        assert!(matches!(t.admit(same64, now), Verdict::Limited(_)));
-        assert!(matches!(t.admit(other64, now), Verdict::Check { .. }));
+        assert!(matches!(wrong(&t, same64, now), Verdict::Limited(_)));
+        assert!(matches!(wrong(&t, other64, now), Verdict::Failed { .. }));
 
         let mapped = IpAddr::V6(Ipv4Addr::new(10, 0, 0, 7).to_ipv6_mapped());
         fail_burst(&t, mapped, now);
-        assert!(matches!(t.admit(v4(7), now), Verdict::Limited(_)));
+        assert!(matches!(wrong(&t, v4(7), now), Verdict::Limited(_)));
         assert!(matches!(
-            t.admit(IpAddr::V6(Ipv6Addr::LOCALHOST), now),
-            Verdict::Check { .. }
+            wrong(&t, IpAddr::V6(Ipv6Addr::LOCALHOST), now),
+            Verdict::Failed { .. }
         ));
     }
 
     #[test]
-    fn the_table_stays_bounded_and_a_full_table_shares_one_bucket() {
+    fn a_full_table_shares_one_bucket_for_new_addresses_only_and_is_swept_once_a_second() {
         let t = AuthThrottle::default();
         let now = Instant::now();
         let addr = |i: u32| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
         for i in 0..MAX_ADDRESSES as u32 {
-            assert!(matches!(t.admit(addr(i), now), Verdict::Check { .. }));
+            assert!(matches!(wrong(&t, addr(i), now), Verdict::Failed { .. }));
         }
-        assert_eq!(t.table.lock().expect("lock").buckets.len(), MAX_ADDRESSES);
-        // Every bucket still in use: new addresses share the overflow bucket and are limited together.
+        assert_eq!(t.buckets(), MAX_ADDRESSES);
+        // An address with a bucket keeps it; its right token passes.
+        assert_eq!(right(&t, addr(0), now), Verdict::Passed);
+        // Every bucket still in use: new addresses' failures go to the shared bucket; once it is empty, new
+        // addresses are limited together, right token or not.
         let extra = MAX_ADDRESSES as u32;
         for i in 0..BURST as u32 {
-            assert!(matches!(t.admit(addr(extra + i), now), Verdict::Check { .. }));
+            assert!(matches!(wrong(&t, addr(extra + i), now), Verdict::Failed { .. }));
         }
-        assert_eq!(t.table.lock().expect("lock").buckets.len(), MAX_ADDRESSES);
-        assert!(matches!(t.admit(addr(extra + 1000), now), Verdict::Limited(_)));
-        // Once the old buckets have refilled they are forgotten and a new address gets its own bucket.
+        assert_eq!(t.buckets(), MAX_ADDRESSES);
+        assert!(matches!(right(&t, addr(extra + 1000), now), Verdict::Limited(_)));
+        assert_eq!(right(&t, addr(1), now), Verdict::Passed);
+        // Once the old buckets have refilled, the next sweep forgets them and a new address gets its own.
         let later = now + Duration::from_secs_f64(BURST / PER_SECOND + 1.0);
-        assert!(matches!(t.admit(addr(extra + 2000), later), Verdict::Check { .. }));
+        assert!(matches!(wrong(&t, addr(extra + 2000), later), Verdict::Failed { .. }));
         let table = t.table.lock().expect("lock");
         assert_eq!(table.buckets.len(), 1);
         assert!(table.buckets.contains_key(&Key::of(addr(extra + 2000))));
+    }
+
+    #[test]
+    fn a_full_table_is_swept_at_most_once_a_second() {
+        let t = AuthThrottle::default();
+        let t0 = Instant::now();
+        let addr = |i: u32| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+        for i in 0..MAX_ADDRESSES as u32 {
+            wrong(&t, addr(i), t0);
+        }
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let extra = MAX_ADDRESSES as u32;
+        // Swept, but nothing has refilled yet (one failure takes half a second): the shared bucket.
+        assert!(matches!(wrong(&t, addr(extra), ms(100)), Verdict::Failed { .. }));
+        assert_eq!(t.buckets(), MAX_ADDRESSES);
+        // Everything has refilled now, but the last sweep was 0.8 s ago: not swept again.
+        assert!(matches!(wrong(&t, addr(extra + 1), ms(900)), Verdict::Failed { .. }));
+        assert_eq!(t.buckets(), MAX_ADDRESSES);
+        // A second after it: swept, and the new address has a bucket of its own.
+        assert!(matches!(wrong(&t, addr(extra + 2), ms(1100)), Verdict::Failed { .. }));
+        assert_eq!(t.buckets(), 1);
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod certs;
 pub mod netns;
+pub mod raw_http;
 
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
