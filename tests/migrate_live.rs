@@ -22,20 +22,6 @@ type Timed = (Instant, Duration);
 /// `postgres.ddl_lock_timeout`, 1 s), never behind the holder.
 const WRITER_WAIT_LIMIT: Duration = Duration::from_secs(3);
 
-/// The migrations this version ships: `sql/NNN_*.sql`.
-fn migrations() -> Vec<i32> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql");
-    let mut v: Vec<i32> = std::fs::read_dir(dir)
-        .expect("sql/")
-        .filter_map(|e| {
-            let name = e.ok()?.file_name().into_string().ok()?;
-            name.split_once('_')?.0.parse().ok()
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 /// The config file `migrate` runs with.
 fn config_file(env: &Env) -> PathBuf {
     let path = env.dir.join("migrate.toml");
@@ -191,7 +177,7 @@ async fn assert_capture_works(db: &Client) {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, migrations());
+    assert_eq!(versions, common::migrations());
     db.execute("UPDATE products SET stock = 424242 WHERE id = 7", &[])
         .await
         .expect("update");
@@ -226,7 +212,7 @@ async fn writers_at_full_rate_barely_wait_while_two_replicas_migrate() {
     let outputs = format!("{}{}", text(&a.0), text(&b.0));
     assert_eq!(
         outputs
-            .matches(&format!("applied migrations {:?}", migrations()))
+            .matches(&format!("applied migrations {:?}", common::migrations()))
             .count(),
         1,
         "{outputs}"

@@ -26,15 +26,12 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::dynsec::{self, BRIDGE_PASSWORD, DYNSEC_ADMIN, DYNSEC_ADMIN_PASSWORD};
 use common::Env;
-use delta_harness::servers::Mosquitto;
 use serde_json::{json, Value};
 
 const DOCUMENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");
 const ADMIN_TOKEN: &str = "openapi-admin-token-0123456789";
-const DYNSEC_ADMIN: &str = "admin";
-const DYNSEC_ADMIN_PASSWORD: &str = "dynsec-admin-secret";
-const BRIDGE_PASSWORD: &str = "bridge-publisher-secret";
 
 /// Test cases per operation and phase: about 2,000 requests, 1–2 minutes on two shared cores.
 const MAX_EXAMPLES: u32 = 200;
@@ -145,25 +142,6 @@ async fn the_served_document_is_the_file_and_valid_openapi_3_1() {
     );
 }
 
-/// PostgreSQL with the sample data, and a Mosquitto that authenticates through dynamic security only, with
-/// the bridge's own publishing account.
-fn dynsec_env(tag: &str) -> Env {
-    let env = Env::start_with_mqtt(tag, |dir| {
-        Mosquitto::start_dynsec(dir, DYNSEC_ADMIN, DYNSEC_ADMIN_PASSWORD, "").expect("mosquitto with dynamic security")
-    });
-    for args in [
-        vec!["createClient", "bridge", "-p", BRIDGE_PASSWORD],
-        vec!["createRole", "bridge-publisher"],
-        vec!["addRoleACL", "bridge-publisher", "publishClientSend", "dev/#", "allow"],
-        vec!["addClientRole", "bridge", "bridge-publisher"],
-    ] {
-        env.mqtt
-            .dynsec(DYNSEC_ADMIN, DYNSEC_ADMIN_PASSWORD, &args)
-            .expect("mosquitto_ctrl");
-    }
-    env
-}
-
 /// A fresh EC P-256 signing key made by the openssl CLI, in the test's directory.
 fn signing_key(env: &Env) -> PathBuf {
     let out = Command::new("openssl")
@@ -198,7 +176,7 @@ async fn a_live_bridge_keeps_to_its_openapi_document_under_schemathesis() {
     let Some(bin) = api_tools("the schemathesis run") else {
         return;
     };
-    let env = dynsec_env("openapi-st");
+    let env = dynsec::env("openapi-st", "");
     let key = signing_key(&env);
     let key = key.to_string_lossy();
     let bridge = env.bridge_process_with(

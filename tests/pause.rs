@@ -10,13 +10,10 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::dynsec::{self, ctrl, BRIDGE_PASSWORD};
 use common::{metric, Env, InProcessBridge, Received, Subscriber};
 use delta_bridge::config::Config;
-use delta_harness::servers::Mosquitto;
 
-const DYNSEC_ADMIN: &str = "admin";
-const DYNSEC_ADMIN_PASSWORD: &str = "dynsec-admin-secret";
-const BRIDGE_PASSWORD: &str = "bridge-publisher-secret";
 const WATCHER_PASSWORD: &str = "watcher-secret";
 const PAUSED: &str = "delta_bridge_publishing_paused ";
 
@@ -28,15 +25,8 @@ const QUEUE_BOUND: &str = "max_queued_messages 1000000\n";
 /// PostgreSQL and a Mosquitto that authenticates through dynamic security only; the bridge may publish under
 /// `dev/#`, the watcher may subscribe to it.
 fn dynsec_env(tag: &str, broker_extra: &'static str) -> Env {
-    let env = Env::start_with_mqtt(tag, move |dir| {
-        Mosquitto::start_dynsec(dir, DYNSEC_ADMIN, DYNSEC_ADMIN_PASSWORD, broker_extra)
-            .expect("mosquitto with dynamic security")
-    });
+    let env = dynsec::env(tag, broker_extra);
     for args in [
-        vec!["createClient", "bridge", "-p", BRIDGE_PASSWORD],
-        vec!["createRole", "bridge-publisher"],
-        vec!["addRoleACL", "bridge-publisher", "publishClientSend", "dev/#", "allow"],
-        vec!["addClientRole", "bridge", "bridge-publisher"],
         vec!["createClient", "watcher", "-p", WATCHER_PASSWORD],
         vec!["createRole", "watcher"],
         vec!["addRoleACL", "watcher", "subscribePattern", "dev/#", "allow"],
@@ -45,12 +35,6 @@ fn dynsec_env(tag: &str, broker_extra: &'static str) -> Env {
         ctrl(&env, &args);
     }
     env
-}
-
-fn ctrl(env: &Env, args: &[&str]) {
-    env.mqtt
-        .dynsec(DYNSEC_ADMIN, DYNSEC_ADMIN_PASSWORD, args)
-        .expect("mosquitto_ctrl");
 }
 
 async fn dead_letters(db: &tokio_postgres::Client) -> Vec<String> {

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::dynsec::{self, ctrl, BRIDGE_PASSWORD, DYNSEC_ADMIN, DYNSEC_ADMIN_PASSWORD};
 use common::{Env, InProcessBridge};
 use delta_bridge::config::Config;
-use delta_harness::servers::Mosquitto;
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Filter, Packet, PubAckReason, Publish, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
@@ -19,9 +19,6 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
-const DYNSEC_ADMIN: &str = "admin";
-const DYNSEC_ADMIN_PASSWORD: &str = "dynsec-admin-secret";
-const BRIDGE_PASSWORD: &str = "bridge-publisher-secret";
 const OWN: &str = "dev/MCH-MST-001/BRN-MST-OSK00001/#";
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -32,26 +29,7 @@ const QUEUE_BOUND: &str = "max_queued_messages 1000000\n";
 
 /// PostgreSQL and a Mosquitto that authenticates through dynamic security only.
 fn dynsec_env(tag: &str) -> Env {
-    let env = Env::start_with_mqtt(tag, |dir| {
-        Mosquitto::start_dynsec(dir, DYNSEC_ADMIN, DYNSEC_ADMIN_PASSWORD, QUEUE_BOUND)
-            .expect("mosquitto with dynamic security")
-    });
-    // The bridge's own identity: may publish under dev/#, nothing else.
-    for args in [
-        vec!["createClient", "bridge", "-p", BRIDGE_PASSWORD],
-        vec!["createRole", "bridge-publisher"],
-        vec!["addRoleACL", "bridge-publisher", "publishClientSend", "dev/#", "allow"],
-        vec!["addClientRole", "bridge", "bridge-publisher"],
-    ] {
-        ctrl(&env, &args);
-    }
-    env
-}
-
-fn ctrl(env: &Env, args: &[&str]) {
-    env.mqtt
-        .dynsec(DYNSEC_ADMIN, DYNSEC_ADMIN_PASSWORD, args)
-        .expect("mosquitto_ctrl");
+    dynsec::env(tag, QUEUE_BOUND)
 }
 
 /// A fresh EC P-256 key made by the openssl CLI (SEC1 PEM), in the test's directory.

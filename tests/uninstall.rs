@@ -14,20 +14,6 @@ use tokio_postgres::Client;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// The migrations this version ships: `sql/NNN_*.sql`.
-fn migrations() -> Vec<i32> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql");
-    let mut v: Vec<i32> = std::fs::read_dir(dir)
-        .expect("sql/")
-        .filter_map(|e| {
-            let name = e.ok()?.file_name().into_string().ok()?;
-            name.split_once('_')?.0.parse().ok()
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 /// Runs `delta-bridge --config <env's config> ARGS` to its end (at most `limit`); returns the exit code and
 /// what it printed (stdout, then stderr).
 async fn cli(env: &Env, tag: &str, args: &[&str], limit: Duration) -> (Option<i32>, String) {
@@ -195,7 +181,7 @@ async fn a_binary_refuses_a_schema_newer_than_it_knows() {
     assert_eq!(code, Some(0), "{out}");
     // As if a newer delta-bridge had applied its next migration, then a rollback deployed this one; and
     // removed a trigger, which this version would attach again if it went ahead.
-    let known = *migrations().last().expect("migrations");
+    let known = *common::migrations().last().expect("migrations");
     db.batch_execute(&format!(
         "INSERT INTO delta_bridge.schema_migrations (version, name) VALUES ({}, 'from a newer version');
          DROP TRIGGER delta_bridge_capture_ins ON products;",
@@ -224,6 +210,9 @@ async fn a_binary_refuses_a_schema_newer_than_it_knows() {
     assert_eq!(code, Some(0), "{out}");
     let (code, out) = cli(&env, "reinstall", &["migrate"], WAIT).await;
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains(&format!("applied migrations {:?}", migrations())), "{out}");
+    assert!(
+        out.contains(&format!("applied migrations {:?}", common::migrations())),
+        "{out}"
+    );
     assert_eq!(capture_triggers(&db).await, 10);
 }

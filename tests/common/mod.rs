@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod dynsec;
 pub mod netns;
 pub mod raw_http;
 
@@ -691,4 +692,18 @@ pub async fn metric_sum(http: &str, name: &str) -> Option<f64> {
             .filter_map(|v| v.parse::<f64>().ok())
             .sum(),
     )
+}
+
+/// The migrations this version ships: `sql/NNN_*.sql`.
+pub fn migrations() -> Vec<i32> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql");
+    let mut v: Vec<i32> = std::fs::read_dir(dir)
+        .expect("sql/")
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.split_once('_')?.0.parse().ok()
+        })
+        .collect();
+    v.sort();
+    v
 }
