@@ -8,10 +8,11 @@ use delta_harness::schemas::{schema_errors, validate_in};
 use serde_json::Value;
 
 /// Every route the bridge serves, as `METHOD path`.
-pub const ROUTES: [&str; 8] = [
+pub const ROUTES: [&str; 9] = [
     "POST /api/v1/devices",
     "GET /api/v1/devices/{device_id}",
     "DELETE /api/v1/devices/{device_id}",
+    "POST /api/v1/broker/authn",
     "GET /.well-known/jwks.json",
     "GET /api/v1/openapi.json",
     "GET /healthz",
