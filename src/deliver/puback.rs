@@ -221,7 +221,10 @@ mod tests {
         let (outcome, _) = settle(Verdict::Acked(copy), &mut w, later, REFUSED);
         assert!(outcome.is_none(), "its row is gone: no second outcome");
         assert_eq!(w.len(), 1, "acknowledged again: kept from now");
-        assert_eq!(w.lost(later + Duration::from_secs(9), later + Duration::from_secs(9)), vec![event(1)]);
+        assert_eq!(
+            w.lost(later + Duration::from_secs(9), later + Duration::from_secs(9)),
+            vec![event(1)]
+        );
     }
 
     #[test]

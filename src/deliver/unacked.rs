@@ -563,7 +563,10 @@ mod tests {
         let mut u = Unacked::new();
         u.submit(Ev(1, "e"), t0);
         u.on_outgoing(1);
-        assert_eq!(u.on_puback(1, AckClass::NotAuthorized, t0), Some(Verdict::Held { seq: 1 }));
+        assert_eq!(
+            u.on_puback(1, AckClass::NotAuthorized, t0),
+            Some(Verdict::Held { seq: 1 })
+        );
         u.submit(Ev(2, "c"), t0);
         assert_eq!(u.reconnect_only(t0, copy), vec![2]);
         assert!(u.unpark(t0).is_empty(), "refused with no success since: held again");

@@ -212,7 +212,11 @@ mod tests {
         assert_eq!(seqs(&copies), vec![3, 4]);
         assert_eq!(w.len(), 0);
         assert_eq!(w.bytes(), 20, "the copies out still count");
-        assert!(w.lost(t0 + Duration::from_secs(13), t0 + Duration::from_secs(13)).is_empty(), "handed back once");
+        assert!(
+            w.lost(t0 + Duration::from_secs(13), t0 + Duration::from_secs(13))
+                .is_empty(),
+            "handed back once"
+        );
     }
 
     #[test]
@@ -237,7 +241,10 @@ mod tests {
         // 50 more: the two oldest (1 and 2) make room.
         assert_eq!(w.acked(Ev(9, 50), t0 + Duration::from_secs(5)), 2);
         assert_eq!(w.bytes(), 80);
-        assert_eq!(seqs(&w.lost(t0 + Duration::from_secs(6), t0 + Duration::from_secs(6))), vec![3, 9]);
+        assert_eq!(
+            seqs(&w.lost(t0 + Duration::from_secs(6), t0 + Duration::from_secs(6))),
+            vec![3, 9]
+        );
         // Larger than the room the copies out leave: not kept, counted; the copies out are not evicted.
         assert_eq!(w.acked(Ev(10, 21), t0 + Duration::from_secs(7)), 1);
         assert_eq!(w.bytes(), 80);
@@ -260,7 +267,10 @@ mod tests {
         // Copy 2 refused: settled, no longer counted, and not handed back by the next loss.
         w.settled(2);
         assert_eq!(w.bytes(), 40);
-        assert_eq!(seqs(&w.lost(t0 + Duration::from_secs(25), t0 + Duration::from_secs(25))), vec![1]);
+        assert_eq!(
+            seqs(&w.lost(t0 + Duration::from_secs(25), t0 + Duration::from_secs(25))),
+            vec![1]
+        );
         w.settled(2);
         assert_eq!(w.bytes(), 40, "settling twice is harmless");
     }
@@ -273,7 +283,10 @@ mod tests {
         w.acked(Ev(1, 30), t0 + Duration::from_secs(9));
         assert_eq!((w.len(), w.bytes()), (1, 30));
         // Aged from the second acknowledgement.
-        assert_eq!(seqs(&w.lost(t0 + Duration::from_secs(15), t0 + Duration::from_secs(15))), vec![1]);
+        assert_eq!(
+            seqs(&w.lost(t0 + Duration::from_secs(15), t0 + Duration::from_secs(15))),
+            vec![1]
+        );
     }
 
     #[test]
@@ -331,7 +344,12 @@ mod tests {
         for seq in 0..100 {
             evicted += w.acked(Ev(seq, 1), t0);
         }
-        assert_eq!(w.len(), 10, "an entry of 1 byte costs {} bytes", WINDOW_ENTRY_OVERHEAD + 1);
+        assert_eq!(
+            w.len(),
+            10,
+            "an entry of 1 byte costs {} bytes",
+            WINDOW_ENTRY_OVERHEAD + 1
+        );
         assert_eq!(w.bytes(), budget);
         assert_eq!(evicted, 90);
         // The copies out are counted with the same overhead.

@@ -80,7 +80,10 @@ impl World {
         let out: u64 = self.out.values().sum();
         if out + size > BUDGET {
             // (b): it could not fit even in an empty window: nothing leaves, it alone is counted.
-            assert_eq!(got, 1, "(b) {seq} ({size} bytes) does not fit beside {out} bytes of copies out");
+            assert_eq!(
+                got, 1,
+                "(b) {seq} ({size} bytes) does not fit beside {out} bytes of copies out"
+            );
             return;
         }
         let mut expected = 0;
