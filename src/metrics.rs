@@ -69,6 +69,7 @@ pub(crate) struct Metrics {
     pub pending_bytes: IntGauge,
     pub republish_window_bytes: IntGauge,
     pub republish_window_evicted: IntCounter,
+    pub republished_copies: IntCounter,
     pub postgres_connected: IntGauge,
     pub mqtt_connected: IntGauge,
     pub publishing_paused: IntGauge,
@@ -127,11 +128,15 @@ impl Metrics {
         )?;
         let republish_window_bytes = IntGauge::new(
             "delta_bridge_republish_window_bytes",
-            "Bytes (payloads and topics) of acknowledged events kept to publish again after a lost broker connection, copies being sent again included (bounded by bridge.max_pending_bytes)",
+            "Bytes (payloads and topics, and 256 per event for its bookkeeping) of acknowledged events kept to publish again after a lost broker connection, copies being sent again included (bounded by bridge.max_pending_bytes)",
         )?;
         let republish_window_evicted = IntCounter::new(
             "delta_bridge_republish_window_evicted_total",
             "Acknowledged events that left the republish window before mqtt.republish_window had passed, for want of room",
+        )?;
+        let republished_copies = IntCounter::new(
+            "delta_bridge_republished_copies_total",
+            "Copies of acknowledged events published again from the republish window after a lost broker connection (same event_id; whether this replica leads or not)",
         )?;
         let postgres_connected = IntGauge::new("delta_bridge_postgres_connected", "1 while PostgreSQL is connected")?;
         let mqtt_connected = IntGauge::new("delta_bridge_mqtt_connected", "1 while the MQTT broker is connected")?;
@@ -168,6 +173,7 @@ impl Metrics {
         registry.register(Box::new(pending_bytes.clone()))?;
         registry.register(Box::new(republish_window_bytes.clone()))?;
         registry.register(Box::new(republish_window_evicted.clone()))?;
+        registry.register(Box::new(republished_copies.clone()))?;
         registry.register(Box::new(postgres_connected.clone()))?;
         registry.register(Box::new(mqtt_connected.clone()))?;
         registry.register(Box::new(publishing_paused.clone()))?;
@@ -214,6 +220,7 @@ impl Metrics {
             pending_bytes,
             republish_window_bytes,
             republish_window_evicted,
+            republished_copies,
             postgres_connected,
             mqtt_connected,
             publishing_paused,
@@ -259,6 +266,7 @@ mod tests {
             "delta_bridge_pending_bytes 0",
             "delta_bridge_republish_window_bytes 0",
             "delta_bridge_republish_window_evicted_total 0",
+            "delta_bridge_republished_copies_total 0",
             "delta_bridge_postgres_connected 0",
             "delta_bridge_mqtt_connected 0",
             "delta_bridge_publishing_paused 0",

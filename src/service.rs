@@ -242,6 +242,14 @@ pub async fn start(
     listener: TcpListener,
     cancel: CancellationToken,
 ) -> Result<Running, ServiceError> {
+    if let Some(why) = cfg.mqtt.shared_client_id_risk() {
+        tracing::warn!(
+            client_id = %cfg.mqtt.client_id,
+            "{why}. Two replicas with one MQTT client id take each other's broker session over, back and forth, \
+             and neither publishes for long: give each replica its own (the default \
+             delta-bridge-{{hostname}}-{{pid}} does)"
+        );
+    }
     let cfg = Arc::new(cfg);
     let metrics = Arc::new(Metrics::new()?);
     let health = Arc::new(Health::default());

@@ -128,6 +128,29 @@ pub struct MqttConfig {
     pub republish_window: Duration,
 }
 
+impl MqttConfig {
+    /// Why replicas sharing this configuration may share one client id, if they may: the broker then gives
+    /// each one's session to the other as it connects (each takes the other's session over, back and forth).
+    /// None when `{hostname}` makes the id per replica.
+    pub fn shared_client_id_risk(&self) -> Option<String> {
+        let t = &self.client_id_template;
+        if t.contains("{hostname}") {
+            return None;
+        }
+        Some(if t.contains("{pid}") {
+            format!(
+                "mqtt.client_id {t:?} expands only {{pid}}: replicas in containers all run as pid 1, so they get one \
+                 client id"
+            )
+        } else {
+            format!(
+                "mqtt.client_id is the fixed string {t:?}: every replica started with this configuration uses the \
+                 same client id"
+            )
+        })
+    }
+}
+
 impl fmt::Debug for MqttConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let MqttConfig {

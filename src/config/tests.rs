@@ -681,3 +681,21 @@ fn the_republish_window_defaults_to_ten_seconds_and_zero_turns_it_off() {
     let env = parse("", &[("DELTA_BRIDGE__MQTT__REPUBLISH_WINDOW", "1m")]).expect("valid");
     assert_eq!(env.mqtt.republish_window, Duration::from_secs(60));
 }
+
+#[test]
+fn a_client_id_without_the_hostname_is_reported_as_one_replicas_may_share() {
+    let id = |t: &str| {
+        let c = parse(&format!("[mqtt]\nclient_id = {t:?}\n"), &[]).expect("valid");
+        c.mqtt.shared_client_id_risk()
+    };
+    assert_eq!(
+        parse("", &[]).expect("valid").mqtt.shared_client_id_risk(),
+        None,
+        "the default"
+    );
+    assert_eq!(id("bridge-{hostname}"), None);
+    let fixed = id("bridge-a").expect("a fixed id is reported");
+    assert!(fixed.contains("fixed string \"bridge-a\""), "{fixed}");
+    let pid = id("bridge-{pid}").expect("{pid} alone is reported");
+    assert!(pid.contains("pid 1"), "{pid}");
+}

@@ -17,17 +17,22 @@
 //! every held event again, in seq order. The rules are in `unacked`.
 //!
 //! A broker that crashes can lose what it had acknowledged (its row is gone from the outbox by then), so the
-//! events acknowledged within `mqtt.republish_window` are kept in the pure `window`, and when the connection
-//! is lost they join the unacknowledged ones as copies: sent again in the same seq-ordered resend, their
-//! PUBACKs reported to no one (acknowledged, they go back into the window; refused, they are dropped).
+//! events acknowledged within `mqtt.republish_window` before the broker was last heard from are kept in the
+//! pure `window`, and when the connection is lost they join the unacknowledged ones as copies: sent again in
+//! the same seq-ordered resend, their PUBACKs reported to no one (acknowledged, they go back into the window;
+//! refused, they are dropped).
 //!
-//! Only the leader publishes, and the pipeline says who leads through a [`Lead`]: when its lead ends the
-//! publisher drops the connection at once (rumqttc's queued requests die with it), sets aside what is
-//! unacknowledged and the window (with any copies a lost connection made of it), and stands by on a new
-//! connection (for readiness) without sending; a loss of that connection turns the window into copies as
-//! any loss does. If the pipeline leads again in the same [`Term`] (no other replica led meanwhile) what was
-//! set aside is sent again; a new term drops it (the outbox still holds every row, and the new lead reads
-//! them).
+//! Only the leader publishes events, and the pipeline says who leads through a [`Lead`]: when its lead ends
+//! the publisher drops the connection at once (rumqttc's queued requests die with it), sets aside what is
+//! unacknowledged, and stands by on a new connection (for readiness) without taking or sending events. If the
+//! pipeline leads again in the same [`Term`] (no other replica led meanwhile) what was set aside is sent
+//! again; a new term drops it (the outbox still holds every row, and the new lead reads them).
+//!
+//! Copies are another matter: whoever leads now, the broker may have lost those acknowledged messages and
+//! only this replica still holds them. So the copies a lost connection made are published right after the
+//! next CONNACK even while this replica stands by, a new term keeps them (and the window), and a stop drains
+//! them within its deadline. They are at-least-once redeliveries after a fault: the same event, with the same
+//! `event_id`, counted on `delta_bridge_republished_copies_total`.
 
 mod puback;
 mod send;
@@ -83,8 +88,8 @@ pub(crate) struct Term(pub(crate) u64);
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Lead {
     pub(crate) term: Term,
-    /// This replica leads now: the publisher sends. When false, it sends nothing (and keeps what it holds of
-    /// `term` until it leads again in that term, or another term begins).
+    /// This replica leads now: the publisher sends. When false, it sends no event (and keeps what it holds of
+    /// `term` until it leads again in that term, or another term begins), only the window's copies.
     pub(crate) leading: bool,
 }
 
@@ -157,13 +162,13 @@ impl Weighed for Event {
     fn seq(&self) -> i64 {
         self.seq
     }
-    /// As the pipeline counts its pending bytes: payload and topic.
+    /// As the pipeline counts its pending bytes: payload and topic (the window adds its overhead per entry).
     fn bytes(&self) -> u64 {
         (self.payload.len() + self.topic.len()) as u64
     }
 }
 
-/// What the publisher holds for one term.
+/// What the publisher holds: the events of one term, and the window and its copies (kept across terms).
 struct Book {
     term: Term,
     unacked: Unacked<Sent>,
@@ -258,7 +263,7 @@ impl Publisher {
         let mut backoff = Backoff::new();
         let mut draining = false;
         loop {
-            if io.cancel.is_cancelled() && (book.unacked.settled() || draining || !io.leading()) {
+            if io.cancel.is_cancelled() && (draining || book.owes_nothing(io.leading())) {
                 break;
             }
             let mut up_since = None;
@@ -270,9 +275,11 @@ impl Publisher {
                 SessionEnd::Done => break,
                 SessionEnd::LeadEnded => {
                     // Dropped by us, not lost: the broker lost nothing, so the window stays a window (it
-                    // turns into copies only if a later connection is lost).
+                    // turns into copies only if a later connection is lost). Copies that were still out go
+                    // again on the next connection, standing by or not.
                     tracing::info!(
                         unacked = book.unacked.len(),
+                        copies = book.copies(),
                         window_bytes = book.window.bytes(),
                         "the lead ended: publishing stopped and the broker connection dropped; what was not \
                          acknowledged is set aside until this replica leads again"
@@ -294,7 +301,7 @@ impl Publisher {
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = io.cancel.cancelled() => {
-                            if book.unacked.settled() || !io.leading() { break; }
+                            if book.owes_nothing(io.leading()) { break; }
                             draining = true;
                         }
                     }
@@ -302,10 +309,18 @@ impl Publisher {
             }
         }
         self.set_connected(false);
-        if !book.unacked.is_empty() {
+        let copies = book.copies();
+        if book.unacked.len() > copies {
             tracing::info!(
-                unacked = book.unacked.len(),
+                unacked = book.unacked.len() - copies,
                 "stopping with events unacknowledged; they stay in the outbox"
+            );
+        }
+        if copies > 0 {
+            tracing::warn!(
+                copies,
+                "stopping with copies from the republish window not acknowledged again: if the broker lost \
+                 them, they are lost (their rows left the outbox when the broker first acknowledged them)"
             );
         }
     }
@@ -330,12 +345,14 @@ impl Publisher {
         self.note_window(book);
     }
 
-    /// The connection was lost: what the broker acknowledged within the republish window before now joins the
-    /// unacknowledged events as copies, to be sent with them, in seq order, on the next connection that
-    /// publishes. Returns how many.
+    /// The connection was lost: what the broker acknowledged within the republish window before it was last
+    /// heard from joins the unacknowledged events as copies, to be sent on the next connection right after
+    /// its CONNACK (with the unacknowledged events, in seq order, if this replica leads). Returns how many.
     fn set_aside(&self, book: &mut Book) -> usize {
         let now = tokio::time::Instant::now().into_std();
-        let copies = book.window.lost(now);
+        // Counted back from the broker's last packet: it may have died then, a keep-alive before now.
+        let last_heard = self.heard.last().unwrap_or(now);
+        let copies = book.window.lost(last_heard, now);
         let n = copies.len();
         for event in copies {
             let seq = event.seq;
@@ -348,23 +365,53 @@ impl Publisher {
         n
     }
 
-    /// Follows the pipeline into `lead`'s term: a new term drops what is held of the previous one (another
-    /// replica led in between; the outbox still holds every row that was not acknowledged).
+    /// Follows the pipeline into `lead`'s term: a new term drops the events held of the previous one (another
+    /// replica led in between; the outbox still holds every row that was not acknowledged), not the window
+    /// nor its copies (the broker may have lost those, whoever leads, and only this replica holds them). Only
+    /// while nothing of the old term is in flight on the current connection (before anything is sent on it,
+    /// or standing by, when those are parked).
     fn follow(&self, book: &mut Book, lead: Lead) {
         if lead.term == book.term {
             return;
         }
-        if !book.unacked.is_empty() || book.window.bytes() > 0 {
+        let dropped = book.unacked.retain(|s| s.copy);
+        if dropped > 0 {
             tracing::info!(
-                dropped = book.unacked.len(),
-                window_bytes = book.window.bytes(),
-                "another replica has led since this one did: dropping the events set aside and the republish \
-                 window (their rows are read from the outbox again)"
+                dropped,
+                copies = book.copies(),
+                "another replica has led since this one did: dropping the events set aside (their rows are read \
+                 from the outbox again); the copies of the republish window still go"
             );
         }
-        *book = self.book(lead.term);
-        self.metrics.publishing_paused.set(0);
+        book.term = lead.term;
+        if book.unacked.is_empty() {
+            // Nothing left of the old term's publishing state (held events, a pause): start afresh.
+            book.unacked = Unacked::new();
+        }
+        self.metrics
+            .publishing_paused
+            .set(i64::from(book.unacked.paused_since().is_some()));
         self.note_window(book);
+    }
+
+    /// Publishes these entries of the table, in this order, and counts the copies among them.
+    fn send_all(&self, client: &rumqttc::v5::AsyncClient, book: &Book, seqs: &[i64]) -> Result<(), SendError> {
+        let copies = send::send_all(client, &book.unacked, seqs)?;
+        self.metrics.republished_copies.inc_by(copies);
+        Ok(())
+    }
+}
+
+impl Book {
+    /// Copies from the window not yet acknowledged again.
+    fn copies(&self) -> usize {
+        self.unacked.count_where(|s| s.copy)
+    }
+
+    /// Nothing this replica should still send: what is unacknowledged is held (or parked), or, when it does
+    /// not lead, only events of the outbox are (the new leader reads them again; copies it does not have).
+    fn owes_nothing(&self, leading: bool) -> bool {
+        self.unacked.settled_where(|s| leading || s.copy)
     }
 }
 

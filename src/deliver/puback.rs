@@ -204,7 +204,7 @@ mod tests {
         let (outcome, evicted) = settle(Verdict::Acked(sent(1, false)), &mut w, now, REFUSED);
         assert!(matches!(outcome, Some(Outcome::Acked(e)) if e == event(1)));
         assert_eq!((evicted, w.len()), (0, 1));
-        assert_eq!(w.lost(now), vec![event(1)], "published again after a loss");
+        assert_eq!(w.lost(now, now), vec![event(1)], "published again after a loss");
     }
 
     #[test]
@@ -212,7 +212,7 @@ mod tests {
         let t0 = Instant::now();
         let mut w = window();
         w.acked(event(1), t0);
-        let copies = w.lost(t0);
+        let copies = w.lost(t0, t0);
         let copy = Sent {
             event: copies.into_iter().next().expect("one copy"),
             copy: true,
@@ -221,7 +221,10 @@ mod tests {
         let (outcome, _) = settle(Verdict::Acked(copy), &mut w, later, REFUSED);
         assert!(outcome.is_none(), "its row is gone: no second outcome");
         assert_eq!(w.len(), 1, "acknowledged again: kept from now");
-        assert_eq!(w.lost(later + Duration::from_secs(9)), vec![event(1)]);
+        assert_eq!(
+            w.lost(later + Duration::from_secs(9), later + Duration::from_secs(9)),
+            vec![event(1)]
+        );
     }
 
     #[test]
@@ -230,7 +233,7 @@ mod tests {
         let mut w = window();
         w.acked(event(1), t0);
         let copy = Sent {
-            event: w.lost(t0).into_iter().next().expect("one copy"),
+            event: w.lost(t0, t0).into_iter().next().expect("one copy"),
             copy: true,
         };
         assert!(w.bytes() > 0, "counted while out");

@@ -77,14 +77,16 @@ impl Publisher {
     }
 }
 
-/// Publishes these entries of the table, in this order.
-pub(super) fn send_all(client: &AsyncClient, unacked: &Unacked<Sent>, seqs: &[i64]) -> Result<(), SendError> {
+/// Publishes these entries of the table, in this order. Returns how many of them were copies from the window.
+pub(super) fn send_all(client: &AsyncClient, unacked: &Unacked<Sent>, seqs: &[i64]) -> Result<u64, SendError> {
+    let mut copies = 0;
     for seq in seqs {
         if let Some(sent) = unacked.get(*seq) {
             send(client, &sent.event)?;
+            copies += u64::from(sent.copy);
         }
     }
-    Ok(())
+    Ok(copies)
 }
 
 /// The topic is checked before (`valid_topic`), so any error is the request channel's. A copy from the

@@ -1,6 +1,7 @@
-//! One connection to the broker: connect and wait for the CONNACK, stand by while this replica does not lead,
-//! then publish (send again what is unacknowledged, take new events, pair PUBACKs) until the connection
-//! fails, the lead ends, or the bridge stops and has drained. rumqttc's client and event loop live exactly as
+//! One connection to the broker: connect and wait for the CONNACK, send again at once the copies a lost
+//! connection made of the republish window (whoever leads), stand by while this replica does not lead, then
+//! publish (send again what is unacknowledged, take new events, pair PUBACKs) until the connection fails, the
+//! lead ends, or the bridge stops and has drained. rumqttc's client and event loop live exactly as
 //! long as the connection: dropping them is what keeps anything still queued in them from being sent after
 //! the lead ended.
 
@@ -12,15 +13,12 @@ use tokio::sync::mpsc;
 use crate::backoff::Backoff;
 use crate::mqtt::mqtt_options;
 
-use super::send::send_all;
 use super::{next_event, Book, Io, Publisher, SessionEnd, SessionError};
 
 /// While paused, the new events looked at for a probe on a topic with nothing unacknowledged (the others are
 /// held), at most, per probe: a burst of changes on a refused topic ahead of the others is passed this many
 /// at a time, without sending any.
 const PROBE_LOOKAHEAD: usize = 100;
-
-type LoopRx = mpsc::UnboundedReceiver<Result<MqttEvent, ConnectionError>>;
 
 impl Publisher {
     pub(super) async fn session(
@@ -38,9 +36,11 @@ impl Publisher {
             Err(e) => return SessionEnd::Failed(SessionError::Options(e)),
         };
         opts.set_outgoing_inflight_upper_limit(self.cfg.max_inflight);
-        // Our own bound (the bridge's max_pending) keeps the request channel from filling; a margin for
-        // the republish after reconnect, which sends every unacknowledged event at once.
-        let cap = book.unacked.len().max(self.max_pending) + 1024;
+        // Every request this connection can queue: the copies, the events of the term (those unacknowledged,
+        // or as many as the pipeline hands over: its max_pending), and a margin. A full request channel is a
+        // failed publish, which would cost the connection.
+        let copies = book.copies();
+        let cap = copies + (book.unacked.len() - copies).max(self.max_pending) + 1024;
         let (client, eventloop) = AsyncClient::new(opts, cap);
         let (loop_tx, mut loop_rx) = mpsc::unbounded_channel();
         let driver = tokio::spawn(drive(eventloop, loop_tx));
@@ -59,7 +59,7 @@ impl Publisher {
                     None => return SessionEnd::Failed(SessionError::LoopEnded),
                 },
                 _ = io.cancel.cancelled(), if !*draining => {
-                    if book.unacked.settled() || !io.leading() { return SessionEnd::Done; }
+                    if book.owes_nothing(io.leading()) { return SessionEnd::Done; }
                     *draining = true;
                 }
             }
@@ -74,12 +74,25 @@ impl Publisher {
             leading = io.leading(),
             "mqtt connected"
         );
-        if let Some(end) = self.stand_by(book, io, &mut loop_rx).await {
-            return end;
+        // The pipeline's term first (a new one drops the events of the old, not the copies); then everything
+        // unacknowledged goes again if this replica leads, else the copies alone, the events being parked.
+        let lead = *io.lead.borrow_and_update();
+        self.follow(book, lead);
+        let mut standing_by = !lead.leading;
+        let now = tokio::time::Instant::now().into_std();
+        let resend = if standing_by {
+            book.unacked.reconnect_only(now, |s| s.copy)
+        } else {
+            book.unacked.reconnect(now)
+        };
+        if standing_by {
+            tracing::info!(
+                copies = book.copies(),
+                set_aside = book.unacked.len() - book.copies(),
+                "standing by: another replica leads (or none yet); only the copies of the republish window are sent"
+            );
         }
-
-        let resend = book.unacked.reconnect(tokio::time::Instant::now().into_std());
-        if let Err(e) = send_all(&client, &book.unacked, &resend) {
+        if let Err(e) = self.send_all(&client, book, &resend) {
             return SessionEnd::Failed(e.into());
         }
         let drain_deadline = tokio::time::sleep(self.drain);
@@ -94,7 +107,7 @@ impl Publisher {
                 return SessionEnd::Done;
             }
             let next_due = book.unacked.next_due();
-            let accepting = !*draining && book.unacked.accepting();
+            let accepting = !*draining && !standing_by && book.unacked.accepting();
             tokio::select! {
                 biased;
                 changed = io.lead.changed() => {
@@ -102,8 +115,21 @@ impl Publisher {
                         return SessionEnd::Done; // the pipeline is gone
                     }
                     let lead = *io.lead.borrow_and_update();
-                    if !lead.leading || lead.term != book.term {
-                        return SessionEnd::LeadEnded;
+                    if !standing_by {
+                        if !lead.leading || lead.term != book.term {
+                            return SessionEnd::LeadEnded;
+                        }
+                        continue;
+                    }
+                    // Standing by, nothing of the term in flight here: a new term drops its parked events.
+                    self.follow(book, lead);
+                    if lead.leading {
+                        standing_by = false;
+                        let due = book.unacked.unpark(tokio::time::Instant::now().into_std());
+                        tracing::info!(unacked = book.unacked.len(), "leading: publishing on the same connection");
+                        if let Err(e) = self.send_all(&client, book, &due) {
+                            return SessionEnd::Failed(e.into());
+                        }
                     }
                 }
                 ev = loop_rx.recv() => match ev {
@@ -114,7 +140,7 @@ impl Publisher {
                             Ok(due) => due,
                             Err(end) => return end,
                         };
-                        if let Err(e) = send_all(&client, &book.unacked, &due) {
+                        if let Err(e) = self.send_all(&client, book, &due) {
                             return SessionEnd::Failed(e.into());
                         }
                     }
@@ -135,7 +161,7 @@ impl Publisher {
                     let now = tokio::time::Instant::now().into_std();
                     // Paused, and the probe due is a new event: the first waiting on a free topic, if any.
                     for _ in 0..PROBE_LOOKAHEAD {
-                        if *draining || !book.unacked.wants_fresh(now) {
+                        if *draining || standing_by || !book.unacked.wants_fresh(now) {
                             break;
                         }
                         let Some((term, event)) = io.try_next() else { break };
@@ -144,7 +170,7 @@ impl Publisher {
                         }
                     }
                     let due = book.unacked.due(now);
-                    if let Err(e) = send_all(&client, &book.unacked, &due) {
+                    if let Err(e) = self.send_all(&client, book, &due) {
                         return SessionEnd::Failed(e.into());
                     }
                 }
@@ -162,38 +188,6 @@ impl Publisher {
                     }
                     None => { *draining = true; drain_armed = true; drain_deadline.as_mut().reset(tokio::time::Instant::now() + self.drain); }
                 },
-            }
-        }
-    }
-
-    /// Connected, and this replica does not lead: nothing is sent and no event is taken until it does (then
-    /// `None`, having followed the pipeline into its term), the connection fails, or the bridge stops.
-    async fn stand_by(&self, book: &mut Book, io: &mut Io, loop_rx: &mut LoopRx) -> Option<SessionEnd> {
-        loop {
-            let lead = *io.lead.borrow_and_update();
-            self.follow(book, lead);
-            if lead.leading {
-                return None;
-            }
-            if io.cancel.is_cancelled() {
-                return Some(SessionEnd::Done); // what is set aside stays in the outbox
-            }
-            tokio::select! {
-                changed = io.lead.changed() => {
-                    if changed.is_err() {
-                        return Some(SessionEnd::Done);
-                    }
-                }
-                ev = loop_rx.recv() => match ev {
-                    Some(Ok(MqttEvent::Incoming(Packet::Disconnect(d)))) => {
-                        return Some(SessionEnd::Failed(SessionError::Disconnected(d.reason_code)));
-                    }
-                    Some(Ok(MqttEvent::Incoming(_))) => self.heard_from(book),
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Some(SessionEnd::Failed(e.into())),
-                    None => return Some(SessionEnd::Failed(SessionError::LoopEnded)),
-                },
-                _ = io.cancel.cancelled() => return Some(SessionEnd::Done),
             }
         }
     }

@@ -125,6 +125,9 @@ pub(crate) struct Unacked<E> {
     fresh_next: bool,
     /// The rest of a reconnect's resend, until a PUBACK for its first event (or any) on the new connection.
     after_first_ack: Vec<i64>,
+    /// Not to be sent on this connection (see [`Unacked::reconnect_only`]): neither queued, in flight nor
+    /// held, until [`Unacked::unpark`].
+    parked: BTreeSet<i64>,
 }
 
 impl<E: Sequenced> Unacked<E> {
@@ -145,6 +148,7 @@ impl<E: Sequenced> Unacked<E> {
             probe_at: None,
             fresh_next: false,
             after_first_ack: Vec::new(),
+            parked: BTreeSet::new(),
         }
     }
 
@@ -161,10 +165,23 @@ impl<E: Sequenced> Unacked<E> {
         self.held.len()
     }
 
-    /// Nothing in flight, queued or waiting for a retry: only held events are left, which no PUBACK will
-    /// settle while nothing else is sent (a caller that drains may stop).
+    /// Nothing in flight, queued or waiting for a retry: only held (or parked) events are left, which no
+    /// PUBACK will settle while nothing else is sent (a caller that drains may stop).
     pub(crate) fn settled(&self) -> bool {
-        self.events.len() == self.held.len()
+        self.events.len() == self.held.len() + self.parked.len()
+    }
+
+    /// Like [`Unacked::settled`], looking only at the entries `wanted` says yes to (the others may be sent or
+    /// not).
+    pub(crate) fn settled_where(&self, wanted: impl Fn(&E) -> bool) -> bool {
+        self.events
+            .iter()
+            .all(|(seq, e)| self.held.contains(seq) || self.parked.contains(seq) || !wanted(e))
+    }
+
+    /// How many entries `which` says yes to.
+    pub(crate) fn count_where(&self, which: impl Fn(&E) -> bool) -> usize {
+        self.events.values().filter(|e| which(e)).count()
     }
 
     #[cfg(test)]
@@ -383,14 +400,28 @@ impl<E: Sequenced> Unacked<E> {
     /// probe). Only the first goes now, the caller publishes it; `due` hands back the rest, in seq order,
     /// after a PUBACK.
     pub(crate) fn reconnect(&mut self, now: Instant) -> Vec<i64> {
+        self.reconnect_only(now, |_| true)
+    }
+
+    /// [`Unacked::reconnect`] for the entries `send` says yes to; the others are *parked*: not sent on this
+    /// connection (not even as a probe, nor released by a success) until [`Unacked::unpark`], or dropped by
+    /// [`Unacked::retain`]. A parked event that was held is held again, if it still has to be, when it is
+    /// unparked.
+    pub(crate) fn reconnect_only(&mut self, now: Instant, send: impl Fn(&E) -> bool) -> Vec<i64> {
         self.inflight.clear();
         self.retry_at.clear();
         self.released.clear();
         self.after_first_ack.clear();
+        self.parked.clear();
         self.probe = None;
         let paused = self.paused.is_some();
         let mut resend = Vec::new();
-        for &seq in self.events.keys() {
+        for (&seq, e) in &self.events {
+            if !send(e) {
+                self.held.remove(&seq);
+                self.parked.insert(seq);
+                continue;
+            }
             if self.held.contains(&seq) {
                 continue;
             }
@@ -406,6 +437,52 @@ impl<E: Sequenced> Unacked<E> {
         }
         self.pending_out = resend.iter().copied().collect();
         resend
+    }
+
+    /// The parked events may go on this connection now: each is held if it has to be (paused, or refused as
+    /// not authorised with no success since), else queued; those to publish now are handed back, in seq
+    /// order. If the reconnect's resend still waits for its first PUBACK, they wait with it (after it).
+    pub(crate) fn unpark(&mut self, now: Instant) -> Vec<i64> {
+        let paused = self.paused.is_some();
+        let mut send = Vec::new();
+        for seq in std::mem::take(&mut self.parked) {
+            if !self.events.contains_key(&seq) {
+                continue;
+            }
+            if paused || self.refused_at.get(&seq) == Some(&self.successes) {
+                self.held.insert(seq);
+            } else {
+                send.push(seq);
+            }
+        }
+        self.arm_probe(now);
+        if !self.after_first_ack.is_empty() {
+            self.after_first_ack.extend(send);
+            return Vec::new();
+        }
+        self.pending_out.extend(&send);
+        send
+    }
+
+    /// Drops the entries `keep` says no to. Only for entries not queued or in flight on this connection
+    /// (parked ones, or between connections): the pairing of what is in flight is not touched.
+    pub(crate) fn retain(&mut self, keep: impl Fn(&E) -> bool) -> usize {
+        let dropped: Vec<i64> = self.events.iter().filter(|(_, e)| !keep(e)).map(|(s, _)| *s).collect();
+        for seq in &dropped {
+            self.events.remove(seq);
+            self.attempts.remove(seq);
+            self.refused_at.remove(seq);
+            self.held.remove(seq);
+            self.parked.remove(seq);
+        }
+        let kept = |seq: &i64| dropped.binary_search(seq).is_err();
+        self.released.retain(kept);
+        self.after_first_ack.retain(kept);
+        self.retry_at.retain(|(_, seq)| kept(seq));
+        if self.probe.is_some_and(|p| !kept(&p)) {
+            self.probe = None;
+        }
+        dropped.len()
     }
 }
 
@@ -428,6 +505,89 @@ mod tests {
     /// An event on topic "t".
     fn ev(seq: i64) -> Ev {
         Ev(seq, "t")
+    }
+
+    /// Copies on topic "c", events of the outbox on topic "e".
+    fn copy(e: &Ev) -> bool {
+        e.1 == "c"
+    }
+
+    #[test]
+    fn a_reconnect_that_sends_only_some_parks_the_rest_until_unparked() {
+        let t0 = Instant::now();
+        let mut u = Unacked::new();
+        for (seq, topic) in [(1, "e"), (2, "c"), (3, "e"), (4, "c")] {
+            u.submit(Ev(seq, topic), t0);
+        }
+        // Standing by: the copies go (the first at once, the other after a PUBACK), the events are parked.
+        assert_eq!(u.reconnect_only(t0, copy), vec![2]);
+        assert!(!u.settled(), "a copy is in flight");
+        u.on_outgoing(1);
+        assert_eq!(u.on_puback(1, AckClass::Success, t0), Some(Verdict::Acked(Ev(2, "c"))));
+        assert_eq!(u.due(t0), vec![4], "the rest of the resend: copies only");
+        u.on_outgoing(2);
+        assert_eq!(u.on_puback(2, AckClass::Success, t0), Some(Verdict::Acked(Ev(4, "c"))));
+        assert!(u.due(t0).is_empty(), "a success releases no parked event");
+        assert!(u.settled(), "only parked events left: a drain may stop");
+        assert!(u.settled_where(copy));
+        assert_eq!(u.count_where(|e| !copy(e)), 2);
+        // The lead comes: the parked events go, in seq order.
+        assert_eq!(u.unpark(t0), vec![1, 3]);
+        assert!(!u.settled());
+        u.on_outgoing(3);
+        u.on_outgoing(4);
+        assert_eq!(u.on_puback(3, AckClass::Success, t0), Some(Verdict::Acked(Ev(1, "e"))));
+        assert_eq!(u.on_puback(4, AckClass::Success, t0), Some(Verdict::Acked(Ev(3, "e"))));
+        assert!(u.is_empty());
+    }
+
+    #[test]
+    fn unparked_events_wait_behind_a_resend_that_waits_for_its_first_puback() {
+        let t0 = Instant::now();
+        let mut u = Unacked::new();
+        for (seq, topic) in [(1, "c"), (2, "c"), (3, "e")] {
+            u.submit(Ev(seq, topic), t0);
+        }
+        assert_eq!(u.reconnect_only(t0, copy), vec![1]);
+        assert!(u.unpark(t0).is_empty(), "they would overtake the resend");
+        assert!(!u.accepting());
+        u.on_outgoing(1);
+        u.on_puback(1, AckClass::Success, t0);
+        assert_eq!(u.due(t0), vec![2, 3]);
+        assert!(u.accepting());
+    }
+
+    #[test]
+    fn a_parked_event_held_as_not_authorised_stays_held_when_unparked() {
+        let t0 = Instant::now();
+        let mut u = Unacked::new();
+        u.submit(Ev(1, "e"), t0);
+        u.on_outgoing(1);
+        assert_eq!(
+            u.on_puback(1, AckClass::NotAuthorized, t0),
+            Some(Verdict::Held { seq: 1 })
+        );
+        u.submit(Ev(2, "c"), t0);
+        assert_eq!(u.reconnect_only(t0, copy), vec![2]);
+        assert!(u.unpark(t0).is_empty(), "refused with no success since: held again");
+        assert_eq!(u.held_len(), 1);
+    }
+
+    #[test]
+    fn retain_drops_the_parked_events_and_keeps_the_copies_in_flight() {
+        let t0 = Instant::now();
+        let mut u = Unacked::new();
+        for (seq, topic) in [(1, "e"), (2, "c"), (3, "e")] {
+            u.submit(Ev(seq, topic), t0);
+        }
+        assert_eq!(u.reconnect_only(t0, copy), vec![2]);
+        u.on_outgoing(9);
+        // A new term: the events of the old one go, the copy in flight stays paired.
+        assert_eq!(u.retain(copy), 2);
+        assert_eq!(u.len(), 1);
+        assert!(u.unpark(t0).is_empty(), "nothing parked any more");
+        assert_eq!(u.on_puback(9, AckClass::Success, t0), Some(Verdict::Acked(Ev(2, "c"))));
+        assert!(u.is_empty() && u.settled());
     }
 
     #[test]

@@ -36,8 +36,8 @@ const SAFETY_METRIC: &str = "4242";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// Why the namespaces could not be made: tests skip (with this reason) instead of failing where the machine
-/// does not allow them (not root, no iproute2).
+/// Why the namespaces could not be made (not root, no iproute2): the tests fail with this reason, or skip when
+/// told to (see tests/partition.rs).
 #[derive(Debug)]
 pub struct Unavailable(pub String);
 

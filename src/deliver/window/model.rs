@@ -3,8 +3,10 @@
 //! its entries in a plain map and scans it, and checks at every step:
 //! (a) the bytes counted are exactly those of the entries and the copies out, never above the budget;
 //! (b) an entry leaves only by age (older than the span) or, when an acknowledgement needs room, as the
-//!     oldest, and each one that leaves early is counted;
-//! (c) a loss hands back, in seq order, exactly the entries acknowledged within the span before it;
+//!     oldest, and each one that leaves early is counted; an event that cannot fit beside the copies out
+//!     makes nothing leave and is counted as the one that left;
+//! (c) a loss hands back, in seq order, exactly the entries acknowledged within the span before the last packet
+//!     heard (which may be a while before the loss is noticed), or after it;
 //! (d) a copy stays counted until it is acknowledged again (an entry again, aged from then) or settled.
 
 use std::collections::BTreeMap;
@@ -16,7 +18,13 @@ use super::tests::Ev;
 use super::*;
 
 const SPAN: Duration = Duration::from_secs(10);
-const BUDGET: u64 = 200;
+/// Room for a few entries with their overhead (the service's [`WINDOW_ENTRY_OVERHEAD`]).
+const BUDGET: u64 = 3 * WINDOW_ENTRY_OVERHEAD + 200;
+
+/// What the window counts for an entry of `size` bytes.
+fn cost(size: u64) -> u64 {
+    size + WINDOW_ENTRY_OVERHEAD
+}
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -28,26 +36,27 @@ enum Op {
     Settle(usize),
     Advance(Duration),
     Expire,
-    Lost,
+    /// The connection is lost, noticed now; the broker was last heard this long before.
+    Lost(Duration),
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0i64..30, 1u64..80).prop_map(|(seq, size)| Op::Ack(seq, size)),
+        6 => (0i64..30, 1u64..300).prop_map(|(seq, size)| Op::Ack(seq, size)),
         2 => any::<usize>().prop_map(Op::AckCopy),
         1 => any::<usize>().prop_map(Op::Settle),
         3 => (0u64..4000).prop_map(|ms| Op::Advance(Duration::from_millis(ms))),
         1 => Just(Op::Expire),
-        1 => Just(Op::Lost),
+        1 => (0u64..6000).prop_map(|ms| Op::Lost(Duration::from_millis(ms))),
     ]
 }
 
 struct World {
     w: Window<Ev>,
     now: Instant,
-    /// seq -> (acknowledged at, size).
+    /// seq -> (acknowledged at, cost).
     entries: BTreeMap<i64, (Instant, u64)>,
-    /// Copies out: seq -> size.
+    /// Copies out: seq -> cost.
     out: BTreeMap<i64, u64>,
 }
 
@@ -67,34 +76,32 @@ impl World {
         self.entries.remove(&seq);
         self.out.remove(&seq);
         self.expire();
+        let size = cost(size);
+        let out: u64 = self.out.values().sum();
+        if out + size > BUDGET {
+            // (b): it could not fit even in an empty window: nothing leaves, it alone is counted.
+            assert_eq!(
+                got, 1,
+                "(b) {seq} ({size} bytes) does not fit beside {out} bytes of copies out"
+            );
+            return;
+        }
         let mut expected = 0;
-        let kept: u64 = self.entries.values().map(|(_, n)| n).sum::<u64>() + self.out.values().sum::<u64>();
-        let mut kept = kept;
-        let mut fits = true;
+        let mut kept = self.entries.values().map(|(_, n)| n).sum::<u64>() + out;
         while kept + size > BUDGET {
             // (b): the oldest leaves (ties by seq, as acknowledged at the same instant).
             let oldest = self
                 .entries
                 .iter()
                 .min_by_key(|(s, (at, _))| (*at, **s))
-                .map(|(s, _)| *s);
-            match oldest {
-                Some(s) => {
-                    let (at, n) = self.entries.remove(&s).expect("present");
-                    assert!(self.young(at), "(b) only a young entry is counted as leaving early");
-                    kept -= n;
-                    expected += 1;
-                }
-                None => {
-                    expected += 1;
-                    fits = false;
-                    break;
-                }
-            }
+                .map(|(s, _)| *s)
+                .expect("the copies out leave room, so entries remain while it does not fit");
+            let (at, n) = self.entries.remove(&oldest).expect("present");
+            assert!(self.young(at), "(b) only a young entry is counted as leaving early");
+            kept -= n;
+            expected += 1;
         }
-        if fits {
-            self.entries.insert(seq, (self.now, size));
-        }
+        self.entries.insert(seq, (self.now, size));
         assert_eq!(got, expected, "(b) entries that left early for {seq} ({size} bytes)");
     }
 
@@ -102,8 +109,8 @@ impl World {
         match op {
             Op::Ack(seq, size) => self.ack(seq, size),
             Op::AckCopy(n) if !self.out.is_empty() => {
-                let (&seq, &size) = self.out.iter().nth(n % self.out.len()).expect("in range");
-                self.ack(seq, size);
+                let (&seq, &c) = self.out.iter().nth(n % self.out.len()).expect("in range");
+                self.ack(seq, c - WINDOW_ENTRY_OVERHEAD);
             }
             Op::Settle(n) if !self.out.is_empty() => {
                 let seq = *self.out.keys().nth(n % self.out.len()).expect("in range");
@@ -116,15 +123,25 @@ impl World {
                 self.w.expire(self.now);
                 self.expire();
             }
-            Op::Lost => {
-                let copies = self.w.lost(self.now);
-                self.expire();
-                let expected: Vec<i64> = self.entries.keys().copied().collect();
+            Op::Lost(back) => {
+                let heard = self.now.checked_sub(back).unwrap_or(self.now);
+                let copies = self.w.lost(heard, self.now);
+                let from = heard.checked_sub(SPAN);
+                let expected: Vec<i64> = self
+                    .entries
+                    .iter()
+                    .filter(|(_, (at, _))| from.is_none_or(|from| *at >= from))
+                    .map(|(s, _)| *s)
+                    .collect();
                 let got: Vec<i64> = copies.iter().map(|e| e.0).collect();
-                assert_eq!(got, expected, "(c) a loss hands back the young entries, in seq order");
+                assert_eq!(
+                    got, expected,
+                    "(c) a loss hands back the entries young at the last packet heard, in seq order"
+                );
                 for e in copies {
-                    assert_eq!(Some(e.1), self.entries.get(&e.0).map(|(_, n)| *n), "(c) the same event");
-                    self.out.insert(e.0, e.1);
+                    let kept = self.entries.get(&e.0).map(|(_, n)| *n);
+                    assert_eq!(Some(cost(e.1)), kept, "(c) the same event");
+                    self.out.insert(e.0, cost(e.1));
                 }
                 self.entries.clear();
             }
