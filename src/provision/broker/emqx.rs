@@ -1,4 +1,4 @@
-//! EMQX (5.5+, written against 5.8.9), REST API v5 with Basic auth `api_key:api_secret`. EMQX verifies each
+//! EMQX (5.7.2 to 5.8.x, written against 5.8.9), REST API v5 with Basic auth `api_key:api_secret`. EMQX verifies each
 //! device's JWT through the bridge's JWKS and applies its `acl` claim, but its JWT authenticator cannot tell
 //! a device's current token from an earlier one (EMQX v5.8.9, `apps/emqx_auth_jwt/src/emqx_authn_jwt.erl`,
 //! `verify_claims/2`: signature, `exp`, `nbf` and fixed claim values only). So EMQX asks the bridge first, on
