@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use delta_bridge::config::{Config, LogFormat};
+use delta_bridge::config::{Config, LogFormat, SecretFiles};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -42,8 +42,14 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Validate the configuration and print it with secrets redacted.
-    CheckConfig,
+    /// Validate the configuration as start-up does (files it names included) and print it with secrets
+    /// redacted; exit 2 naming the key and the reason.
+    CheckConfig {
+        /// Do not read the files the configuration names (secrets, keys, certificates, CA bundles): check their
+        /// paths' form only, e.g. outside the pod where the Secret is mounted.
+        #[arg(long)]
+        no_secret_files: bool,
+    },
     /// Device credentials (the same code path as the HTTP API).
     #[command(subcommand)]
     Device(DeviceCommand),
@@ -81,16 +87,35 @@ fn main() -> ExitCode {
             delta_harness::demo::run(args.clone(), exe).await
         });
     }
-    let cfg = match Config::load(cli.config.as_deref()) {
+    let files = match cli.command {
+        Command::CheckConfig { no_secret_files: true } => SecretFiles::FormOnly,
+        _ => SecretFiles::Read,
+    };
+    let cfg = match Config::load_with(cli.config.as_deref(), files) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("delta-bridge: invalid configuration: {e}");
             return ExitCode::from(2);
         }
     };
+    // What `run` reads from files before it connects anywhere; check-config checks the same.
+    if matches!(cli.command, Command::CheckConfig { .. } | Command::Run { .. }) {
+        if let Err(e) = delta_bridge::service::check_files(&cfg, files) {
+            eprintln!("delta-bridge: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    }
     match cli.command {
-        Command::CheckConfig => {
-            println!("# configuration is valid; secrets redacted\n{}", cfg.redacted_toml());
+        Command::CheckConfig { no_secret_files } => {
+            let how = if no_secret_files {
+                "; files not read (--no-secret-files)"
+            } else {
+                ""
+            };
+            println!(
+                "# configuration is valid{how}; secrets redacted\n{}",
+                cfg.redacted_toml()
+            );
             ExitCode::SUCCESS
         }
         Command::Migrate => {

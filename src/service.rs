@@ -21,15 +21,17 @@ use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
 use crate::capture::outbox::LEADER_LOCK;
-use crate::config::Config;
+use crate::config::{BrokerAddress, Config, ConfigError, RootCert, SecretFiles};
 use crate::health::Health;
 use crate::http::{self, AppState};
 use crate::locks::{self, Holder};
 use crate::metrics::{Metrics, LOCK_MIGRATE};
 use crate::pipeline;
 use crate::provision::api::DeviceApi;
+use crate::provision::credentials::SigningKeys;
 use crate::provision::{IssueRequest, IssuedCredentials, ProvisionError, Provisioner};
 use crate::schema::{Limits, MigrateError, Migrated, UninstallOptions, Uninstalled};
+use crate::tls::{self, Roots, TlsError, Verify};
 use crate::{pg, schema};
 
 /// Why the service could not start.
@@ -361,6 +363,74 @@ pub async fn shutdown_signal() {
         _ = term => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// What start-up reads from the files the configuration names, before it connects anywhere: the device-signing
+/// key (`credentials.signing_key_file`), the CA bundles of TLS peers (`mqtt.ca_file` for an `mqtts://` URL,
+/// `broker.api_ca_file` for an `https://` REST API, the `sslrootcert` of `postgres.url`) and the bridge's own
+/// certificate and key (`http.tls_cert_file`, `http.tls_key_file`). `run` and `check-config` both call it, so
+/// that a configuration `check-config` passes is not refused at start-up for its files. With
+/// [`SecretFiles::FormOnly`] (a config checked outside the pod) no file is read: their paths must be non-empty.
+/// Each error names its key and the reason.
+pub fn check_files(cfg: &Config, files: SecretFiles) -> Result<(), ConfigError> {
+    let bad = |key: &str, reason: String| ConfigError::Invalid {
+        key: key.to_string(),
+        reason,
+    };
+    let named = [
+        (
+            "credentials.signing_key_file",
+            cfg.credentials.signing_key_file.as_deref(),
+        ),
+        ("mqtt.ca_file", cfg.mqtt.ca_file.as_deref()),
+        ("broker.api_ca_file", cfg.broker.api_ca_file.as_deref()),
+        ("http.tls_cert_file", cfg.http.tls_cert_file.as_deref()),
+        ("http.tls_key_file", cfg.http.tls_key_file.as_deref()),
+    ];
+    for (key, path) in named {
+        if path.is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err(bad(key, "is empty (a file path)".into()));
+        }
+    }
+    if files == SecretFiles::FormOnly {
+        return Ok(());
+    }
+    if let Some(path) = &cfg.credentials.signing_key_file {
+        SigningKeys::load(path).map_err(|e| bad("credentials.signing_key_file", e.to_string()))?;
+    }
+    let mqtt = BrokerAddress::parse(&cfg.mqtt.url).map_err(|e| bad("mqtt.url", e))?;
+    if mqtt.tls {
+        let key = if cfg.mqtt.ca_file.is_some() {
+            "mqtt.ca_file"
+        } else {
+            "mqtt.url"
+        };
+        tls::client_config(&Roots::from_option(cfg.mqtt.ca_file.as_deref()), Verify::Full)
+            .map_err(|e| bad(key, e.to_string()))?;
+    }
+    // The REST API client (EMQX: its CA bundle for https://), exactly as start-up builds it.
+    if let Err(e) = crate::provision::broker::from_config(cfg) {
+        let text = match e {
+            crate::provision::broker::BrokerError::Config(why) => why,
+            other => other.to_string(),
+        };
+        return Err(match text.split_once(": ") {
+            Some((key, reason)) if key.starts_with("broker.") && !key.contains(' ') => bad(key, reason.into()),
+            _ => bad("broker.kind", text),
+        });
+    }
+    if let (Some(cert), Some(key)) = (&cfg.http.tls_cert_file, &cfg.http.tls_key_file) {
+        tls::server_config(cert, key).map_err(|e| match e {
+            TlsError::KeyFile { .. } => bad("http.tls_key_file", e.to_string()),
+            _ => bad("http.tls_cert_file", e.to_string()),
+        })?;
+    }
+    let (_, pg_tls) = crate::config::split_pg_tls(&cfg.postgres.url).map_err(|e| bad("postgres.url", e))?;
+    if let Some(RootCert::File(path)) = &pg_tls.roots {
+        tls::client_config(&Roots::File(path.clone()), Verify::Full)
+            .map_err(|e| bad("postgres.url", format!("sslrootcert: {e}")))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

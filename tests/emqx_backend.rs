@@ -31,6 +31,11 @@ struct Setup {
 }
 
 async fn start(tag: &str) -> Setup {
+    start_with_secret(tag, API_SECRET).await
+}
+
+/// The bridge configured with `api_secret` as its EMQX API secret.
+async fn start_with_secret(tag: &str, api_secret: &str) -> Setup {
     let env = Env::start(tag);
     let emqx = Emqx::start().await;
     let key = env.dir.join("rsa-signing-key.pem");
@@ -48,7 +53,7 @@ async fn start(tag: &str) -> Setup {
     ));
     let secrets: Vec<(String, String)> = [
         ("DELTA_BRIDGE__HTTP__ADMIN_TOKEN", ADMIN_TOKEN),
-        ("DELTA_BRIDGE__BROKER__API_SECRET", API_SECRET),
+        ("DELTA_BRIDGE__BROKER__API_SECRET", api_secret),
         ("DELTA_BRIDGE__BROKER__AUTHN_TOKEN", AUTHN_TOKEN),
     ]
     .iter()
@@ -163,7 +168,15 @@ async fn emqx_backend_speaks_the_documented_api() {
     let (_, rec) = call(http, reqwest::Method::GET, "/api/v1/devices/tab-01", None).await;
     assert_eq!(rec["revoked"], true);
     assert_eq!(s.delete("tab-01").await.0, 204, "again: EMQX's ALREADY_EXISTS is fine");
-    s.emqx.take();
+    let answers: Vec<(u16, Option<String>)> = s.emqx.take().into_iter().map(|c| (c.status, c.code)).collect();
+    assert_eq!(
+        answers,
+        [
+            (400, Some("ALREADY_EXISTS".to_string())),
+            (404, Some("CLIENTID_NOT_FOUND".to_string()))
+        ],
+        "the second DELETE met EMQX's answers for an active ban and a client not connected"
+    );
 
     // Re-issuing a revoked device lifts its ban; a rotation kicks before and after the commit.
     let (status, _) = call(http, reqwest::Method::POST, "/api/v1/devices", Some(body)).await;
@@ -313,5 +326,125 @@ async fn delete_of_an_expired_device_and_the_bridge_unreachable() {
         Some(1.0),
         "{metrics}"
     );
+    s.bridge.stop().await;
+}
+
+/// The model answers as EMQX 5.8.9 does (tests/emqx_stub names the EMQX source of each answer), so that the
+/// backend's tests above meet real answers: credentials checked, a ban in the past refused, a duplicate ban
+/// ALREADY_EXISTS, deleting a missing ban 404, kicking a connected client 204 and an unknown one 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_answers_as_emqx_5_8_9() {
+    let emqx = Emqx::start().await;
+    let base = format!("http://{}", emqx.addr);
+    let http = reqwest::Client::new();
+    let ban = |until: chrono::DateTime<chrono::Utc>| json!({"as": "clientid", "who": "pos-90", "until": until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)});
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let send = |method: reqwest::Method, path: &str, body: Option<Value>, secret: Option<&str>| {
+        let mut req = http.request(method, format!("{base}{path}"));
+        if let Some(secret) = secret {
+            req = req.basic_auth(API_KEY, Some(secret));
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let resp = req.send().await.expect("request");
+            let status = resp.status().as_u16();
+            let www = resp
+                .headers()
+                .get("www-authenticate")
+                .map(|v| v.to_str().unwrap_or("").to_string());
+            let body: Value = serde_json::from_str(&resp.text().await.expect("text")).unwrap_or(Value::Null);
+            (status, body, www)
+        }
+    };
+    use reqwest::Method;
+
+    // Credentials: none, or a wrong secret, is 401 BAD_API_KEY_OR_SECRET, and nothing happens.
+    for secret in [None, Some("not-the-secret")] {
+        let (status, body, www) = send(Method::POST, "/api/v5/banned", Some(ban(later)), secret).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (401, Some("BAD_API_KEY_OR_SECRET")),
+            "{body}"
+        );
+        assert_eq!(www.as_deref(), Some("Basic Realm=\"emqx-dashboard\""));
+    }
+    assert_eq!(emqx.ban_until("pos-90"), None);
+
+    // A ban whose until has passed: 400 BAD_REQUEST.
+    let past = chrono::Utc::now() - chrono::Duration::seconds(5);
+    let (status, body, _) = send(Method::POST, "/api/v5/banned", Some(ban(past)), Some(API_SECRET)).await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("BAD_REQUEST")), "{body}");
+    assert!(body["message"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("Cannot create expired banned"));
+
+    // A new ban: 200 with the ban; the same again while it lasts: 400 ALREADY_EXISTS, the old ban kept.
+    let (status, body, _) = send(Method::POST, "/api/v5/banned", Some(ban(later)), Some(API_SECRET)).await;
+    assert_eq!(status, 200, "{body}");
+    let until = emqx.ban_until("pos-90").expect("banned");
+    let longer = later + chrono::Duration::hours(1);
+    let (status, body, _) = send(Method::POST, "/api/v5/banned", Some(ban(longer)), Some(API_SECRET)).await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("ALREADY_EXISTS")), "{body}");
+    let old: Value = serde_json::from_str(body["message"].as_str().expect("message")).expect("the old ban as JSON");
+    assert_eq!(old["who"], "pos-90");
+    assert_eq!(emqx.ban_until("pos-90"), Some(until), "never extended");
+
+    // Deleting it: 204; deleting it again (or any missing ban): 404 NOT_FOUND.
+    let path = "/api/v5/banned/clientid/pos-90";
+    assert_eq!(send(Method::DELETE, path, None, Some(API_SECRET)).await.0, 204);
+    let (status, body, _) = send(Method::DELETE, path, None, Some(API_SECRET)).await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("NOT_FOUND")), "{body}");
+
+    // Kicking: a connected client 204 (and it is gone), an unknown one 404 CLIENTID_NOT_FOUND.
+    emqx.mark_connected("pos-91");
+    assert_eq!(
+        send(Method::DELETE, "/api/v5/clients/pos-91", None, Some(API_SECRET))
+            .await
+            .0,
+        204
+    );
+    assert!(!emqx.is_connected("pos-91"));
+    let (status, body, _) = send(Method::DELETE, "/api/v5/clients/pos-91", None, Some(API_SECRET)).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("CLIENTID_NOT_FOUND")),
+        "{body}"
+    );
+}
+
+/// A bridge whose API secret EMQX does not know (e.g. a bootstrap file EMQX never read): every call is 401,
+/// a DELETE answers 502 and the device is not recorded as revoked; a rotation is refused the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_api_secret_revokes_nothing() {
+    let s = start_with_secret("emqx-401", "not-the-emqx-api-secret").await;
+    let first = s.issue("pos-30", BRANCH_A, 3600).await;
+    s.accepted("pos-30", &first, "issued").await;
+    s.emqx.take();
+    let (status, body) = s.delete("pos-30").await;
+    assert_eq!(status, 502, "{body}");
+    let seen = s.emqx.take();
+    assert_eq!(seen.len(), 1, "stops at the refused ban: {seen:?}");
+    assert_eq!(
+        (seen[0].status, seen[0].code.as_deref()),
+        (401, Some("BAD_API_KEY_OR_SECRET"))
+    );
+    assert_eq!(s.emqx.ban_until("pos-30"), None);
+    let (_, rec) = call(&s.bridge.http, reqwest::Method::GET, "/api/v1/devices/pos-30", None).await;
+    assert_eq!(
+        rec["revoked"], false,
+        "not recorded as revoked when EMQX refused the credentials"
+    );
+    let body =
+        json!({"device_id": "pos-30", "merchant_code": "MCH-MST-001", "branch_code": BRANCH_A, "ttl_seconds": 3600});
+    let (status, _) = call(&s.bridge.http, reqwest::Method::POST, "/api/v1/devices", Some(body)).await;
+    assert_eq!(
+        status, 502,
+        "a rotation cannot kick the old session: refused, nothing issued"
+    );
+    s.accepted("pos-30", &first, "the first token is still the current one")
+        .await;
     s.bridge.stop().await;
 }

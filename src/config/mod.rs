@@ -303,15 +303,38 @@ pub struct LogConfig {
     pub level: String,
 }
 
+/// Whether loading a configuration reads the files its `<key>_file` secrets name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretFiles {
+    /// Read them, as start-up does.
+    Read,
+    /// Check their paths' form only (`check-config --no-secret-files`, outside the pod where the Secret is
+    /// mounted): such a secret is empty and [`Secret::is_unread`].
+    FormOnly,
+}
+
 impl Config {
     /// Loads `path` (if any) and the process environment.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with(path, SecretFiles::Read)
+    }
+
+    /// Loads `path` (if any) and the process environment, reading secret files or not.
+    pub fn load_with(path: Option<&Path>, files: SecretFiles) -> Result<Config, ConfigError> {
         let env: Vec<(String, String)> = std::env::vars().collect();
-        Self::load_from(path, &env)
+        Self::load_from_with(path, &env, files)
     }
 
     /// Loads from a file and an explicit environment (tests pass their own).
     pub fn load_from(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        Self::load_from_with(path, env, SecretFiles::Read)
+    }
+
+    fn load_from_with(
+        path: Option<&Path>,
+        env: &[(String, String)],
+        files: SecretFiles,
+    ) -> Result<Config, ConfigError> {
         let text = match path {
             Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
                 path: p.to_path_buf(),
@@ -320,11 +343,22 @@ impl Config {
             None => String::new(),
         };
         let origin = path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("<none>"));
-        Self::parse(&text, &origin, env)
+        Self::parse_with(&text, &origin, env, files)
     }
 
     pub fn parse(text: &str, origin: &Path, env: &[(String, String)]) -> Result<Config, ConfigError> {
-        raw::Raw::layer(text, origin, env)?.build()
+        Self::parse_with(text, origin, env, SecretFiles::Read)
+    }
+
+    pub fn parse_with(
+        text: &str,
+        origin: &Path,
+        env: &[(String, String)],
+        files: SecretFiles,
+    ) -> Result<Config, ConfigError> {
+        let mut raw = raw::Raw::layer(text, origin, env)?;
+        raw.read_files = files == SecretFiles::Read;
+        raw.build()
     }
 
     /// The effective configuration as a config file, secrets redacted: what `check-config` prints.

@@ -85,6 +85,8 @@ const KNOWN: &[(&str, &[&str])] = &[
 /// Flat view over the merged file and environment, with typed accessors that name the key on error.
 pub(super) struct Raw {
     flat: BTreeMap<String, Value>,
+    /// Whether `<key>_file` secrets are read (false: their paths are checked for form only).
+    pub(super) read_files: bool,
     /// Keys set by the environment, and the variable that set each.
     from_env: BTreeMap<String, String>,
 }
@@ -119,7 +121,11 @@ impl Raw {
                 ));
             }
         }
-        Ok(Raw { flat, from_env })
+        Ok(Raw {
+            flat,
+            read_files: true,
+            from_env,
+        })
     }
 }
 
@@ -256,6 +262,12 @@ impl Raw {
                     None => SecretSource::Inline,
                 };
                 Ok(Some(Secret::from_source(v, source)))
+            }
+            (None, Some(path)) if !self.read_files => {
+                if path.trim().is_empty() {
+                    return Err(ConfigError::invalid(&file_key, "is empty (a file path)"));
+                }
+                Ok(Some(Secret::from_source("", SecretSource::Unread(path.into()))))
             }
             (None, Some(path)) => {
                 let text = std::fs::read_to_string(&path)

@@ -214,7 +214,7 @@ impl Toml {
     fn secret(&mut self, key: &str, secret: Option<&Secret>) {
         match secret.map(Secret::source) {
             None => self.note(key, "not set"),
-            Some(SecretSource::File(p)) => self.set(&format!("{key}_file"), path(p)),
+            Some(SecretSource::File(p) | SecretSource::Unread(p)) => self.set(&format!("{key}_file"), path(p)),
             Some(SecretSource::Environment(var)) => self.note(key, &format!("set by {var}, not printed")),
             Some(SecretSource::Inline) => self.note(key, "set in the config file, not printed"),
         }

@@ -22,6 +22,8 @@ pub(super) enum SecretSource {
     Environment(String),
     /// Read from the file named (a `<key>_file` setting).
     File(PathBuf),
+    /// Named by a `<key>_file` setting that was not read (`check-config --no-secret-files`); the value is empty.
+    Unread(PathBuf),
 }
 
 impl Secret {
@@ -39,6 +41,11 @@ impl Secret {
     }
     pub(super) fn source(&self) -> &SecretSource {
         &self.source
+    }
+    /// True for a secret whose file was not read ([`SecretFiles::FormOnly`](super::SecretFiles)): its value
+    /// is empty and only its path was checked.
+    pub fn is_unread(&self) -> bool {
+        matches!(self.source, SecretSource::Unread(_))
     }
 }
 impl PartialEq for Secret {

@@ -699,3 +699,31 @@ fn a_client_id_without_the_hostname_is_reported_as_one_replicas_may_share() {
     let pid = id("bridge-{pid}").expect("{pid} alone is reported");
     assert!(pid.contains("pid 1"), "{pid}");
 }
+
+#[test]
+fn form_only_reads_no_secret_file_and_still_checks_the_rest() {
+    let text = "[mqtt]\npassword_file = \"/secrets/mqtt-password\"\n\
+                [broker]\nkind = \"emqx\"\napi_url = \"https://emqx:18084\"\napi_key = \"k\"\n\
+                api_secret_file = \"/secrets/emqx-api-secret\"\nauthn_token_file = \"/secrets/broker-authn-token\"\n";
+    // Read (start-up): the missing file is refused, naming its key.
+    let err = Config::parse(text, Path::new("test.toml"), &[]).expect_err("files read");
+    assert!(err.to_string().starts_with("mqtt.password_file: cannot read"), "{err}");
+    // Form only: accepted, each secret unread and empty, printed as its _file setting.
+    let cfg = Config::parse_with(text, Path::new("test.toml"), &[], SecretFiles::FormOnly).expect("form only");
+    for s in [&cfg.mqtt.password, &cfg.broker.api_secret, &cfg.broker.authn_token] {
+        let s = s.as_ref().expect("set");
+        assert!(s.is_unread() && s.expose().is_empty());
+    }
+    let printed = cfg.redacted_toml();
+    assert!(
+        printed.contains("password_file = \"/secrets/mqtt-password\""),
+        "{printed}"
+    );
+    // An empty path is refused; other keys are validated as ever.
+    let empty = text.replace("/secrets/emqx-api-secret", "");
+    let err = Config::parse_with(&empty, Path::new("test.toml"), &[], SecretFiles::FormOnly).expect_err("empty");
+    assert!(err.to_string().starts_with("broker.api_secret_file: is empty"), "{err}");
+    let bad = text.replace("https://emqx", "ftp://emqx");
+    let err = Config::parse_with(&bad, Path::new("test.toml"), &[], SecretFiles::FormOnly).expect_err("url");
+    assert!(err.to_string().starts_with("broker.api_url"), "{err}");
+}

@@ -38,7 +38,7 @@ impl Raw {
             ddl_lock_timeout: self.duration("postgres.ddl_lock_timeout", "1s")?,
             ddl_deadline: self.duration("postgres.ddl_deadline", "5m")?,
         };
-        if let Some(p) = &postgres.password {
+        if let Some(p) = postgres.password.as_ref().filter(|p| !p.is_unread()) {
             // Appended last, so it wins over a password in the URL; a string ending in a lone backslash would
             // swallow the separator, so check that it reads back.
             let applied = super::pgtls::split(&conninfo::with_password(&postgres.url, p.expose()))
@@ -110,7 +110,7 @@ impl Raw {
         })?;
         let admin_token = self.secret("http.admin_token")?;
         if let Some(t) = &admin_token {
-            if t.expose().len() < 16 {
+            if !t.is_unread() && t.expose().len() < 16 {
                 return Err(ConfigError::invalid(
                     "http.admin_token",
                     "must be at least 16 characters",
@@ -182,7 +182,11 @@ impl Raw {
             api_secret: self.secret("broker.api_secret")?,
             authn_token: self.secret("broker.authn_token")?,
         };
-        if broker.authn_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+        if broker
+            .authn_token
+            .as_ref()
+            .is_some_and(|t| !t.is_unread() && t.expose().len() < 16)
+        {
             return Err(ConfigError::invalid(
                 "broker.authn_token",
                 "must be at least 16 characters",

@@ -1,11 +1,17 @@
 //! A model of EMQX 5.8.9 for the EMQX backend's tests (EMQX itself cannot run on these machines): its REST
 //! API v5 as far as delta-bridge uses it, with the state it changes, and its decision at MQTT connect time.
 //! Follows EMQX's source at tag v5.8.9:
-//! - bans: `apps/emqx_management/src/emqx_mgmt_api_banned.erl` and `apps/emqx/src/emqx_banned.erl` — a ban
-//!   whose `until` is not in the future is refused with 400, an active ban for the same client id with 400
-//!   `ALREADY_EXISTS` (it is never extended), deleting a ban that does not exist is 404;
-//! - kick: `apps/emqx_management/src/emqx_mgmt_api_clients.erl` — `DELETE /api/v5/clients/{clientid}` is 204
-//!   for a connected client, 404 `CLIENTID_NOT_FOUND` otherwise; every call needs Basic `api_key:api_secret`;
+//! - bans: `apps/emqx_management/src/emqx_mgmt_api_banned.erl` (`banned/2`, `delete_banned/2`) and
+//!   `apps/emqx/src/emqx_banned.erl` (`parse/1`, `create/1`) — 200 with the ban for a new one; a ban whose
+//!   `until` is not in the future is 400 `BAD_REQUEST` ("Cannot create expired banned, ..."); an active ban for
+//!   the same client id is 400 `ALREADY_EXISTS` whose message is the existing ban as JSON (it is never
+//!   extended; an expired one is overwritten); deleting a ban that does not exist is 404 `NOT_FOUND`
+//!   ("clientid: ID not found"), an existing one 204;
+//! - kick: `apps/emqx_management/src/emqx_mgmt_api_clients.erl` (`kickout/1`) — `DELETE /api/v5/clients/{clientid}`
+//!   is 204 for a connected client, 404 `CLIENTID_NOT_FOUND` "Client ID not found" otherwise;
+//! - credentials: `apps/emqx_dashboard/src/emqx_dashboard.erl` (`api_key_authorize/4`) — every call needs
+//!   Basic `api_key:api_secret`; anything else is 401 `BAD_API_KEY_OR_SECRET` "Check api_key/api_secret" with
+//!   `WWW-Authenticate: Basic Realm="emqx-dashboard"` (a missing or non-Basic header: 401 too);
 //! - connect: `apps/emqx/src/emqx_channel.erl` (`check_banned/2` before `authenticate/2`), the chain of
 //!   `apps/emqx_auth/src/emqx_authn/emqx_authn_chains.erl` (`do_authenticate/3`: `ignore` goes on, anything
 //!   else stops, the end of the chain refuses), the HTTP authenticator of
@@ -24,7 +30,8 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use base64::Engine;
 use serde_json::{json, Value};
@@ -32,13 +39,16 @@ use serde_json::{json, Value};
 pub const API_KEY: &str = "delta-bridge";
 pub const API_SECRET: &str = "emqx-api-secret-value";
 
-/// One REST call as received.
+/// One REST call as received, and the status the model answered.
 #[derive(Debug, Clone)]
 pub struct Seen {
     pub method: String,
     pub path: String,
     pub authorization: String,
     pub body: Value,
+    pub status: u16,
+    /// The `code` of the JSON error answered, if any.
+    pub code: Option<String>,
 }
 
 #[derive(Default)]
@@ -95,6 +105,11 @@ impl Emqx {
 
     pub fn ban_until(&self, clientid: &str) -> Option<i64> {
         self.lock().bans.get(clientid).copied()
+    }
+
+    /// A client connected without going through [`Emqx::connect`] (for the REST model's own checks).
+    pub fn mark_connected(&self, clientid: &str) {
+        self.lock().connected.insert(clientid.to_string());
     }
 
     pub fn is_connected(&self, clientid: &str) -> bool {
@@ -217,26 +232,24 @@ fn basic() -> String {
     )
 }
 
-fn answer(status: StatusCode, body: Value) -> (StatusCode, String) {
-    (
-        status,
-        if body.is_null() {
-            String::new()
-        } else {
-            body.to_string()
-        },
-    )
+fn answer(status: StatusCode, body: Value) -> (StatusCode, Value) {
+    (status, body)
 }
 
-/// The REST API v5 calls delta-bridge makes, with EMQX's answers.
+/// EMQX's error answers: `{"code": ..., "message": ...}` (`emqx_dashboard_swagger:error_codes/2`).
+fn error(status: StatusCode, code: &str, message: &str) -> (StatusCode, Value) {
+    (status, json!({"code": code, "message": message}))
+}
+
+/// The REST API v5 calls delta-bridge makes, with EMQX's answers; each is recorded with its status.
 async fn rest(
     State(model): State<Arc<Mutex<Model>>>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
-) -> (StatusCode, String) {
-    let seen = Seen {
+) -> Response {
+    let mut seen = Seen {
         method: method.to_string(),
         path: uri.path().to_string(),
         authorization: headers
@@ -245,14 +258,38 @@ async fn rest(
             .unwrap_or("")
             .to_string(),
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        status: 0,
+        code: None,
     };
     let mut m = model.lock().expect("model lock");
-    m.seen.push(seen.clone());
+    let (status, body) = decide(&mut m, &seen);
+    seen.status = status.as_u16();
+    seen.code = body["code"].as_str().map(str::to_string);
+    m.seen.push(seen);
+    let mut resp = if body.is_null() {
+        status.into_response()
+    } else {
+        (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    };
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Basic Realm=\"emqx-dashboard\""),
+        );
+    }
+    resp
+}
+
+fn decide(m: &mut Model, seen: &Seen) -> (StatusCode, Value) {
     if seen.authorization != basic() {
-        return answer(StatusCode::UNAUTHORIZED, json!({"code": "BAD_API_KEY_OR_SECRET"}));
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "BAD_API_KEY_OR_SECRET",
+            "Check api_key/api_secret",
+        );
     }
     if m.fail {
-        return answer(StatusCode::INTERNAL_SERVER_ERROR, json!({"code": "INTERNAL_ERROR"}));
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", "refused");
     }
     let now = chrono::Utc::now().timestamp();
     match (seen.method.as_str(), seen.path.as_str()) {
@@ -263,16 +300,18 @@ async fn rest(
                 .and_then(|u| chrono::DateTime::parse_from_rfc3339(u).ok())
                 .map(|u| u.timestamp());
             let (Some("clientid"), Some(who), Some(until)) = (b["as"].as_str(), b["who"].as_str(), until) else {
-                return answer(StatusCode::BAD_REQUEST, json!({"code": "BAD_REQUEST"}));
+                return error(StatusCode::BAD_REQUEST, "BAD_REQUEST", "invalid ban");
             };
             if until <= now {
-                return answer(
+                return error(
                     StatusCode::BAD_REQUEST,
-                    json!({"code": "BAD_REQUEST", "message": "Cannot create expired banned"}),
+                    "BAD_REQUEST",
+                    &format!("Cannot create expired banned, {now} to {until}"),
                 );
             }
-            if m.bans.get(who).is_some_and(|u| *u > now) {
-                return answer(StatusCode::BAD_REQUEST, json!({"code": "ALREADY_EXISTS"}));
+            if let Some(old) = m.bans.get(who).filter(|u| **u > now) {
+                let old = json!({"as": "clientid", "who": who, "until": old}).to_string();
+                return error(StatusCode::BAD_REQUEST, "ALREADY_EXISTS", &old);
             }
             m.bans.insert(who.to_string(), until);
             answer(StatusCode::OK, seen.body.clone())
@@ -281,16 +320,20 @@ async fn rest(
             let who = &p["/api/v5/banned/clientid/".len()..];
             match m.bans.remove(who) {
                 Some(_) => answer(StatusCode::NO_CONTENT, Value::Null),
-                None => answer(StatusCode::NOT_FOUND, json!({"code": "NOT_FOUND"})),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "NOT_FOUND",
+                    &format!("clientid: {who} not found"),
+                ),
             }
         }
         ("DELETE", p) if p.starts_with("/api/v5/clients/") => {
             if m.connected.remove(&p["/api/v5/clients/".len()..]) {
                 answer(StatusCode::NO_CONTENT, Value::Null)
             } else {
-                answer(StatusCode::NOT_FOUND, json!({"code": "CLIENTID_NOT_FOUND"}))
+                error(StatusCode::NOT_FOUND, "CLIENTID_NOT_FOUND", "Client ID not found")
             }
         }
-        _ => answer(StatusCode::NOT_FOUND, json!({"code": "NOT_FOUND"})),
+        _ => error(StatusCode::NOT_FOUND, "NOT_FOUND", "not modelled"),
     }
 }

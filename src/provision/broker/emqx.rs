@@ -1,4 +1,4 @@
-//! EMQX (5.5+, written against 5.8.9), REST API v5 with Basic auth `api_key:api_secret`. EMQX verifies each
+//! EMQX (5.7.2 to 5.8.x, written against 5.8.9), REST API v5 with Basic auth `api_key:api_secret`. EMQX verifies each
 //! device's JWT through the bridge's JWKS and applies its `acl` claim, but its JWT authenticator cannot tell
 //! a device's current token from an earlier one (EMQX v5.8.9, `apps/emqx_auth_jwt/src/emqx_authn_jwt.erl`,
 //! `verify_claims/2`: signature, `exp`, `nbf` and fixed claim values only). So EMQX asks the bridge first, on
@@ -93,8 +93,11 @@ impl Emqx {
             return Ok(());
         }
         let text = resp.text().await.unwrap_or_default();
-        // EMQX answers a duplicate ban with 400 ALREADY_EXISTS: the device is banned, which is the goal.
-        if status == StatusCode::BAD_REQUEST && text.contains("ALREADY_EXISTS") {
+        // EMQX answers a ban of a client id that already has an active one with 400 and the code ALREADY_EXISTS
+        // (EMQX v5.8.9, `apps/emqx_management/src/emqx_mgmt_api_banned.erl`, `banned/2`; the message is the
+        // existing ban): the device is banned, which is the goal. Only the code counts: a BAD_REQUEST's message
+        // may quote the device id.
+        if status == StatusCode::BAD_REQUEST && error_code(&text).as_deref() == Some("ALREADY_EXISTS") {
             return Ok(());
         }
         Err(BrokerError::Http {
@@ -104,6 +107,12 @@ impl Emqx {
             body: text.chars().take(300).collect(),
         })
     }
+}
+
+/// The `code` of an EMQX error answer (`{"code": ..., "message": ...}`), if it is one.
+fn error_code(body: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(body).ok()?;
+    v.get("code")?.as_str().map(str::to_string)
 }
 
 /// `until`, or a minute from now if that is later: EMQX refuses a ban whose `until` is not in the future
@@ -217,6 +226,19 @@ mod tests {
             Emqx::new(&emqx_at("ftp://emqx", None)),
             Err(BrokerError::Config(_))
         ));
+    }
+
+    #[test]
+    fn only_the_code_already_exists_counts() {
+        assert_eq!(
+            error_code(r#"{"code":"ALREADY_EXISTS","message":"{\"who\":\"pos-1\"}"}"#),
+            Some("ALREADY_EXISTS".into())
+        );
+        assert_eq!(
+            error_code(r#"{"code": "BAD_REQUEST", "message": "ALREADY_EXISTS expired"}"#),
+            Some("BAD_REQUEST".into())
+        );
+        assert_eq!(error_code("ALREADY_EXISTS"), None);
     }
 
     #[test]
