@@ -80,6 +80,8 @@ pub(crate) struct Metrics {
     /// By `result`: one of [`AUTHN_RESULTS`], the answers to EMQX's HTTP authenticator.
     pub broker_authn: IntCounterVec,
     pub outbox_poll_seconds: Histogram,
+    /// Duration of one numbering transaction (branch_seq given to a read's new events, committed).
+    pub numbering_seconds: Histogram,
     /// Open HTTP connections (at most `http.max_connections`).
     pub http_connections: IntGauge,
     /// HTTP connections closed at once because `http.max_connections` were open.
@@ -160,6 +162,13 @@ impl Metrics {
             HistogramOpts::new("delta_bridge_outbox_poll_seconds", "Duration of one outbox read")
                 .buckets(exponential_buckets(0.0001, 4.0, 9)?),
         )?;
+        let numbering_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "delta_bridge_numbering_seconds",
+                "Duration of one transaction giving a read's new events their branch_seq, commit included",
+            )
+            .buckets(exponential_buckets(0.0001, 4.0, 9)?),
+        )?;
         registry.register(Box::new(events_published.clone()))?;
         registry.register(Box::new(publish_failures.clone()))?;
         registry.register(Box::new(end_to_end_latency.clone()))?;
@@ -185,6 +194,7 @@ impl Metrics {
         registry.register(Box::new(devices_revoked.clone()))?;
         registry.register(Box::new(broker_authn.clone()))?;
         registry.register(Box::new(outbox_poll_seconds.clone()))?;
+        registry.register(Box::new(numbering_seconds.clone()))?;
         registry.register(Box::new(http_connections.clone()))?;
         registry.register(Box::new(http_connections_refused.clone()))?;
         #[cfg(target_os = "linux")]
@@ -223,6 +233,7 @@ impl Metrics {
             devices_revoked,
             broker_authn,
             outbox_poll_seconds,
+            numbering_seconds,
             http_connections,
             http_connections_refused,
         })

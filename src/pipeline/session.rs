@@ -139,11 +139,12 @@ impl Pipeline {
             if cancel.is_cancelled() {
                 return Ok(self.shutdown(&s.client, &stmts, outcomes).await?);
             }
+            self.number(&s.client, &stmts, &install_id).await?;
             self.push_ready(events, cancel)?;
 
             let mut drained = true;
             self.metrics.pending_bytes.set(self.pending_bytes as i64);
-            if self.ready.is_empty() && self.has_room() {
+            if self.queue_empty() && self.has_room() {
                 let t = Instant::now();
                 let limit = self.batch();
                 let (rows, snap) = stmts
@@ -155,24 +156,26 @@ impl Pipeline {
                     self.last_rows = Some(Instant::now());
                 }
                 self.take(rows, snap, limit, &install_id);
-                self.push_ready(events, cancel)?;
+                self.number(&s.client, &stmts, &install_id).await?;
+            self.push_ready(events, cancel)?;
             }
             let sweep_due = self.sweep_after.is_some() || self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
             if sweep_due && self.has_room() {
                 if !self.sweep(&s.client, &stmts, &install_id).await? {
                     drained = false; // more below the cursor: the next step as soon as there is room
                 }
-                self.push_ready(events, cancel)?;
+                self.number(&s.client, &stmts, &install_id).await?;
+            self.push_ready(events, cancel)?;
             }
             if self.last_backlog.elapsed() >= BACKLOG_EVERY {
                 self.metrics.outbox_backlog.set(outbox::backlog(&s.client).await?);
                 self.last_backlog = Instant::now();
             }
             self.heartbeat.beat_if_due(&s.client).await?;
-            if !drained && self.ready.is_empty() {
+            if !drained && self.queue_empty() {
                 continue;
             }
-            if self.ready.is_empty() && self.last_rows.is_some_and(|t| t.elapsed() < LINGER) {
+            if self.queue_empty() && self.last_rows.is_some_and(|t| t.elapsed() < LINGER) {
                 // Busy lately: poll again shortly instead of making writers notify us.
                 tokio::select! {
                     _ = cancel.cancelled() => {}
@@ -184,7 +187,7 @@ impl Pipeline {
 
             // Idle (or waiting for the publisher): ask writers to wake us, then look once more, because a
             // writer that committed just before we took the lock did not notify.
-            let tried = if self.ready.is_empty() && self.has_room() {
+            let tried = if self.queue_empty() && self.has_room() {
                 let gaps = self.tracker.gap_ids();
                 let limit = self.batch();
                 let (armed, (rows, snap)) = tokio::try_join!(
@@ -211,7 +214,7 @@ impl Pipeline {
             };
             let armed = tried == Some(true);
 
-            let wait = if !self.ready.is_empty() {
+            let wait = if !self.queue_empty() {
                 Duration::from_millis(2)
             } else if tried.is_none() {
                 // Full (max_pending events or max_pending_bytes unacknowledged): acknowledgements wake us;
