@@ -26,10 +26,10 @@ ALTER TABLE delta_bridge.outbox ADD COLUMN branch_seq bigint;
 ALTER TABLE delta_bridge.dead_letter ADD COLUMN branch_seq bigint;
 
 -- Numbers the outbox rows p_ids that have none yet, in the order given, per merchant+branch; returns the rows
--- of p_ids that are in the outbox with a merchant and branch, each with its number (new or earlier). One
+-- of p_ids that are in the outbox with a merchant and branch, each with its number and whether it is new. One
 -- statement: every row of p_ids that it numbers is read and updated in the same snapshot. Fails (and numbers
 -- nothing) unless this session holds the leader lock. The caller checks that every row came back.
-CREATE FUNCTION delta_bridge.number_events(p_ids bigint[]) RETURNS TABLE (id bigint, branch_seq bigint)
+CREATE FUNCTION delta_bridge.number_events(p_ids bigint[]) RETURNS TABLE (id bigint, branch_seq bigint, fresh boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_locks l
@@ -58,10 +58,10 @@ BEGIN
               FROM ranked r JOIN bumped u ON u.m = r.m AND u.b = r.b
              WHERE o.id = r.id
             RETURNING o.id, o.branch_seq)
-    SELECT s.id, s.branch_seq FROM stored s
+    SELECT s.id, s.branch_seq, true FROM stored s
     UNION ALL
     -- Rows numbered earlier keep their number (this snapshot does not see the update above).
-    SELECT o.id, o.branch_seq FROM delta_bridge.outbox o
+    SELECT o.id, o.branch_seq, false FROM delta_bridge.outbox o
      WHERE o.id = ANY (p_ids) AND o.branch_seq IS NOT NULL AND o.merchant_code IS NOT NULL
        AND o.branch_code IS NOT NULL;
 END $$;

@@ -3,7 +3,7 @@
 //! Labels are low-cardinality by construction: streams, failure reasons; never a device, merchant or branch.
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    exponential_buckets, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -66,6 +66,10 @@ pub(crate) struct Metrics {
     pub end_to_end_latency: HistogramVec,
     pub payload_bytes: HistogramVec,
     pub outbox_backlog: IntGauge,
+    /// Age of the oldest event in the change log (0 while it is empty).
+    pub change_log_oldest_age: Gauge,
+    /// Bytes on disk of the change log's partitions (indexes included).
+    pub change_log_bytes: IntGauge,
     pub pending_bytes: IntGauge,
     pub republish_window_bytes: IntGauge,
     pub republish_window_evicted: IntCounter,
@@ -123,6 +127,14 @@ impl Metrics {
             "delta_bridge_outbox_backlog",
             "Captured events not yet acknowledged by the broker",
         )?;
+        let change_log_oldest_age = Gauge::new(
+            "delta_bridge_change_log_oldest_age_seconds",
+            "Age of the oldest event kept in the change log, in seconds (0 while the log is empty); updated by the leader",
+        )?;
+        let change_log_bytes = IntGauge::new(
+            "delta_bridge_change_log_bytes",
+            "Bytes on disk of the change log's partitions, indexes included; updated by the leader",
+        )?;
         let pending_bytes = IntGauge::new(
             "delta_bridge_pending_bytes",
             "Bytes (payloads and topics) of events read and not yet acknowledged (bounded by bridge.max_pending_bytes)",
@@ -174,6 +186,8 @@ impl Metrics {
         registry.register(Box::new(end_to_end_latency.clone()))?;
         registry.register(Box::new(payload_bytes.clone()))?;
         registry.register(Box::new(outbox_backlog.clone()))?;
+        registry.register(Box::new(change_log_oldest_age.clone()))?;
+        registry.register(Box::new(change_log_bytes.clone()))?;
         registry.register(Box::new(pending_bytes.clone()))?;
         registry.register(Box::new(republish_window_bytes.clone()))?;
         registry.register(Box::new(republish_window_evicted.clone()))?;
@@ -221,6 +235,8 @@ impl Metrics {
             end_to_end_latency,
             payload_bytes,
             outbox_backlog,
+            change_log_oldest_age,
+            change_log_bytes,
             pending_bytes,
             republish_window_bytes,
             republish_window_evicted,

@@ -112,7 +112,11 @@ async fn check_numbers(db: &tokio_postgres::Client, msgs: &[Received]) -> (usize
         .await
         .expect("counters")
         .get(0);
-    assert_eq!(counters as usize, by_branch.len(), "no branch numbered without publishing");
+    assert_eq!(
+        counters as usize,
+        by_branch.len(),
+        "no branch numbered without publishing"
+    );
     for (row, mut events) in rows {
         events.sort();
         assert!(
@@ -121,6 +125,51 @@ async fn check_numbers(db: &tokio_postgres::Client, msgs: &[Received]) -> (usize
         );
     }
     (by_branch.len(), events, late)
+}
+
+/// The change log holds exactly the events the device received, each once: the same payload bytes, topic,
+/// branch, branch_seq, event_id and seq. Returns how many rows it holds.
+pub async fn check_log(db: &tokio_postgres::Client, msgs: &[Received]) -> usize {
+    let rows = db
+        .query(
+            "SELECT merchant_code, branch_code, branch_seq, seq, event_id, topic, payload FROM delta_bridge.change_log",
+            &[],
+        )
+        .await
+        .expect("change log");
+    let mut log: HashMap<String, (String, String, i64, i64, String, Vec<u8>)> = HashMap::new();
+    for r in &rows {
+        let id: String = r.get(4);
+        let prev = log.insert(id.clone(), (r.get(0), r.get(1), r.get(2), r.get(3), r.get(5), r.get(6)));
+        assert!(prev.is_none(), "event {id} logged twice");
+    }
+    let mut carried = HashMap::new();
+    for m in msgs {
+        let id = m.payload["event_id"].as_str().expect("event_id");
+        carried.entry(id).or_insert(m);
+    }
+    for (id, m) in &carried {
+        let (merchant, branch) = branch_of(&m.topic);
+        let Some((lm, lb, n, seq, topic, payload)) = log.get(*id) else {
+            panic!("event {id} was published but is not in the change log: {}", m.payload)
+        };
+        assert_eq!((lm, lb), (&merchant, &branch), "event {id}: branch");
+        assert_eq!(*n, number(m), "event {id}: branch_seq");
+        assert_eq!(Some(*seq), m.payload["seq"].as_i64(), "event {id}: seq");
+        assert_eq!(topic, &m.topic, "event {id}: topic");
+        assert!(
+            payload == &m.raw,
+            "event {id}: the log's payload is not the bytes MQTT carried:\nlog:  {}\nmqtt: {}",
+            String::from_utf8_lossy(payload),
+            String::from_utf8_lossy(&m.raw)
+        );
+    }
+    assert_eq!(
+        log.len(),
+        carried.len(),
+        "the log holds only events that were published"
+    );
+    log.len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -177,10 +226,18 @@ async fn every_branch_is_numbered_1_to_n_across_a_sigkill_and_a_failover() {
 
     let report = load.await.expect("load task").expect("load runs");
     eprintln!("{}", report.render());
-    assert!(report.ops_committed > 1500, "the load really ran: {}", report.ops_committed);
+    assert!(
+        report.ops_committed > 1500,
+        "the load really ran: {}",
+        report.ops_committed
+    );
     common::assert_nothing_lost_or_invented(&report);
     common::wait_outbox_empty(&db, Duration::from_secs(30)).await;
-    assert_eq!(common::bridge_rows(&db, "dead_letter").await, 0, "nothing dead-lettered");
+    assert_eq!(
+        common::bridge_rows(&db, "dead_letter").await,
+        0,
+        "nothing dead-lettered"
+    );
 
     let msgs = device.snapshot();
     common::assert_duplicates_identical(&msgs);
@@ -199,16 +256,24 @@ async fn every_branch_is_numbered_1_to_n_across_a_sigkill_and_a_failover() {
         msgs.len(),
         late.len()
     );
+    let logged = check_log(&db, &msgs).await;
+    eprintln!("change log: {logged} rows, byte for byte what MQTT carried");
 
     // The numbering refuses a session that does not hold the leader lock, and numbers nothing.
     db.batch_execute("SET delta_bridge.no_wake = 'on'; UPDATE products SET stock = stock + 1 WHERE id = 1")
         .await
         .expect("write");
     let err = db
-        .query("SELECT * FROM delta_bridge.number_events(ARRAY(SELECT id FROM delta_bridge.outbox))", &[])
+        .query(
+            "SELECT * FROM delta_bridge.number_events(ARRAY(SELECT id FROM delta_bridge.outbox))",
+            &[],
+        )
         .await
         .expect_err("not the leader");
-    assert!(err.to_string().contains("leader lock") || format!("{err:?}").contains("leader lock"), "{err:?}");
+    assert!(
+        err.to_string().contains("leader lock") || format!("{err:?}").contains("leader lock"),
+        "{err:?}"
+    );
     device.stop().await;
 }
 
@@ -219,7 +284,12 @@ async fn every_branch_is_numbered_1_to_n_across_a_sigkill_and_a_failover() {
 async fn dead_letters_are_numbered_when_published_and_keep_their_number() {
     let env = Env::start("bseq-dead");
     let db = env.client().await;
-    let device = Subscriber::start(&env.mqtt.url(), "device-bseq-dead", "dev/MCH-MST-001/BRN-MST-OSK00002/#").await;
+    let device = Subscriber::start(
+        &env.mqtt.url(),
+        "device-bseq-dead",
+        "dev/MCH-MST-001/BRN-MST-OSK00002/#",
+    )
+    .await;
     // The k-th product of branch 2 (MCH-MST-001/BRN-MST-OSK00002, see SAMPLE_DATA).
     let stock = |k: i64| {
         format!(
@@ -231,11 +301,15 @@ async fn dead_letters_are_numbered_when_published_and_keep_their_number() {
     // play a refused event later.
     env.bridge().await.stop().await;
     db.batch_execute(&stock(0)).await.expect("write");
-    db.batch_execute("CREATE TABLE kept AS SELECT * FROM delta_bridge.outbox").await.expect("keep");
+    db.batch_execute("CREATE TABLE kept AS SELECT * FROM delta_bridge.outbox")
+        .await
+        .expect("keep");
 
     let bridge = env.bridge().await;
     db.batch_execute(&stock(1)).await.expect("write");
-    device.wait_for(Duration::from_secs(20), "2 events", |m| m.len() >= 2).await;
+    device
+        .wait_for(Duration::from_secs(20), "2 events", |m| m.len() >= 2)
+        .await;
     // A row the bridge cannot convert (an unknown kind) on the same branch.
     db.batch_execute(
         "INSERT INTO delta_bridge.outbox (kind, op, merchant_code, branch_code, new_row, ctx)
@@ -252,14 +326,22 @@ async fn dead_letters_are_numbered_when_published_and_keep_their_number() {
         .get(0);
     assert_eq!(dead, None, "an unconvertible row gets no number");
     db.batch_execute(&stock(3)).await.expect("write");
-    let msgs = device.wait_for(Duration::from_secs(20), "3 events", |m| m.len() >= 3).await;
-    assert_eq!(msgs.iter().map(number).collect::<Vec<_>>(), vec![1, 2, 3], "no hole for the dead letter");
+    let msgs = device
+        .wait_for(Duration::from_secs(20), "3 events", |m| m.len() >= 3)
+        .await;
+    assert_eq!(
+        msgs.iter().map(number).collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "no hole for the dead letter"
+    );
 
     // Repaired and replayed: published with the next number.
     db.batch_execute("UPDATE delta_bridge.dead_letter SET kind = 'product'; SELECT delta_bridge.replay()")
         .await
         .expect("replay");
-    let msgs = device.wait_for(Duration::from_secs(20), "4 events", |m| m.len() >= 4).await;
+    let msgs = device
+        .wait_for(Duration::from_secs(20), "4 events", |m| m.len() >= 4)
+        .await;
     assert_eq!(msgs[3].payload["event_type"], "product_updated");
     assert_eq!(number(&msgs[3]), 4, "numbered when published");
 
@@ -274,8 +356,13 @@ async fn dead_letters_are_numbered_when_published_and_keep_their_number() {
     )
     .await
     .expect("replay the refused one");
-    let msgs = device.wait_for(Duration::from_secs(20), "5 messages", |m| m.len() >= 5).await;
-    assert_eq!(msgs[4].raw, msgs[0].raw, "the same event, the same bytes, the same number");
+    let msgs = device
+        .wait_for(Duration::from_secs(20), "5 messages", |m| m.len() >= 5)
+        .await;
+    assert_eq!(
+        msgs[4].raw, msgs[0].raw,
+        "the same event, the same bytes, the same number"
+    );
     common::wait_outbox_empty(&db, Duration::from_secs(20)).await;
     let last: i64 = db
         .query_one(
@@ -286,6 +373,11 @@ async fn dead_letters_are_numbered_when_published_and_keep_their_number() {
         .expect("counter")
         .get(0);
     assert_eq!(last, 4);
+    assert_eq!(
+        check_log(&db, &msgs).await,
+        4,
+        "four events in the log; the replayed one once"
+    );
     bridge.stop().await;
     device.stop().await;
 }

@@ -37,7 +37,10 @@ fn check_envelope(m: &Received, event_type: &str, data_keys: &[&str]) {
     let event_id = p["event_id"].as_str().expect("event_id string");
     assert!(!event_id.is_empty());
     assert!(p["seq"].is_i64(), "seq is an integer");
-    assert!(p["branch_seq"].as_i64() >= Some(1), "branch_seq is an integer from 1: {p}");
+    assert!(
+        p["branch_seq"].as_i64() >= Some(1),
+        "branch_seq is an integer from 1: {p}"
+    );
     let data = p["data"].as_object().expect("data object");
     assert_eq!(data.len(), data_keys.len(), "data has exactly {data_keys:?}: {p}");
     assert_eq!(m.content_type.as_deref(), Some("application/json"));

@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::FromSql;
+use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{Client, Row, Statement};
 
+use super::change_log;
 use crate::convert::{Captured, ConvertError};
 use crate::pg::{timed, PgError};
 
@@ -157,6 +158,7 @@ pub(crate) struct Statements {
     fetch_ids: Statement,
     delete: Statement,
     number: Statement,
+    log: Statement,
     try_lock: Statement,
     unlock: Statement,
 }
@@ -172,7 +174,8 @@ impl Statements {
             )))
             .await?,
             delete: timed(client.prepare("DELETE FROM delta_bridge.outbox WHERE id = ANY($1)")).await?,
-            number: timed(client.prepare("SELECT id, branch_seq FROM delta_bridge.number_events($1)")).await?,
+            number: timed(client.prepare("SELECT id, branch_seq, fresh FROM delta_bridge.number_events($1)")).await?,
+            log: timed(client.prepare(change_log::INSERT)).await?,
             try_lock: timed(client.prepare("SELECT pg_try_advisory_lock($1)")).await?,
             unlock: timed(client.prepare("SELECT pg_advisory_unlock($1)")).await?,
         })
@@ -255,32 +258,58 @@ impl Statements {
         timed(client.execute(&self.delete, &[&ids])).await
     }
 
-    /// Gives the rows `ids` (in the order they will be published) their branch_seq, those that have none yet,
-    /// and commits: see sql/006_branch_seq.sql. Returns each row's number, new or earlier; a row missing from
-    /// the answer is no longer in the outbox. Fails, numbering nothing, unless this session holds the leader
-    /// lock.
-    pub(crate) async fn number(&self, client: &Client, ids: &[i64]) -> Result<HashMap<i64, i64>, PgError> {
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
+    /// Opens the numbering transaction: gives the rows `ids` (in the order they will be published) their
+    /// branch_seq, those that have none yet (see sql/006_branch_seq.sql). Returns each row's number and whether
+    /// it is new (given now, rather than earlier); a row missing from the answer is no longer in the outbox. Fails, numbering nothing, unless this
+    /// session holds the leader lock. The transaction stays open for [`Statements::log_and_commit`]; on an
+    /// error it is rolled back.
+    pub(crate) async fn number(&self, client: &Client, ids: &[i64]) -> Result<HashMap<i64, (i64, bool)>, PgError> {
+        let params: [&(dyn ToSql + Sync); 1] = [&ids];
         let (began, numbered) = tokio::join!(
             timed(client.batch_execute("BEGIN")),
             timed(client.query(&self.number, &params))
         );
         let answer = began.and(numbered).and_then(|rows| {
             rows.iter()
-                .map(|r| Ok((r.try_get::<_, i64>(0)?, r.try_get::<_, i64>(1)?)))
+                .map(|r| {
+                    Ok((
+                        r.try_get::<_, i64>(0)?,
+                        (r.try_get::<_, i64>(1)?, r.try_get::<_, bool>(2)?),
+                    ))
+                })
                 .collect::<Result<HashMap<_, _>, PgError>>()
         });
-        match answer {
-            Ok(out) => {
-                timed(client.batch_execute("COMMIT")).await?;
-                Ok(out)
-            }
-            Err(e) => {
-                // Nothing numbered. The session may be gone already; then this fails too.
-                let _ = timed(client.batch_execute("ROLLBACK")).await;
-                Err(e)
-            }
+        if answer.is_err() {
+            rollback(client).await;
         }
+        answer
+    }
+
+    /// Writes the numbered events to the change log and commits the numbering transaction: their numbers and
+    /// their log rows become durable together, or neither does.
+    pub(crate) async fn log_and_commit(&self, client: &Client, rows: &change_log::Rows<'_>) -> Result<(), PgError> {
+        let logged = if rows.is_empty() {
+            Ok(0)
+        } else {
+            let params: [&(dyn ToSql + Sync); 7] = [
+                &rows.merchants,
+                &rows.branches,
+                &rows.branch_seqs,
+                &rows.seqs,
+                &rows.event_ids,
+                &rows.topics,
+                &rows.payloads,
+            ];
+            timed(client.execute(&self.log, &params)).await
+        };
+        let committed = match logged {
+            Ok(_) => timed(client.batch_execute("COMMIT")).await,
+            Err(e) => Err(e),
+        };
+        if committed.is_err() {
+            rollback(client).await;
+        }
+        committed
     }
 
     pub(crate) async fn try_lock(&self, client: &Client, key: i64) -> Result<bool, PgError> {
@@ -290,6 +319,12 @@ impl Statements {
     pub(crate) async fn unlock(&self, client: &Client, key: i64) -> Result<bool, PgError> {
         Ok(timed(client.query_one(&self.unlock, &[&key])).await?.try_get(0)?)
     }
+}
+
+/// Ends an open transaction after a failure; the session may be gone already, and then this fails too (and
+/// PostgreSQL has rolled it back).
+async fn rollback(client: &Client) {
+    let _ = timed(client.batch_execute("ROLLBACK")).await;
 }
 
 /// Ids in (after, upto], in id order: the sweep for anything the cursor passed by.

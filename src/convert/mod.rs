@@ -197,7 +197,9 @@ pub(crate) fn convert(
         return err(format!("outbox id {} cannot be a seq (they start at 1)", c.id));
     }
     if branch_seq < 1 {
-        return err(format!("branch_seq {branch_seq} is not a branch's event number (they start at 1)"));
+        return err(format!(
+            "branch_seq {branch_seq} is not a branch's event number (they start at 1)"
+        ));
     }
     if !(0..=9999).contains(&c.captured_at.year()) {
         return err(format!("captured_at {} is outside the years 0000-9999", c.captured_at));

@@ -8,6 +8,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::capture::change_log;
 use crate::capture::outbox::{self, Fetched, Statements};
 use crate::convert::{self, ConvertError, Event};
 use crate::deliver::Term;
@@ -16,6 +17,9 @@ use crate::pg::PgError;
 
 use super::tracker::Snapshot;
 use super::{Pipeline, PublisherGone, Staged};
+
+/// The change log's partitions are checked (created ahead, expired ones dropped) at least this often.
+const LOG_MAINTAIN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Pipeline {
     /// Below both bounds of what may be read and not yet acknowledged: events and bytes.
@@ -81,8 +85,8 @@ impl Pipeline {
                         tracing::warn!(id, warning = %w, "captured row published with a correction");
                     }
                     self.account(&event);
-                    self.mean_event_bytes = 0.9 * self.mean_event_bytes
-                        + 0.1 * (event.payload.len() + event.topic.len()) as f64;
+                    self.mean_event_bytes =
+                        0.9 * self.mean_event_bytes + 0.1 * (event.payload.len() + event.topic.len()) as f64;
                     if row.branch_seq.is_some() {
                         self.staged.push_back(Staged::Ready(event));
                     } else {
@@ -110,11 +114,16 @@ impl Pipeline {
         self.to_dead.push_back((id, FailureReason::Unconvertible, e.0));
     }
 
-    /// Gives the staged events that have no branch_seq yet their numbers, in one committed transaction, then
-    /// moves every staged event to `ready`, in order: nothing reaches the publisher before its number is
-    /// durable. On an error (the session is lost) the staged events stay for the next try; the numbers, if
-    /// they were committed, are found again then.
-    pub(super) async fn number(&mut self, client: &tokio_postgres::Client, stmts: &Statements, install_id: &str) -> Result<(), PgError> {
+    /// Gives the staged events that have no branch_seq yet their numbers and writes them to the change log, in
+    /// one committed transaction, then moves every staged event to `ready`, in order: nothing reaches the
+    /// publisher before its number (and its log row) is durable. On an error (the session is lost) the staged
+    /// events stay for the next try; numbers that were committed nonetheless are found again then.
+    pub(super) async fn number(
+        &mut self,
+        client: &tokio_postgres::Client,
+        stmts: &Statements,
+        install_id: &str,
+    ) -> Result<(), PgError> {
         let ids: Vec<i64> = self
             .staged
             .iter()
@@ -123,14 +132,43 @@ impl Pipeline {
                 Staged::Ready(_) => None,
             })
             .collect();
-        let numbers = if ids.is_empty() {
-            HashMap::new()
-        } else {
+        let mut fresh: HashMap<i64, Result<Event, ConvertError>> = HashMap::with_capacity(ids.len());
+        if !ids.is_empty() {
+            self.log_partitions(client).await?;
             let t = Instant::now();
             let numbers = stmts.number(client, &ids).await?;
+            let mut new_rows = Vec::new();
+            for s in &self.staged {
+                let Staged::Unnumbered(row) = s else { continue };
+                let Some(&(n, new)) = numbers.get(&row.id) else {
+                    continue;
+                };
+                let converted = match convert::convert(row, &self.cfg.env, install_id, n) {
+                    Ok(Some(event)) => Ok(event),
+                    // Cannot happen (conversion is pure, and the row converted a moment ago); were it to, the
+                    // number stays on the dead letter, and the event is published with it on a replay.
+                    Ok(None) => Err(ConvertError(format!("converted to nothing once numbered {n}"))),
+                    Err(e) => Err(e),
+                };
+                fresh.insert(row.id, converted);
+                // Numbered earlier (a commit whose answer was lost): its log row was written then.
+                if new {
+                    new_rows.push(row);
+                }
+            }
+            let mut log = change_log::Rows::default();
+            for row in new_rows {
+                if let (Some(Ok(event)), Some(m), Some(b)) = (
+                    fresh.get(&row.id),
+                    row.merchant_code.as_deref(),
+                    row.branch_code.as_deref(),
+                ) {
+                    log.push(m, b, event);
+                }
+            }
+            stmts.log_and_commit(client, &log).await?;
             self.metrics.numbering_seconds.observe(t.elapsed().as_secs_f64());
-            numbers
-        };
+        }
         while let Some(staged) = self.staged.pop_front() {
             let row = match staged {
                 Staged::Ready(event) => {
@@ -139,23 +177,48 @@ impl Pipeline {
                 }
                 Staged::Unnumbered(row) => row,
             };
-            let Some(&n) = numbers.get(&row.id) else {
-                // Deleted meanwhile by someone else (only the leader deletes outbox rows): nothing to publish.
-                tracing::warn!(id = row.id, "outbox row vanished before it was numbered; not published");
-                self.complete(row.id);
-                continue;
-            };
-            match convert::convert(&row, &self.cfg.env, install_id, n) {
-                Ok(Some(event)) => {
+            match fresh.remove(&row.id) {
+                Some(Ok(event)) => {
                     self.account(&event);
                     self.ready.push_back(event);
                 }
-                // Cannot happen (conversion is pure, and the row converted a moment ago); were it to, the
-                // number stays on the dead letter, and the event is published with it on a replay.
-                Ok(None) => self.unconvertible(row.id, ConvertError(format!("branch_seq {n}: converted to nothing once numbered"))),
-                Err(e) => self.unconvertible(row.id, e),
+                Some(Err(e)) => self.unconvertible(row.id, e),
+                None => {
+                    // Deleted meanwhile by someone else (only the leader deletes outbox rows): nothing to publish.
+                    tracing::warn!(id = row.id, "outbox row vanished before it was numbered; not published");
+                    self.complete(row.id);
+                }
             }
         }
+        Ok(())
+    }
+
+    /// Makes sure the change log has a partition for now and the near future, and drops the expired ones, when
+    /// due: before numbering once less than half a span is covered, and at least every quarter span (every
+    /// minute at most). Also refreshes the change log's metrics.
+    pub(super) async fn log_partitions(&mut self, client: &tokio_postgres::Client) -> Result<(), PgError> {
+        let span = self.cfg.catchup.partition_span;
+        let now = Instant::now();
+        let due = self.log_covered.is_none_or(|until| until < now + span / 2)
+            || self
+                .log_maintained
+                .is_none_or(|t| t.elapsed() >= (span / 4).min(LOG_MAINTAIN_EVERY));
+        if !due {
+            return Ok(());
+        }
+        let done = change_log::maintain(client, span, self.cfg.catchup.retention).await?;
+        if done.dropped > 0 || done.created > 1 {
+            tracing::info!(
+                created = done.created,
+                dropped = done.dropped,
+                "change log partitions created ahead and expired ones dropped"
+            );
+        }
+        self.log_covered = Some(now + done.covered_for);
+        self.log_maintained = Some(now);
+        let (age, bytes) = change_log::stats(client).await?;
+        self.metrics.change_log_oldest_age.set(age);
+        self.metrics.change_log_bytes.set(bytes);
         Ok(())
     }
 

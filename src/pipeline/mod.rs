@@ -161,6 +161,10 @@ struct Pipeline {
     tracker: Tracker,
     /// Converted, in read order, waiting for [`Pipeline::number`] (some without a branch_seq yet).
     staged: VecDeque<Staged>,
+    /// Until when the change log has partitions (as this replica's clock reads it), and when they were last
+    /// checked; None: check before the next numbering.
+    log_covered: Option<Instant>,
+    log_maintained: Option<Instant>,
     /// Converted and numbered, waiting for room in the publisher's channel.
     ready: VecDeque<Event>,
     to_delete: Vec<i64>,
@@ -209,6 +213,8 @@ impl Pipeline {
             metrics,
             tracker: Tracker::new(),
             staged: VecDeque::new(),
+            log_covered: None,
+            log_maintained: None,
             ready: VecDeque::new(),
             to_delete: Vec::new(),
             to_dead: VecDeque::new(),

@@ -115,6 +115,9 @@ impl Pipeline {
             tracing::info!(term = self.term.0, "leader: publishing");
         }
         timed(s.client.batch_execute(&format!("LISTEN {WAKE_CHANNEL}"))).await?;
+        // The change log's partitions are checked before the first numbering.
+        self.log_covered = None;
+        self.log_maintained = None;
         // Sweep at once: a previous leader may have left rows below our cursor.
         self.last_sweep = None;
         self.sweep_after = None;
@@ -157,7 +160,7 @@ impl Pipeline {
                 }
                 self.take(rows, snap, limit, &install_id);
                 self.number(&s.client, &stmts, &install_id).await?;
-            self.push_ready(events, cancel)?;
+                self.push_ready(events, cancel)?;
             }
             let sweep_due = self.sweep_after.is_some() || self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
             if sweep_due && self.has_room() {
@@ -165,10 +168,11 @@ impl Pipeline {
                     drained = false; // more below the cursor: the next step as soon as there is room
                 }
                 self.number(&s.client, &stmts, &install_id).await?;
-            self.push_ready(events, cancel)?;
+                self.push_ready(events, cancel)?;
             }
             if self.last_backlog.elapsed() >= BACKLOG_EVERY {
                 self.metrics.outbox_backlog.set(outbox::backlog(&s.client).await?);
+                self.log_partitions(&s.client).await?;
                 self.last_backlog = Instant::now();
             }
             self.heartbeat.beat_if_due(&s.client).await?;
