@@ -13,7 +13,7 @@ use delta_harness::loadgen::{self, LoadOptions};
 use tokio_util::sync::CancellationToken;
 
 /// (merchant, branch) from `{env}/{merchant}/{branch}/{stream}/updates`.
-fn branch_of(topic: &str) -> (String, String) {
+fn branch_of(topic: &str) -> Branch {
     let levels: Vec<&str> = topic.split('/').collect();
     (levels[1].to_string(), levels[2].to_string())
 }
@@ -28,6 +28,15 @@ fn row_of(m: &Received) -> (String, i64) {
     };
     (stream, m.payload["data"][key].as_i64().expect("row id"))
 }
+
+/// (merchant, branch).
+type Branch = (String, String);
+/// Per branch: event_id -> its number, and number -> event_id.
+type Numbers = (HashMap<String, i64>, BTreeMap<i64, String>);
+/// (merchant, branch, stream, row id).
+type Row = (String, String, String, i64);
+/// A change log row: merchant, branch, branch_seq, seq, topic, payload.
+type Logged = (String, String, i64, i64, String, Vec<u8>);
 
 fn number(m: &Received) -> i64 {
     m.payload["branch_seq"].as_i64().expect("branch_seq")
@@ -55,12 +64,12 @@ async fn wait_leader(db: &tokio_postgres::Client, old: Option<i32>, replicas: &[
 /// a higher number of their branch, and when each of those arrived).
 async fn check_numbers(db: &tokio_postgres::Client, msgs: &[Received]) -> (usize, usize, Vec<Instant>) {
     // Per branch: event_id -> its number (the same on every delivery), number -> event_id (one each).
-    let mut by_branch: BTreeMap<(String, String), (HashMap<String, i64>, BTreeMap<i64, String>)> = BTreeMap::new();
+    let mut by_branch: BTreeMap<Branch, Numbers> = BTreeMap::new();
     // First receipts, in arrival order, that were below the highest number already received in their branch.
     let mut late = Vec::new();
-    let mut highest: HashMap<(String, String), i64> = HashMap::new();
+    let mut highest: HashMap<Branch, i64> = HashMap::new();
     // Per row: (seq, branch_seq) of its events; numbers must grow with seq.
-    let mut rows: HashMap<(String, String, String, i64), Vec<(i64, i64)>> = HashMap::new();
+    let mut rows: HashMap<Row, Vec<(i64, i64)>> = HashMap::new();
     let mut events = 0;
     for m in msgs {
         let branch = branch_of(&m.topic);
@@ -137,7 +146,7 @@ pub async fn check_log(db: &tokio_postgres::Client, msgs: &[Received]) -> usize 
         )
         .await
         .expect("change log");
-    let mut log: HashMap<String, (String, String, i64, i64, String, Vec<u8>)> = HashMap::new();
+    let mut log: HashMap<String, Logged> = HashMap::new();
     for r in &rows {
         let id: String = r.get(4);
         let prev = log.insert(id.clone(), (r.get(0), r.get(1), r.get(2), r.get(3), r.get(5), r.get(6)));
