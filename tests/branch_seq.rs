@@ -266,7 +266,24 @@ async fn every_branch_is_numbered_1_to_n_across_a_sigkill_and_a_failover() {
         late.len()
     );
     let logged = check_log(&db, &msgs).await;
-    eprintln!("change log: {logged} rows, byte for byte what MQTT carried");
+    let bytes: i64 = db
+        .query_one(
+            "SELECT sum(pg_total_relation_size(relid))::bigint FROM pg_partition_tree('delta_bridge.change_log') WHERE isleaf",
+            &[],
+        )
+        .await
+        .expect("size")
+        .get(0);
+    let payload: i64 = db
+        .query_one("SELECT sum(length(payload))::bigint FROM delta_bridge.change_log", &[])
+        .await
+        .expect("payload bytes")
+        .get(0);
+    eprintln!(
+        "change log: {logged} rows, byte for byte what MQTT carried; {bytes} bytes on disk, {} per row ({} of payload)",
+        bytes / logged.max(1) as i64,
+        payload / logged.max(1) as i64
+    );
 
     // The numbering refuses a session that does not hold the leader lock, and numbers nothing.
     db.batch_execute("SET delta_bridge.no_wake = 'on'; UPDATE products SET stock = stock + 1 WHERE id = 1")
