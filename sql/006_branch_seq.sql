@@ -66,6 +66,8 @@ BEGIN
        AND o.branch_code IS NOT NULL;
 END $$;
 
+REVOKE ALL ON FUNCTION delta_bridge.number_events(bigint[]) FROM PUBLIC;
+
 -- As in migration 1 (and SECURITY DEFINER as migration 4 made it), now with the dead letter's number.
 CREATE OR REPLACE FUNCTION delta_bridge.replay(p_ids bigint[] DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

@@ -70,3 +70,4 @@ BEGIN
     END LOOP;
     RETURN QUERY SELECT n_created, n_dropped, to_timestamp(first + p_ahead * p_span_seconds);
 END $$;
+REVOKE ALL ON FUNCTION delta_bridge.change_log_maintain(bigint, interval, integer) FROM PUBLIC;

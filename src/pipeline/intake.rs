@@ -195,7 +195,7 @@ impl Pipeline {
 
     /// Makes sure the change log has a partition for now and the near future, and drops the expired ones, when
     /// due: before numbering once less than half a span is covered, and at least every quarter span (every
-    /// minute at most). Also refreshes the change log's metrics.
+    /// minute at most).
     pub(super) async fn log_partitions(&mut self, client: &tokio_postgres::Client) -> Result<(), PgError> {
         let span = self.cfg.catchup.partition_span;
         let now = Instant::now();
@@ -216,9 +216,6 @@ impl Pipeline {
         }
         self.log_covered = Some(now + done.covered_for);
         self.log_maintained = Some(now);
-        let (age, bytes) = change_log::stats(client).await?;
-        self.metrics.change_log_oldest_age.set(age);
-        self.metrics.change_log_bytes.set(bytes);
         Ok(())
     }
 

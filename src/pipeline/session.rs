@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::capture::change_log;
 use crate::capture::outbox::{self, Statements, LEADER_LOCK, WAKE_CHANNEL, WAKE_LOCK};
 use crate::convert::Event;
 use crate::deliver::{Outcome, Term};
@@ -173,6 +174,9 @@ impl Pipeline {
             if self.last_backlog.elapsed() >= BACKLOG_EVERY {
                 self.metrics.outbox_backlog.set(outbox::backlog(&s.client).await?);
                 self.log_partitions(&s.client).await?;
+                let (age, bytes) = change_log::stats(&s.client).await?;
+                self.metrics.change_log_oldest_age.set(age);
+                self.metrics.change_log_bytes.set(bytes);
                 self.last_backlog = Instant::now();
             }
             self.heartbeat.beat_if_due(&s.client).await?;
