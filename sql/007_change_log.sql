@@ -30,8 +30,10 @@ CREATE TABLE delta_bridge.change_log_partitions (
 );
 
 -- Creates the partitions covering [now, now + p_ahead spans) that are missing, and drops the partitions whose
--- upper bound is at least p_keep old. Spans are aligned on the Unix epoch (UTC midnight for a day). A
--- partition that cannot be locked within a second (a long read of the log) is left for the next call.
+-- upper bound is at least p_keep old. Spans are aligned on the Unix epoch (UTC midnight for a day). What
+-- cannot get its lock within 100 ms (a long read of the log holds it) is left for the next call: the
+-- partitions to drop from there on, or to create from there on (they are created days ahead). So a call
+-- waits 200 ms at most.
 -- Returns how many partitions it created and dropped, and until when partitions now exist without a break.
 -- The span is fixed for a database (a partition of another span would overlap, and creating it fails).
 CREATE FUNCTION delta_bridge.change_log_maintain(p_span_seconds bigint, p_keep interval, p_ahead integer)
@@ -41,21 +43,28 @@ DECLARE
     now_s  double precision := extract(epoch FROM clock_timestamp());
     first  bigint := floor(now_s / p_span_seconds)::bigint * p_span_seconds;
     lo timestamptz; hi timestamptz; part text; p record;
+    covered timestamptz := to_timestamp(first);
     n_created integer := 0; n_dropped integer := 0;
 BEGIN
     IF p_span_seconds < 1 OR p_ahead < 1 THEN
         RAISE EXCEPTION 'change_log_maintain: span % s, % ahead', p_span_seconds, p_ahead;
     END IF;
-    PERFORM set_config('lock_timeout', '1s', true);
+    PERFORM set_config('lock_timeout', '100ms', true);
     FOR i IN 0 .. p_ahead - 1 LOOP
         lo := to_timestamp(first + i * p_span_seconds);
         hi := to_timestamp(first + (i + 1) * p_span_seconds);
         part := 'change_log_' || to_char(lo AT TIME ZONE 'UTC', 'YYYYMMDD"_"HH24MISS');
-        CONTINUE WHEN EXISTS (SELECT 1 FROM delta_bridge.change_log_partitions c WHERE c.name = part);
-        EXECUTE format('CREATE TABLE delta_bridge.%I PARTITION OF delta_bridge.change_log FOR VALUES FROM (%L) TO (%L)',
-                       part, lo, hi);
-        INSERT INTO delta_bridge.change_log_partitions (name, lower_bound, upper_bound) VALUES (part, lo, hi);
-        n_created := n_created + 1;
+        IF NOT EXISTS (SELECT 1 FROM delta_bridge.change_log_partitions c WHERE c.name = part) THEN
+            BEGIN
+                EXECUTE format('CREATE TABLE delta_bridge.%I PARTITION OF delta_bridge.change_log FOR VALUES FROM (%L) TO (%L)',
+                               part, lo, hi);
+            EXCEPTION WHEN lock_not_available THEN
+                EXIT;   -- busy: the next call creates it
+            END;
+            INSERT INTO delta_bridge.change_log_partitions (name, lower_bound, upper_bound) VALUES (part, lo, hi);
+            n_created := n_created + 1;
+        END IF;
+        covered := hi;
     END LOOP;
     FOR p IN SELECT c.name FROM delta_bridge.change_log_partitions c
               WHERE c.upper_bound <= clock_timestamp() - p_keep ORDER BY c.lower_bound
@@ -65,9 +74,9 @@ BEGIN
             DELETE FROM delta_bridge.change_log_partitions c WHERE c.name = p.name;
             n_dropped := n_dropped + 1;
         EXCEPTION WHEN lock_not_available THEN
-            NULL;   -- busy: the next call drops it
+            EXIT;   -- busy: the next call drops it, and the ones after it
         END;
     END LOOP;
-    RETURN QUERY SELECT n_created, n_dropped, to_timestamp(first + p_ahead * p_span_seconds);
+    RETURN QUERY SELECT n_created, n_dropped, covered;
 END $$;
 REVOKE ALL ON FUNCTION delta_bridge.change_log_maintain(bigint, interval, integer) FROM PUBLIC;

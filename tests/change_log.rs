@@ -69,7 +69,11 @@ async fn expired_partitions_are_dropped_whole_and_the_age_metric_follows() {
         .map(|r| r.get(0))
         .collect();
     let before = partitions(&db).await;
-    eprintln!("partitions {before:?}; the events are in {holding:?}");
+    eprintln!(
+        "{} partitions, from {:?}; the events are in {holding:?}",
+        before.len(),
+        before.first()
+    );
     assert!(before.len() >= 3, "created ahead: {before:?}");
 
     // The age metric shows the events' age (refreshed every couple of seconds).
@@ -94,8 +98,10 @@ async fn expired_partitions_are_dropped_whole_and_the_age_metric_follows() {
         let parts = partitions(&db).await;
         if n == 0 && holding.iter().all(|h| !parts.iter().any(|p| h.ends_with(p.as_str()))) {
             eprintln!(
-                "log empty and its partitions dropped {:?} after the last event; partitions now {parts:?}",
-                written.elapsed()
+                "log empty and its partitions dropped {:?} after the last event; {} partitions now, from {:?}",
+                written.elapsed(),
+                parts.len(),
+                parts.first()
             );
             break;
         }
@@ -137,5 +143,90 @@ async fn expired_partitions_are_dropped_whole_and_the_age_metric_follows() {
     common::wait_outbox_empty(&db, Duration::from_secs(20)).await;
     assert_eq!(logged(&db).await, 1);
     bridge.stop().await;
+    device.stop().await;
+}
+
+/// A long read of the change log (a transaction holding it for seconds) does not stop publishing: the
+/// partitions that cannot be created or dropped meanwhile are handled after it, and the leader keeps its
+/// session throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_read_of_the_log_does_not_stop_publishing() {
+    let env = Env::start("change-log-reader");
+    let bridge = env.bridge_process_with(
+        "a",
+        &[
+            ("DELTA_BRIDGE__CATCHUP__RETENTION", "1s"),
+            ("DELTA_BRIDGE__CATCHUP__PARTITION_SPAN", "1s"),
+        ],
+    );
+    common::wait_ready_at(&bridge.http, Duration::from_secs(30)).await;
+    let db = env.client().await;
+    let device = Subscriber::start(&env.mqtt.url(), "device-change-log-reader", "dev/#").await;
+    db.batch_execute("UPDATE products SET stock = stock - 1 WHERE id = 1")
+        .await
+        .expect("write");
+    device
+        .wait_for(Duration::from_secs(20), "1 event", |m| !m.is_empty())
+        .await;
+
+    // A reader holds the log (and every partition it has) for 5 s: partitions expire and new ones are due.
+    let mut reader = env.client().await;
+    let tx = reader.transaction().await.expect("begin");
+    tx.query("SELECT count(*) FROM delta_bridge.change_log", &[])
+        .await
+        .expect("read the log");
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for i in 0..10 {
+        let before = device.count();
+        let t = Instant::now();
+        db.batch_execute(&format!("UPDATE products SET stock = stock - 1 WHERE id = {}", 2 + i))
+            .await
+            .expect("write");
+        device
+            .wait_for(Duration::from_secs(5), "the event", |m| m.len() > before)
+            .await;
+        slowest = slowest.max(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "the writes spanned the read"
+    );
+    tx.rollback().await.expect("end the read");
+    eprintln!("slowest event while the log was held: {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(1500),
+        "published on, {slowest:?} at worst"
+    );
+    let log = env.log("a");
+    assert!(log.contains("leader: publishing"), "the log is this bridge's:\n{log}");
+    assert!(
+        !log.contains("postgres session ended"),
+        "the leader kept its session:\n{log}"
+    );
+
+    // Once the read is over, expired partitions go.
+    let since = Instant::now();
+    loop {
+        let expired: i64 = db
+            .query_one(
+                "SELECT count(*) FROM delta_bridge.change_log_partitions WHERE upper_bound <= now() - interval '3 s'",
+                &[],
+            )
+            .await
+            .expect("expired")
+            .get(0);
+        if expired == 0 {
+            break;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "{expired} expired partitions stay"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(metric(&bridge.http, "delta_bridge_leader ").await == Some(1.0));
+    drop(bridge);
     device.stop().await;
 }

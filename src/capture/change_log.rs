@@ -9,8 +9,12 @@ use tokio_postgres::Client;
 use crate::convert::Event;
 use crate::pg::{timed, PgError};
 
-/// Partitions the leader keeps ready: the current span and the next two.
-pub(crate) const AHEAD: i32 = 3;
+/// Partitions the leader keeps ready: the current span and the next two, and at least two minutes' worth (for
+/// the short spans of tests), so that a read of the log that holds its lock for a while (partitions cannot be
+/// created meanwhile) does not leave the numbering without a partition.
+fn ahead(span_s: i64) -> i32 {
+    i32::try_from((120 + span_s - 1) / span_s).unwrap_or(3).max(3)
+}
 
 /// What one maintenance call did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +32,7 @@ pub(crate) async fn maintain(client: &Client, span: Duration, retention: Duratio
     let row = timed(client.query_one(
         "SELECT created, dropped, extract(epoch FROM covered_until - clock_timestamp())::float8
            FROM delta_bridge.change_log_maintain($1, make_interval(secs => $2::float8 / 1000), $3)",
-        &[&span_s, &(keep_ms as f64), &AHEAD],
+        &[&span_s, &(keep_ms as f64), &ahead(span_s)],
     ))
     .await?;
     let covered: f64 = row.try_get(2)?;
@@ -84,3 +88,14 @@ pub(crate) const INSERT: &str = "INSERT INTO delta_bridge.change_log
         (logged_at, merchant_code, branch_code, branch_seq, seq, event_id, topic, payload)
     SELECT now(), r.* FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[],
                                   $7::bytea[]) AS r";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn three_spans_ahead_and_at_least_two_minutes() {
+        assert_eq!(super::ahead(86_400), 3);
+        assert_eq!(super::ahead(60), 3);
+        assert_eq!(super::ahead(2), 60);
+        assert_eq!(super::ahead(1), 120);
+    }
+}

@@ -20,6 +20,8 @@ use super::{Pipeline, PublisherGone, Staged};
 
 /// The change log's partitions are checked (created ahead, expired ones dropped) at least this often.
 const LOG_MAINTAIN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+/// When partitions are missing ahead (their creation waited too long for a lock), it is tried again after this.
+const LOG_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Pipeline {
     /// Below both bounds of what may be read and not yet acknowledged: events and bytes.
@@ -194,15 +196,19 @@ impl Pipeline {
     }
 
     /// Makes sure the change log has a partition for now and the near future, and drops the expired ones, when
-    /// due: before numbering once less than half a span is covered, and at least every quarter span (every
-    /// minute at most).
+    /// due: before numbering once less than half a span is covered (at most once a second, should the
+    /// partitions be locked by a long read), and at least every quarter span (every minute at most, every
+    /// second at least).
     pub(super) async fn log_partitions(&mut self, client: &tokio_postgres::Client) -> Result<(), PgError> {
         let span = self.cfg.catchup.partition_span;
         let now = Instant::now();
-        let due = self.log_covered.is_none_or(|until| until < now + span / 2)
-            || self
-                .log_maintained
-                .is_none_or(|t| t.elapsed() >= (span / 4).min(LOG_MAINTAIN_EVERY));
+        let due = match (self.log_covered, self.log_maintained) {
+            (Some(until), Some(last)) => {
+                (until < now + span / 2 && last.elapsed() >= LOG_RETRY_AFTER)
+                    || last.elapsed() >= (span / 4).clamp(LOG_RETRY_AFTER, LOG_MAINTAIN_EVERY)
+            }
+            _ => true,
+        };
         if !due {
             return Ok(());
         }
