@@ -20,7 +20,7 @@ pub fn convert_row(data: &[u8]) {
         return;
     };
     let row = captured_from_json(&v);
-    match convert::convert(&row, "fuzz", "install") {
+    match convert::convert(&row, "fuzz", "install", 1) {
         Ok(Some(e)) => {
             let payload: Value = match serde_json::from_slice(&e.payload) {
                 Ok(p) => p,
@@ -28,6 +28,7 @@ pub fn convert_row(data: &[u8]) {
             };
             assert!(row.id >= 1 && e.seq == row.id, "seq {} for row {}", e.seq, row.id);
             assert_eq!(payload["seq"], Value::from(row.id));
+            assert_eq!(payload["branch_seq"], Value::from(1));
             assert_eq!(e.topic.split('/').count(), 5, "topic {:?}", e.topic);
         }
         Ok(None) => {}
@@ -54,6 +55,7 @@ fn captured_from_json(v: &Value) -> Captured {
         new_row: v.get("new_row").cloned(),
         items: v.get("items").cloned(),
         ctx: v.get("ctx").cloned().unwrap_or(Value::Null),
+        branch_seq: None,
     }
 }
 

@@ -3,7 +3,7 @@
 //! Labels are low-cardinality by construction: streams, failure reasons; never a device, merchant or branch.
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    exponential_buckets, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -66,6 +66,10 @@ pub(crate) struct Metrics {
     pub end_to_end_latency: HistogramVec,
     pub payload_bytes: HistogramVec,
     pub outbox_backlog: IntGauge,
+    /// Age of the oldest event in the change log (0 while it is empty).
+    pub change_log_oldest_age: Gauge,
+    /// Bytes on disk of the change log's partitions (indexes included).
+    pub change_log_bytes: IntGauge,
     pub pending_bytes: IntGauge,
     pub republish_window_bytes: IntGauge,
     pub republish_window_evicted: IntCounter,
@@ -81,6 +85,8 @@ pub(crate) struct Metrics {
     /// By `result`: one of [`AUTHN_RESULTS`], the answers to EMQX's HTTP authenticator.
     pub broker_authn: IntCounterVec,
     pub outbox_poll_seconds: Histogram,
+    /// Duration of one numbering transaction (branch_seq given to a read's new events, committed).
+    pub numbering_seconds: Histogram,
     /// Open HTTP connections (at most `http.max_connections`).
     pub http_connections: IntGauge,
     /// HTTP connections closed at once because `http.max_connections` were open.
@@ -121,6 +127,14 @@ impl Metrics {
         let outbox_backlog = IntGauge::new(
             "delta_bridge_outbox_backlog",
             "Captured events not yet acknowledged by the broker",
+        )?;
+        let change_log_oldest_age = Gauge::new(
+            "delta_bridge_change_log_oldest_age_seconds",
+            "Age of the oldest event kept in the change log, in seconds (0 while the log is empty); updated by the leader",
+        )?;
+        let change_log_bytes = IntGauge::new(
+            "delta_bridge_change_log_bytes",
+            "Bytes on disk of the change log's partitions, indexes included; updated by the leader",
         )?;
         let pending_bytes = IntGauge::new(
             "delta_bridge_pending_bytes",
@@ -165,11 +179,20 @@ impl Metrics {
             HistogramOpts::new("delta_bridge_outbox_poll_seconds", "Duration of one outbox read")
                 .buckets(exponential_buckets(0.0001, 4.0, 9)?),
         )?;
+        let numbering_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "delta_bridge_numbering_seconds",
+                "Duration of one transaction giving a read's new events their branch_seq, commit included",
+            )
+            .buckets(exponential_buckets(0.0001, 4.0, 9)?),
+        )?;
         registry.register(Box::new(events_published.clone()))?;
         registry.register(Box::new(publish_failures.clone()))?;
         registry.register(Box::new(end_to_end_latency.clone()))?;
         registry.register(Box::new(payload_bytes.clone()))?;
         registry.register(Box::new(outbox_backlog.clone()))?;
+        registry.register(Box::new(change_log_oldest_age.clone()))?;
+        registry.register(Box::new(change_log_bytes.clone()))?;
         registry.register(Box::new(pending_bytes.clone()))?;
         registry.register(Box::new(republish_window_bytes.clone()))?;
         registry.register(Box::new(republish_window_evicted.clone()))?;
@@ -191,6 +214,7 @@ impl Metrics {
         registry.register(Box::new(devices_revoked.clone()))?;
         registry.register(Box::new(broker_authn.clone()))?;
         registry.register(Box::new(outbox_poll_seconds.clone()))?;
+        registry.register(Box::new(numbering_seconds.clone()))?;
         registry.register(Box::new(http_connections.clone()))?;
         registry.register(Box::new(http_connections_refused.clone()))?;
         #[cfg(target_os = "linux")]
@@ -217,6 +241,8 @@ impl Metrics {
             end_to_end_latency,
             payload_bytes,
             outbox_backlog,
+            change_log_oldest_age,
+            change_log_bytes,
             pending_bytes,
             republish_window_bytes,
             republish_window_evicted,
@@ -230,6 +256,7 @@ impl Metrics {
             devices_revoked,
             broker_authn,
             outbox_poll_seconds,
+            numbering_seconds,
             http_connections,
             http_connections_refused,
         })

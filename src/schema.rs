@@ -81,6 +81,8 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (3, "leader", include_str!("../sql/003_leader.sql")),
     (4, "writer_isolation", include_str!("../sql/004_writer_isolation.sql")),
     (5, "device_max_expiry", include_str!("../sql/005_device_max_expiry.sql")),
+    (6, "branch_seq", include_str!("../sql/006_branch_seq.sql")),
+    (7, "change_log", include_str!("../sql/007_change_log.sql")),
 ];
 
 /// The newest migration this binary knows.

@@ -16,10 +16,10 @@ const TOPIC_TRANSACTION: &str = "dev/MCH-MST-001/BRN-MST-OSK00001/transaction/up
 /// The envelope every payload shares, checked on the raw bytes (key order included).
 fn check_envelope(m: &Received, event_type: &str, data_keys: &[&str]) {
     let p = &m.payload;
-    assert_eq!(keys(p).len(), 5, "exactly five top-level keys: {p}");
+    assert_eq!(keys(p).len(), 6, "exactly six top-level keys: {p}");
     let raw = String::from_utf8(m.raw.clone()).expect("utf8");
     let mut last = 0;
-    for k in ["event_type", "timestamp", "event_id", "seq", "data"]
+    for k in ["event_type", "timestamp", "event_id", "seq", "branch_seq", "data"]
         .iter()
         .chain(data_keys)
     {
@@ -37,6 +37,10 @@ fn check_envelope(m: &Received, event_type: &str, data_keys: &[&str]) {
     let event_id = p["event_id"].as_str().expect("event_id string");
     assert!(!event_id.is_empty());
     assert!(p["seq"].is_i64(), "seq is an integer");
+    assert!(
+        p["branch_seq"].as_i64() >= Some(1),
+        "branch_seq is an integer from 1: {p}"
+    );
     let data = p["data"].as_object().expect("data object");
     assert_eq!(data.len(), data_keys.len(), "data has exactly {data_keys:?}: {p}");
     assert_eq!(m.content_type.as_deref(), Some("application/json"));

@@ -33,7 +33,7 @@ const BUSINESS_TABLES: [&str; 6] = [
 
 /// Tables of the bridge that legitimately keep rows between transactions. Any other table in the bridge's
 /// schema holds per-transaction bookkeeping and must be empty once the writes are over.
-const PERSISTENT_TABLES: [&str; 7] = [
+const PERSISTENT_TABLES: [&str; 10] = [
     "outbox",
     "dead_letter",
     "meta",
@@ -42,6 +42,11 @@ const PERSISTENT_TABLES: [&str; 7] = [
     "device_events",
     // The leader's heartbeat row (migration 3).
     "leader",
+    // The branches' event counters (migration 6) and the change log with its partitions (migration 7; the
+    // partitions' rows are counted through the partitioned table).
+    "branch_counter",
+    "change_log",
+    "change_log_partitions",
 ];
 
 /// A login role with SELECT, INSERT, UPDATE, DELETE on the business tables, USAGE on their sequences, and
@@ -124,7 +129,8 @@ async fn leftover_bookkeeping(db: &Client) -> Vec<String> {
     let tables: Vec<String> = db
         .query(
             "SELECT c.relname::text FROM pg_catalog.pg_class c
-              WHERE c.relnamespace = 'delta_bridge'::pg_catalog.regnamespace AND c.relkind IN ('r', 'p')",
+              WHERE c.relnamespace = 'delta_bridge'::pg_catalog.regnamespace AND c.relkind IN ('r', 'p')
+                AND NOT c.relispartition",
             &[],
         )
         .await

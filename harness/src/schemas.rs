@@ -124,7 +124,7 @@ mod tests {
 
     fn stock() -> serde_json::Value {
         json!({"event_type": "stock_updated", "timestamp": "2025-10-14T21:30:00.123Z", "event_id": "abc-1", "seq": 7,
-               "data": {"product_id": 1, "product_name": "Kopi", "old_stock": 10, "new_stock": 8, "delta": -2,
+               "branch_seq": 3, "data": {"product_id": 1, "product_name": "Kopi", "old_stock": 10, "new_stock": 8, "delta": -2,
                         "reason": "transaction", "transaction_id": 3, "updated_by": "kasir"}})
     }
 
@@ -141,6 +141,12 @@ mod tests {
         let mut wrong = stock();
         wrong["data"]["product_id"] = json!("1");
         assert!(validate(&wrong).is_err());
+        let mut missing = stock();
+        missing.as_object_mut().expect("object").remove("branch_seq");
+        assert!(validate(&missing).is_err(), "branch_seq is required");
+        let mut zero = stock();
+        zero["branch_seq"] = json!(0);
+        assert!(validate(&zero).is_err(), "branch_seq starts at 1");
         let mut unknown = stock();
         unknown["event_type"] = json!("nonsense");
         assert!(validate(&unknown).is_err());

@@ -3,4 +3,5 @@
 //! dead-letters outbox rows, and owns the advisory-lock keys. Knows nothing of MQTT or of payload formats: it
 //! hands [`crate::convert::Captured`] rows to the pipeline and takes back ids.
 
+pub(crate) mod change_log;
 pub(crate) mod outbox;

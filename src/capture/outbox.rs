@@ -1,16 +1,19 @@
 //! Queries on the outbox and the dead-letter table. Every function is one statement, bounded by
 //! [`crate::pg::QUERY_TIMEOUT`]; the pipeline decides what to read when.
 
+use std::collections::HashMap;
+
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::FromSql;
+use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{Client, Row, Statement};
 
+use super::change_log;
 use crate::convert::{Captured, ConvertError};
 use crate::pg::{timed, PgError};
 
 const COLUMNS: &str =
-    "id, captured_at, kind, op, merchant_code, branch_code, product_name, old_row, new_row, items, ctx";
-const COLUMN_COUNT: usize = 11;
+    "id, captured_at, kind, op, merchant_code, branch_code, product_name, old_row, new_row, items, ctx, branch_seq";
+const COLUMN_COUNT: usize = 12;
 
 /// What a read knew of the transactions around it (64-bit transaction ids): in its snapshot, every
 /// transaction below `xmin` had ended; and no transaction had been given an id at or above `next_xid` when
@@ -126,6 +129,7 @@ fn read_row(row: &Row, id: i64) -> Fetched {
         new_row: get(row, 8, id)?,
         items: get(row, 9, id)?,
         ctx: get(row, 10, id)?,
+        branch_seq: get(row, 11, id)?,
     })
 }
 
@@ -153,6 +157,8 @@ pub(crate) struct Statements {
     list_next: Statement,
     fetch_ids: Statement,
     delete: Statement,
+    number: Statement,
+    log: Statement,
     try_lock: Statement,
     unlock: Statement,
 }
@@ -168,6 +174,8 @@ impl Statements {
             )))
             .await?,
             delete: timed(client.prepare("DELETE FROM delta_bridge.outbox WHERE id = ANY($1)")).await?,
+            number: timed(client.prepare("SELECT id, branch_seq, fresh FROM delta_bridge.number_events($1)")).await?,
+            log: timed(client.prepare(change_log::INSERT)).await?,
             try_lock: timed(client.prepare("SELECT pg_try_advisory_lock($1)")).await?,
             unlock: timed(client.prepare("SELECT pg_advisory_unlock($1)")).await?,
         })
@@ -250,6 +258,60 @@ impl Statements {
         timed(client.execute(&self.delete, &[&ids])).await
     }
 
+    /// Opens the numbering transaction: gives the rows `ids` (in the order they will be published) their
+    /// branch_seq, those that have none yet (see sql/006_branch_seq.sql). Returns each row's number and whether
+    /// it is new (given now, rather than earlier); a row missing from the answer is no longer in the outbox. Fails, numbering nothing, unless this
+    /// session holds the leader lock. The transaction stays open for [`Statements::log_and_commit`]; on an
+    /// error it is rolled back.
+    pub(crate) async fn number(&self, client: &Client, ids: &[i64]) -> Result<HashMap<i64, (i64, bool)>, PgError> {
+        let params: [&(dyn ToSql + Sync); 1] = [&ids];
+        let (began, numbered) = tokio::join!(
+            timed(client.batch_execute("BEGIN")),
+            timed(client.query(&self.number, &params))
+        );
+        let answer = began.and(numbered).and_then(|rows| {
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get::<_, i64>(0)?,
+                        (r.try_get::<_, i64>(1)?, r.try_get::<_, bool>(2)?),
+                    ))
+                })
+                .collect::<Result<HashMap<_, _>, PgError>>()
+        });
+        if answer.is_err() {
+            rollback(client).await;
+        }
+        answer
+    }
+
+    /// Writes the numbered events to the change log and commits the numbering transaction: their numbers and
+    /// their log rows become durable together, or neither does.
+    pub(crate) async fn log_and_commit(&self, client: &Client, rows: &change_log::Rows<'_>) -> Result<(), PgError> {
+        let logged = if rows.is_empty() {
+            Ok(0)
+        } else {
+            let params: [&(dyn ToSql + Sync); 7] = [
+                &rows.merchants,
+                &rows.branches,
+                &rows.branch_seqs,
+                &rows.seqs,
+                &rows.event_ids,
+                &rows.topics,
+                &rows.payloads,
+            ];
+            timed(client.execute(&self.log, &params)).await
+        };
+        let committed = match logged {
+            Ok(_) => timed(client.batch_execute("COMMIT")).await,
+            Err(e) => Err(e),
+        };
+        if committed.is_err() {
+            rollback(client).await;
+        }
+        committed
+    }
+
     pub(crate) async fn try_lock(&self, client: &Client, key: i64) -> Result<bool, PgError> {
         Ok(timed(client.query_one(&self.try_lock, &[&key])).await?.try_get(0)?)
     }
@@ -257,6 +319,12 @@ impl Statements {
     pub(crate) async fn unlock(&self, client: &Client, key: i64) -> Result<bool, PgError> {
         Ok(timed(client.query_one(&self.unlock, &[&key])).await?.try_get(0)?)
     }
+}
+
+/// Ends an open transaction after a failure; the session may be gone already, and then this fails too (and
+/// PostgreSQL has rolled it back).
+async fn rollback(client: &Client) {
+    let _ = timed(client.batch_execute("ROLLBACK")).await;
 }
 
 /// Ids in (after, upto], in id order: the sweep for anything the cursor passed by.
@@ -317,11 +385,13 @@ pub(crate) async fn dead_letters(
         "WITH d AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]) AS d (id, reason, detail)),
               moved AS (DELETE FROM delta_bridge.outbox o USING d WHERE o.id = d.id
                         RETURNING o.id, o.captured_at, o.kind, o.op, o.merchant_code, o.branch_code,
-                                  o.product_name, o.old_row, o.new_row, o.items, o.ctx, d.reason, d.detail)
+                                  o.product_name, o.old_row, o.new_row, o.items, o.ctx, d.reason, d.detail,
+                                  o.branch_seq)
          INSERT INTO delta_bridge.dead_letter (id, captured_at, kind, op, merchant_code, branch_code, product_name,
-                                               old_row, new_row, items, ctx, reason, detail)
+                                               old_row, new_row, items, ctx, reason, detail, branch_seq)
          SELECT * FROM moved
-         ON CONFLICT (id) DO UPDATE SET failed_at = now(), reason = EXCLUDED.reason, detail = EXCLUDED.detail",
+         ON CONFLICT (id) DO UPDATE SET failed_at = now(), reason = EXCLUDED.reason, detail = EXCLUDED.detail,
+                                        branch_seq = coalesce(EXCLUDED.branch_seq, dead_letter.branch_seq)",
         &[&ids, &reasons, &details],
     ))
     .await

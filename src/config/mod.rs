@@ -55,6 +55,7 @@ pub struct Config {
     pub credentials: CredentialsConfig,
     pub broker: BrokerConfig,
     pub bridge: BridgeConfig,
+    pub catchup: CatchupConfig,
     pub load: LoadConfig,
     pub log: LogConfig,
 }
@@ -271,6 +272,16 @@ pub struct BridgeConfig {
     pub max_pending_bytes: u64,
     /// Poll the outbox at least this often even without a wake-up (a safety net, not the latency path).
     pub poll_interval: Duration,
+}
+
+/// The change log of published events (devices catch up from it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatchupConfig {
+    /// How long a published event stays in the change log (at least 1 s).
+    pub retention: Duration,
+    /// The time span of one partition of the change log, which is dropped whole once all of it is older than
+    /// `retention`: one day, except in tests that need partitions to expire within seconds.
+    pub partition_span: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

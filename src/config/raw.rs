@@ -78,6 +78,7 @@ const KNOWN: &[(&str, &[&str])] = &[
         "bridge",
         &["batch_size", "max_pending", "max_pending_bytes", "poll_interval"],
     ),
+    ("catchup", &["retention", "partition_span"]),
     ("load", &["username", "password", "password_file"]),
     ("log", &["format", "level"]),
 ];

@@ -20,6 +20,7 @@ pub(super) fn redacted_toml(cfg: &Config) -> String {
         credentials,
         broker,
         bridge,
+        catchup,
         load,
         log,
     } = cfg;
@@ -128,6 +129,14 @@ pub(super) fn redacted_toml(cfg: &Config) -> String {
     t.set("max_pending", *max_pending as i64);
     t.set("max_pending_bytes", super::raw::format_bytes(*max_pending_bytes));
     t.duration("poll_interval", *poll_interval);
+
+    let CatchupConfig {
+        retention,
+        partition_span,
+    } = catchup;
+    t.section("catchup");
+    t.duration("retention", *retention);
+    t.duration("partition_span", *partition_span);
 
     let LoadConfig { username, password } = load;
     t.section("load");

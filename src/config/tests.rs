@@ -561,6 +561,10 @@ max_pending = 10000
 max_pending_bytes = "64MiB"
 poll_interval = "500ms"
 
+[catchup]
+retention = "7d"
+partition_span = "1d"
+
 [load]
 # username: not set
 # password: not set
@@ -726,4 +730,32 @@ fn form_only_reads_no_secret_file_and_still_checks_the_rest() {
     let bad = text.replace("https://emqx", "ftp://emqx");
     let err = Config::parse_with(&bad, Path::new("test.toml"), &[], SecretFiles::FormOnly).expect_err("url");
     assert!(err.to_string().starts_with("broker.api_url"), "{err}");
+}
+
+#[test]
+fn the_change_log_retention_defaults_to_seven_days_and_takes_any_duration_from_one_second() {
+    let c = parse("", &[]).expect("valid");
+    assert_eq!(c.catchup.retention, Duration::from_secs(7 * 86_400));
+    assert_eq!(c.catchup.partition_span, Duration::from_secs(86_400));
+    assert!(c.redacted_toml().lines().any(|l| l == "retention = \"7d\""));
+    let c = parse("[catchup]\nretention = \"1s\"\n", &[]).expect("valid");
+    assert_eq!(c.catchup.retention, Duration::from_secs(1));
+    let c = parse("", &[("DELTA_BRIDGE__CATCHUP__RETENTION", "36h")]).expect("valid");
+    assert_eq!(c.catchup.retention, Duration::from_secs(36 * 3600));
+    for bad in ["\"a while\"", "\"500ms\"", "\"0s\"", "-1", "true"] {
+        assert_eq!(
+            key_of(parse(&format!("[catchup]\nretention = {bad}\n"), &[]).expect_err(bad)),
+            "catchup.retention",
+            "{bad}"
+        );
+    }
+    let c = parse("[catchup]\npartition_span = \"2s\"\n", &[]).expect("valid");
+    assert_eq!(c.catchup.partition_span, Duration::from_secs(2));
+    for bad in ["\"0s\"", "\"7s\"", "\"2d\"", "\"1500ms\""] {
+        assert_eq!(
+            key_of(parse(&format!("[catchup]\npartition_span = {bad}\n"), &[]).expect_err(bad)),
+            "catchup.partition_span",
+            "{bad}"
+        );
+    }
 }

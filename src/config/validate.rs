@@ -274,6 +274,24 @@ impl Raw {
             level: self.non_empty("log.level", "info")?,
         };
 
+        let catchup = CatchupConfig {
+            retention: self.duration("catchup.retention", "7d")?,
+            partition_span: self.duration("catchup.partition_span", "1d")?,
+        };
+        if catchup.retention < Duration::from_secs(1) {
+            return Err(ConfigError::invalid("catchup.retention", "must be at least 1s"));
+        }
+        if catchup.partition_span < Duration::from_secs(1)
+            || catchup.partition_span > Duration::from_secs(86_400)
+            || 86_400 % catchup.partition_span.as_secs() != 0
+            || catchup.partition_span.subsec_nanos() != 0
+        {
+            return Err(ConfigError::invalid(
+                "catchup.partition_span",
+                "must be a whole number of seconds that divides a day (1s to 1d)",
+            ));
+        }
+
         Ok(Config {
             env,
             postgres,
@@ -282,6 +300,7 @@ impl Raw {
             credentials,
             broker,
             bridge,
+            catchup,
             load,
             log,
         })

@@ -50,12 +50,17 @@ pub(crate) struct Captured {
     pub items: Option<Value>,
     /// {reason, transaction_id, actor, db_user, sale_id} as the writer's session had them at commit.
     pub ctx: Value,
+    /// The event's number in its branch, once the leader has given it one (durably, before publishing it);
+    /// None for a row not yet numbered.
+    pub branch_seq: Option<i64>,
 }
 
 /// A device event ready to publish. `seq` is the outbox id: unique, and increasing in commit order per row.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Event {
     pub seq: i64,
+    /// Per merchant+branch, contiguous from 1 (see docs/events.md).
+    pub branch_seq: i64,
     /// Something the writer got wrong that did not stop the event (e.g. a non-integer
     /// `delta_bridge.transaction_id`, published as null); the pipeline logs it.
     pub warning: Option<String>,
@@ -91,6 +96,7 @@ struct Envelope<'a, D: Serialize> {
     timestamp: &'a str,
     event_id: &'a str,
     seq: i64,
+    branch_seq: i64,
     data: D,
 }
 
@@ -100,6 +106,7 @@ struct Head<'a> {
     timestamp: &'a str,
     event_id: &'a str,
     seq: i64,
+    branch_seq: i64,
 }
 
 impl Head<'_> {
@@ -109,6 +116,7 @@ impl Head<'_> {
             timestamp: self.timestamp,
             event_id: self.event_id,
             seq: self.seq,
+            branch_seq: self.branch_seq,
             data,
         })
     }
@@ -167,11 +175,18 @@ struct ItemData {
     price: Number,
 }
 
-/// Converts one captured row. `Ok(None)` means the change alters no published column: nothing to send.
+/// Converts one captured row, numbered `branch_seq` in its branch. `Ok(None)` means the change alters no
+/// published column: nothing to send. Deterministic: the same row and number give the same bytes, so an event
+/// rebuilt after a restart or a failover is byte for byte the one published before.
 ///
 /// Total: any row, whatever its json holds, yields an event, nothing, or a [`ConvertError`]; never a panic
 /// (property-tested below, fuzzed in fuzz/). An event it returns matches its schema in docs/schemas.
-pub(crate) fn convert(c: &Captured, env: &str, install_id: &str) -> Result<Option<Event>, ConvertError> {
+pub(crate) fn convert(
+    c: &Captured,
+    env: &str,
+    install_id: &str,
+    branch_seq: i64,
+) -> Result<Option<Event>, ConvertError> {
     let new = match &c.new_row {
         Some(v @ Value::Object(_)) => v,
         _ => return err("captured row has no new row"),
@@ -180,6 +195,11 @@ pub(crate) fn convert(c: &Captured, env: &str, install_id: &str) -> Result<Optio
     // sequence and clock give both, a row put there by hand may not.
     if c.id < 1 {
         return err(format!("outbox id {} cannot be a seq (they start at 1)", c.id));
+    }
+    if branch_seq < 1 {
+        return err(format!(
+            "branch_seq {branch_seq} is not a branch's event number (they start at 1)"
+        ));
     }
     if !(0..=9999).contains(&c.captured_at.year()) {
         return err(format!("captured_at {} is outside the years 0000-9999", c.captured_at));
@@ -212,6 +232,7 @@ pub(crate) fn convert(c: &Captured, env: &str, install_id: &str) -> Result<Optio
         timestamp: &timestamp,
         event_id: &event_id,
         seq: c.id,
+        branch_seq,
     };
     let payload = match c.kind.as_str() {
         "stock" => {
@@ -298,6 +319,7 @@ pub(crate) fn convert(c: &Captured, env: &str, install_id: &str) -> Result<Optio
     };
     Ok(Some(Event {
         seq: c.id,
+        branch_seq,
         warning: ctx.warning,
         stream,
         topic,
@@ -474,6 +496,7 @@ mod tests {
             new_row: Some(new),
             items: None,
             ctx,
+            branch_seq: None,
         }
     }
 
@@ -499,13 +522,13 @@ mod tests {
             product(7, 5.5, Value::Null),
             ctx(None, None, None, Some("99")),
         );
-        let e = convert(&c, "dev", "abc").expect("converts").expect("an event");
+        let e = convert(&c, "dev", "abc", 3).expect("converts").expect("an event");
         assert_eq!(e.topic, "dev/MCH-MST-001/BRN-MST-OSK00001/product/updates");
         assert_eq!(e.stream, Stream::Product);
         assert_eq!(e.event_id, "abc-42");
         assert_eq!(
             payload(&e),
-            r#"{"event_type":"stock_updated","timestamp":"2025-10-14T21:30:00.123Z","event_id":"abc-42","seq":42,"data":{"product_id":7,"product_name":"Kopi","old_stock":10,"new_stock":7,"delta":-3,"reason":"transaction","transaction_id":99,"updated_by":"cashier"}}"#
+            r#"{"event_type":"stock_updated","timestamp":"2025-10-14T21:30:00.123Z","event_id":"abc-42","seq":42,"branch_seq":3,"data":{"product_id":7,"product_name":"Kopi","old_stock":10,"new_stock":7,"delta":-3,"reason":"transaction","transaction_id":99,"updated_by":"cashier"}}"#
         );
     }
 
@@ -514,7 +537,7 @@ mod tests {
         let old = Some(product(1, 1.0, Value::Null));
         let new = product(5, 1.0, json!("alice"));
         let data = |c: Value| -> Value {
-            let e = convert(&captured("stock", "UPDATE", old.clone(), new.clone(), c), "dev", "i")
+            let e = convert(&captured("stock", "UPDATE", old.clone(), new.clone(), c), "dev", "i", 3)
                 .expect("ok")
                 .expect("event");
             serde_json::from_slice::<Value>(&e.payload).expect("json")["data"].clone()
@@ -545,7 +568,7 @@ mod tests {
         let old = Some(product(1, 1.0, Value::Null));
         let new = product(2, 1.0, Value::Null);
         let by = |c: Value| {
-            let e = convert(&captured("stock", "UPDATE", old.clone(), new.clone(), c), "dev", "i")
+            let e = convert(&captured("stock", "UPDATE", old.clone(), new.clone(), c), "dev", "i", 3)
                 .expect("ok")
                 .expect("event");
             serde_json::from_slice::<Value>(&e.payload).expect("json")["data"]["updated_by"].clone()
@@ -563,10 +586,10 @@ mod tests {
             product(3, 12345678901.25, json!("ops")),
             ctx(None, None, None, None),
         );
-        let e = convert(&c, "prod", "i").expect("ok").expect("event");
+        let e = convert(&c, "prod", "i", 3).expect("ok").expect("event");
         assert_eq!(
             payload(&e),
-            r#"{"event_type":"product_updated","timestamp":"2025-10-14T21:30:00.123Z","event_id":"i-42","seq":42,"data":{"product_id":7,"product_name":"Kopi","price":12345678901.25,"stock":3,"updated_by":"ops"}}"#
+            r#"{"event_type":"product_updated","timestamp":"2025-10-14T21:30:00.123Z","event_id":"i-42","seq":42,"branch_seq":3,"data":{"product_id":7,"product_name":"Kopi","price":12345678901.25,"stock":3,"updated_by":"ops"}}"#
         );
     }
 
@@ -580,7 +603,7 @@ mod tests {
             same.clone(),
             ctx(None, None, None, None),
         );
-        assert_eq!(convert(&c, "dev", "i"), Ok(None));
+        assert_eq!(convert(&c, "dev", "i", 3), Ok(None));
         let c = captured(
             "product",
             "UPDATE",
@@ -588,7 +611,7 @@ mod tests {
             same.clone(),
             ctx(None, None, None, None),
         );
-        assert_eq!(convert(&c, "dev", "i"), Ok(None));
+        assert_eq!(convert(&c, "dev", "i", 3), Ok(None));
         let inv = json!({"id": 1, "branch_id": 1, "product_id": 7, "quantity": 4, "updated_by": null});
         let c = captured(
             "quantity",
@@ -597,7 +620,7 @@ mod tests {
             inv,
             ctx(None, None, None, None),
         );
-        assert_eq!(convert(&c, "dev", "i"), Ok(None));
+        assert_eq!(convert(&c, "dev", "i", 3), Ok(None));
     }
 
     #[test]
@@ -614,18 +637,20 @@ mod tests {
             ),
             "dev",
             "i",
+            3,
         )
         .expect("ok")
         .expect("event");
         assert_eq!(e.topic, "dev/MCH-MST-001/BRN-MST-OSK00001/inventory/updates");
         assert_eq!(
             payload(&e),
-            r#"{"event_type":"quantity_updated","timestamp":"2025-10-14T21:30:00.123Z","event_id":"i-42","seq":42,"data":{"inventory_id":3,"product_id":7,"product_name":"Kopi","old_quantity":10,"new_quantity":8,"delta":-2,"reason":"sale","transaction_id":77,"updated_by":"pos-1"}}"#
+            r#"{"event_type":"quantity_updated","timestamp":"2025-10-14T21:30:00.123Z","event_id":"i-42","seq":42,"branch_seq":3,"data":{"inventory_id":3,"product_id":7,"product_name":"Kopi","old_quantity":10,"new_quantity":8,"delta":-2,"reason":"sale","transaction_id":77,"updated_by":"pos-1"}}"#
         );
         let e = convert(
             &captured("quantity", "INSERT", None, new, ctx(None, None, None, None)),
             "dev",
             "i",
+            3,
         )
         .expect("ok")
         .expect("event");
@@ -642,14 +667,14 @@ mod tests {
         c.items = Some(
             json!([{"product_id": 7, "quantity": 2, "price": 10.25}, {"product_id": 8, "quantity": 1, "price": 10}]),
         );
-        let e = convert(&c, "dev", "i").expect("ok").expect("event");
+        let e = convert(&c, "dev", "i", 3).expect("ok").expect("event");
         assert_eq!(e.topic, "dev/MCH-MST-001/BRN-MST-OSK00001/transaction/updates");
         assert_eq!(
             payload(&e),
-            r#"{"event_type":"transaction_created","timestamp":"2025-10-14T21:30:00.123Z","event_id":"i-42","seq":42,"data":{"transaction_id":5,"transaction_code":"TX-1","offline_id":"6f1c2b1e-0000-4000-8000-000000000001","status":"paid","grand_total":30.5,"created_by":"kasir","device_id":"pos-1","items":[{"product_id":7,"quantity":2,"price":10.25},{"product_id":8,"quantity":1,"price":10}]}}"#
+            r#"{"event_type":"transaction_created","timestamp":"2025-10-14T21:30:00.123Z","event_id":"i-42","seq":42,"branch_seq":3,"data":{"transaction_id":5,"transaction_code":"TX-1","offline_id":"6f1c2b1e-0000-4000-8000-000000000001","status":"paid","grand_total":30.5,"created_by":"kasir","device_id":"pos-1","items":[{"product_id":7,"quantity":2,"price":10.25},{"product_id":8,"quantity":1,"price":10}]}}"#
         );
         c.op = "UPDATE".into();
-        let e = convert(&c, "dev", "i").expect("ok").expect("event");
+        let e = convert(&c, "dev", "i", 3).expect("ok").expect("event");
         assert!(payload(&e).starts_with(r#"{"event_type":"transaction_updated""#));
     }
 
@@ -662,12 +687,12 @@ mod tests {
             json!({"id": 1, "name": "x", "price": "NaN", "stock": 0}),
             ctx(None, None, None, None),
         );
-        assert!(convert(&c, "dev", "i").unwrap_err().0.contains("price"));
+        assert!(convert(&c, "dev", "i", 3).unwrap_err().0.contains("price"));
         c.new_row = Some(product(1, 1.0, Value::Null));
         c.branch_code = Some("A/B".into());
-        assert!(convert(&c, "dev", "i").unwrap_err().0.contains("branch code"));
+        assert!(convert(&c, "dev", "i", 3).unwrap_err().0.contains("branch code"));
         c.branch_code = None;
-        assert!(convert(&c, "dev", "i").is_err());
+        assert!(convert(&c, "dev", "i", 3).is_err());
         let c = captured(
             "stock",
             "UPDATE",
@@ -675,7 +700,7 @@ mod tests {
             product(2, 1.0, Value::Null),
             ctx(None, Some("not-a-number"), None, None),
         );
-        let e = convert(&c, "dev", "i").expect("still converts").expect("an event");
+        let e = convert(&c, "dev", "i", 3).expect("still converts").expect("an event");
         let d = serde_json::from_slice::<Value>(&e.payload).expect("json")["data"].clone();
         assert_eq!(d["transaction_id"], Value::Null);
         assert!(e
@@ -693,7 +718,7 @@ mod tests {
             product(1, 1.0, Value::Null),
             ctx(None, None, None, None),
         );
-        assert!(convert(&c, "dev", "i").unwrap_err().0.contains("stock delta"));
+        assert!(convert(&c, "dev", "i", 3).unwrap_err().0.contains("stock delta"));
         let inv = |q: i64| json!({"id": 1, "branch_id": 1, "product_id": 7, "quantity": q, "updated_by": null});
         let c = captured(
             "quantity",
@@ -702,9 +727,9 @@ mod tests {
             inv(i64::MAX),
             ctx(None, None, None, None),
         );
-        assert!(convert(&c, "dev", "i").unwrap_err().0.contains("quantity delta"));
+        assert!(convert(&c, "dev", "i", 3).unwrap_err().0.contains("quantity delta"));
         let c = captured("quantity", "INSERT", None, inv(i64::MIN), ctx(None, None, None, None));
-        let e = convert(&c, "dev", "i").expect("ok").expect("event");
+        let e = convert(&c, "dev", "i", 3).expect("ok").expect("event");
         let d = &serde_json::from_slice::<Value>(&e.payload).expect("json")["data"];
         assert_eq!(d["delta"], json!(i64::MIN), "a new row's delta is its quantity");
     }
@@ -719,10 +744,12 @@ mod tests {
             ctx(None, None, None, None),
         );
         c.id = 0;
-        assert!(convert(&c, "dev", "i").unwrap_err().0.contains("seq"));
+        assert!(convert(&c, "dev", "i", 3).unwrap_err().0.contains("seq"));
         c.id = 1;
         c.captured_at = Utc.with_ymd_and_hms(10000, 1, 1, 0, 0, 0).single().expect("valid");
-        assert!(convert(&c, "dev", "i").unwrap_err().0.contains("captured_at"));
+        assert!(convert(&c, "dev", "i", 3).unwrap_err().0.contains("captured_at"));
+        c.captured_at = at();
+        assert!(convert(&c, "dev", "i", 0).unwrap_err().0.contains("branch_seq"));
     }
 
     #[test]
@@ -739,11 +766,11 @@ mod tests {
             ctx(None, None, None, None),
         );
         c.items = Some(json!([]));
-        let e = convert(&c, "dev", "i").expect("ok").expect("event");
+        let e = convert(&c, "dev", "i", 3).expect("ok").expect("event");
         let d = &serde_json::from_slice::<Value>(&e.payload).expect("json")["data"];
         assert_eq!(d["offline_id"], json!("6f1c2b1e-0000-4000-8000-00000000000a"));
         c.new_row = Some(row("not-a-uuid"));
-        assert!(convert(&c, "dev", "i").unwrap_err().0.contains("not a UUID"));
+        assert!(convert(&c, "dev", "i", 3).unwrap_err().0.contains("not a UUID"));
     }
 
     #[test]
@@ -756,7 +783,7 @@ mod tests {
             json!({"id": 1, "name": "x", "price": big, "stock": 0}),
             ctx(None, None, None, None),
         );
-        let why = convert(&c, "dev", "i").unwrap_err().0;
+        let why = convert(&c, "dev", "i", 3).unwrap_err().0;
         assert!(
             why.len() < 300 && why.contains("price") && why.contains("bytes"),
             "{why}"
@@ -769,7 +796,7 @@ mod tests {
             ctx(None, None, None, None),
         );
         c.branch_code = Some("é/".repeat(1000));
-        let why = convert(&c, "dev", "i").unwrap_err().0;
+        let why = convert(&c, "dev", "i", 3).unwrap_err().0;
         assert!(why.len() < 400 && why.contains("branch code"), "{why}");
     }
 }

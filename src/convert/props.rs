@@ -12,6 +12,8 @@ use super::*;
 
 const ENV: &str = "dev";
 const INSTALL: &str = "abc123";
+/// Any number works: the event carries it as given.
+const BRANCH_SEQ: i64 = 17;
 
 /// Keys the conversion reads, and others.
 fn key() -> impl Strategy<Value = String> {
@@ -93,7 +95,10 @@ prop_compose! {
         items in prop::option::of(any_json()),
         ctx in any_json(),
     ) -> Captured {
-        Captured { id, captured_at, kind, op, merchant_code, branch_code, product_name, old_row, new_row, items, ctx }
+        Captured {
+            id, captured_at, kind, op, merchant_code, branch_code, product_name, old_row, new_row, items, ctx,
+            branch_seq: None,
+        }
     }
 }
 
@@ -225,7 +230,7 @@ prop_compose! {
         Captured {
             id, captured_at, kind: kind.into(), op: op.into(), merchant_code: Some(merchant_code),
             branch_code: Some(branch_code), product_name: Some(product_name), old_row, new_row: Some(new_row), items,
-            ctx,
+            ctx, branch_seq: None,
         }
     }
 }
@@ -236,6 +241,8 @@ fn check_event(c: &Captured, e: &Event) -> Result<(), TestCaseError> {
     delta_harness::schemas::validate(&payload).map_err(TestCaseError::fail)?;
     prop_assert_eq!(e.seq, c.id);
     prop_assert_eq!(&payload["seq"], &json!(c.id));
+    prop_assert_eq!(e.branch_seq, BRANCH_SEQ);
+    prop_assert_eq!(&payload["branch_seq"], &json!(BRANCH_SEQ));
     prop_assert_eq!(&e.event_id, &event_id(INSTALL, c.id));
     let m = c.merchant_code.as_deref().unwrap_or_default();
     let b = c.branch_code.as_deref().unwrap_or_default();
@@ -266,7 +273,7 @@ proptest! {
 
     #[test]
     fn any_row_converts_or_is_refused_never_panics(c in any_captured()) {
-        match convert(&c, ENV, INSTALL) {
+        match convert(&c, ENV, INSTALL, BRANCH_SEQ) {
             Ok(Some(e)) => check_event(&c, &e)?,
             Ok(None) => {}
             Err(e) => prop_assert!(!e.0.is_empty() && e.0.len() < 1_000, "a short reason: {}", e.0),
@@ -275,7 +282,7 @@ proptest! {
 
     #[test]
     fn rows_as_captured_convert_to_events_that_match_their_schema(c in shaped_captured()) {
-        match convert(&c, ENV, INSTALL) {
+        match convert(&c, ENV, INSTALL, BRANCH_SEQ) {
             Ok(Some(e)) => check_event(&c, &e)?,
             Ok(None) => prop_assert!(c.old_row.is_some(), "only an UPDATE can be a no-op"),
             Err(e) => prop_assert!(refusable(&c, &e.0), "refused: {}", e.0),

@@ -175,6 +175,7 @@ mod tests {
     fn event(seq: i64) -> Event {
         Event {
             seq,
+            branch_seq: 1,
             warning: None,
             stream: Stream::Product,
             topic: "dev/m/b/product".into(),

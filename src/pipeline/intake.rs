@@ -2,18 +2,26 @@
 //! `max_pending_bytes`), turning the rows a read returned into events (or into rows to delete or to
 //! dead-letter), and handing events to the publisher without ever blocking on it.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::capture::outbox::{self, Fetched};
+use crate::capture::change_log;
+use crate::capture::outbox::{self, Fetched, Statements};
 use crate::convert::{self, ConvertError, Event};
 use crate::deliver::Term;
 use crate::metrics::FailureReason;
+use crate::pg::PgError;
 
 use super::tracker::Snapshot;
-use super::{Pipeline, PublisherGone};
+use super::{Pipeline, PublisherGone, Staged};
+
+/// The change log's partitions are checked (created ahead, expired ones dropped) at least this often.
+const LOG_MAINTAIN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+/// When partitions are missing ahead (their creation waited too long for a lock), it is tried again after this.
+const LOG_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Pipeline {
     /// Below both bounds of what may be read and not yet acknowledged: events and bytes.
@@ -54,7 +62,9 @@ impl Pipeline {
         self.queue(rows, dispatch, install_id);
     }
 
-    /// A row that could not be read is dead-lettered like one that cannot be converted.
+    /// A row that could not be read is dead-lettered like one that cannot be converted. A row already numbered
+    /// is rebuilt with its number; one that converts and has no number yet waits in `staged` for
+    /// [`Pipeline::number`] (converted again then, with its number: conversion is pure).
     fn queue(&mut self, rows: Vec<Fetched>, dispatch: Vec<i64>, install_id: &str) {
         let mut dispatch = dispatch.into_iter().peekable();
         for row in rows {
@@ -63,30 +73,156 @@ impl Pipeline {
             if dispatch.next_if_eq(&id).is_none() {
                 continue;
             }
-            let converted = row
-                .map_err(ConvertError::from)
-                .and_then(|row| convert::convert(&row, &self.cfg.env, install_id));
-            match converted {
+            let row = match row {
+                Ok(row) => row,
+                Err(e) => {
+                    self.unconvertible(id, ConvertError::from(e));
+                    continue;
+                }
+            };
+            // A row not numbered yet is converted with a stand-in number, to learn whether it publishes.
+            match convert::convert(&row, &self.cfg.env, install_id, row.branch_seq.unwrap_or(1)) {
                 Ok(Some(event)) => {
                     if let Some(w) = &event.warning {
                         tracing::warn!(id, warning = %w, "captured row published with a correction");
                     }
-                    let size = (event.payload.len() + event.topic.len()) as u64;
-                    if let Some(old) = self.pending_sizes.insert(id, size) {
-                        self.pending_bytes = self.pending_bytes.saturating_sub(old);
+                    self.account(&event);
+                    self.mean_event_bytes =
+                        0.9 * self.mean_event_bytes + 0.1 * (event.payload.len() + event.topic.len()) as f64;
+                    if row.branch_seq.is_some() {
+                        self.staged.push_back(Staged::Ready(event));
+                    } else {
+                        self.staged.push_back(Staged::Unnumbered(Box::new(row)));
                     }
-                    self.pending_bytes += size;
-                    self.mean_event_bytes = 0.9 * self.mean_event_bytes + 0.1 * size as f64;
-                    self.ready.push_back(event)
                 }
                 Ok(None) => self.to_delete.push(id),
-                Err(e) => {
-                    tracing::warn!(id, error = %e, "cannot convert captured row; moved to delta_bridge.dead_letter");
-                    self.metrics.failure(FailureReason::Unconvertible);
-                    self.to_dead.push_back((id, FailureReason::Unconvertible, e.0));
+                Err(e) => self.unconvertible(id, e),
+            }
+        }
+    }
+
+    /// Counts an event's bytes as pending (replacing what was counted for its row before).
+    fn account(&mut self, event: &Event) {
+        let size = (event.payload.len() + event.topic.len()) as u64;
+        if let Some(old) = self.pending_sizes.insert(event.seq, size) {
+            self.pending_bytes = self.pending_bytes.saturating_sub(old);
+        }
+        self.pending_bytes += size;
+    }
+
+    fn unconvertible(&mut self, id: i64, e: ConvertError) {
+        tracing::warn!(id, error = %e, "cannot convert captured row; moved to delta_bridge.dead_letter");
+        self.metrics.failure(FailureReason::Unconvertible);
+        self.to_dead.push_back((id, FailureReason::Unconvertible, e.0));
+    }
+
+    /// Gives the staged events that have no branch_seq yet their numbers and writes them to the change log, in
+    /// one committed transaction, then moves every staged event to `ready`, in order: nothing reaches the
+    /// publisher before its number (and its log row) is durable. On an error (the session is lost) the staged
+    /// events stay for the next try; numbers that were committed nonetheless are found again then.
+    pub(super) async fn number(
+        &mut self,
+        client: &tokio_postgres::Client,
+        stmts: &Statements,
+        install_id: &str,
+    ) -> Result<(), PgError> {
+        let ids: Vec<i64> = self
+            .staged
+            .iter()
+            .filter_map(|s| match s {
+                Staged::Unnumbered(row) => Some(row.id),
+                Staged::Ready(_) => None,
+            })
+            .collect();
+        let mut fresh: HashMap<i64, Result<Event, ConvertError>> = HashMap::with_capacity(ids.len());
+        if !ids.is_empty() {
+            self.log_partitions(client).await?;
+            let t = Instant::now();
+            let numbers = stmts.number(client, &ids).await?;
+            let mut new_rows = Vec::new();
+            for s in &self.staged {
+                let Staged::Unnumbered(row) = s else { continue };
+                let Some(&(n, new)) = numbers.get(&row.id) else {
+                    continue;
+                };
+                let converted = match convert::convert(row, &self.cfg.env, install_id, n) {
+                    Ok(Some(event)) => Ok(event),
+                    // Cannot happen (conversion is pure, and the row converted a moment ago); were it to, the
+                    // number stays on the dead letter, and the event is published with it on a replay.
+                    Ok(None) => Err(ConvertError(format!("converted to nothing once numbered {n}"))),
+                    Err(e) => Err(e),
+                };
+                fresh.insert(row.id, converted);
+                // Numbered earlier (a commit whose answer was lost): its log row was written then.
+                if new {
+                    new_rows.push(row);
+                }
+            }
+            let mut log = change_log::Rows::default();
+            for row in new_rows {
+                if let (Some(Ok(event)), Some(m), Some(b)) = (
+                    fresh.get(&row.id),
+                    row.merchant_code.as_deref(),
+                    row.branch_code.as_deref(),
+                ) {
+                    log.push(m, b, event);
+                }
+            }
+            stmts.log_and_commit(client, &log).await?;
+            self.metrics.numbering_seconds.observe(t.elapsed().as_secs_f64());
+        }
+        while let Some(staged) = self.staged.pop_front() {
+            let row = match staged {
+                Staged::Ready(event) => {
+                    self.ready.push_back(event);
+                    continue;
+                }
+                Staged::Unnumbered(row) => row,
+            };
+            match fresh.remove(&row.id) {
+                Some(Ok(event)) => {
+                    self.account(&event);
+                    self.ready.push_back(event);
+                }
+                Some(Err(e)) => self.unconvertible(row.id, e),
+                None => {
+                    // Deleted meanwhile by someone else (only the leader deletes outbox rows): nothing to publish.
+                    tracing::warn!(id = row.id, "outbox row vanished before it was numbered; not published");
+                    self.complete(row.id);
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Makes sure the change log has a partition for now and the near future, and drops the expired ones, when
+    /// due: before numbering once less than half a span is covered (at most once a second, should the
+    /// partitions be locked by a long read), and at least every quarter span (every minute at most, every
+    /// second at least).
+    pub(super) async fn log_partitions(&mut self, client: &tokio_postgres::Client) -> Result<(), PgError> {
+        let span = self.cfg.catchup.partition_span;
+        let now = Instant::now();
+        let due = match (self.log_covered, self.log_maintained) {
+            (Some(until), Some(last)) => {
+                (until < now + span / 2 && last.elapsed() >= LOG_RETRY_AFTER)
+                    || last.elapsed() >= (span / 4).clamp(LOG_RETRY_AFTER, LOG_MAINTAIN_EVERY)
+            }
+            _ => true,
+        };
+        if !due {
+            return Ok(());
+        }
+        let done = change_log::maintain(client, span, self.cfg.catchup.retention).await?;
+        if done.dropped > 0 || done.created > 1 {
+            tracing::info!(
+                created = done.created,
+                dropped = done.dropped,
+                "change log partitions created ahead and expired ones dropped"
+            );
+        }
+        self.log_covered = Some(now + done.covered_for);
+        self.log_maintained = Some(now);
+        Ok(())
     }
 
     /// Hands converted events to the publisher while its channel has room. A closed channel (the publisher

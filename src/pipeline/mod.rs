@@ -146,12 +146,26 @@ async fn run(
     Ok(())
 }
 
+/// A converted row on its way to `ready`.
+enum Staged {
+    /// Numbered earlier: its event, rebuilt with that number.
+    Ready(Event),
+    /// Converts to an event, and has no branch_seq yet.
+    Unnumbered(Box<crate::convert::Captured>),
+}
+
 struct Pipeline {
     cfg: Arc<Config>,
     metrics: Arc<Metrics>,
     /// The cursor, the skipped ids, and the ids read and not yet deleted or dead-lettered.
     tracker: Tracker,
-    /// Converted, waiting for room in the publisher's channel.
+    /// Converted, in read order, waiting for [`Pipeline::number`] (some without a branch_seq yet).
+    staged: VecDeque<Staged>,
+    /// Until when the change log has partitions (as this replica's clock reads it), and when they were last
+    /// checked; None: check before the next numbering.
+    log_covered: Option<Instant>,
+    log_maintained: Option<Instant>,
+    /// Converted and numbered, waiting for room in the publisher's channel.
     ready: VecDeque<Event>,
     to_delete: Vec<i64>,
     /// Unconvertible or refused rows, in the order they failed, to move to the dead letters.
@@ -198,6 +212,9 @@ impl Pipeline {
             cfg,
             metrics,
             tracker: Tracker::new(),
+            staged: VecDeque::new(),
+            log_covered: None,
+            log_maintained: None,
             ready: VecDeque::new(),
             to_delete: Vec::new(),
             to_dead: VecDeque::new(),
@@ -212,6 +229,11 @@ impl Pipeline {
             mean_event_bytes: 512.0,
             last_rows: None,
         }
+    }
+
+    /// Nothing converted waits to be numbered or handed over.
+    fn queue_empty(&self) -> bool {
+        self.staged.is_empty() && self.ready.is_empty()
     }
 
     /// Leading in `term` from now on: the publisher sends.
@@ -240,6 +262,7 @@ impl Pipeline {
     fn new_term(&mut self) {
         self.term = Term(self.term.0 + 1);
         self.tracker = Tracker::new();
+        self.staged.clear();
         self.ready.clear();
         self.pending_sizes.clear();
         self.pending_bytes = 0;
@@ -260,6 +283,7 @@ pub(super) mod tests {
     pub(super) fn event(seq: i64) -> Event {
         Event {
             seq,
+            branch_seq: 1,
             warning: None,
             stream: Stream::Product,
             topic: "dev/m/b/product".into(),

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::capture::change_log;
 use crate::capture::outbox::{self, Statements, LEADER_LOCK, WAKE_CHANNEL, WAKE_LOCK};
 use crate::convert::Event;
 use crate::deliver::{Outcome, Term};
@@ -115,6 +116,9 @@ impl Pipeline {
             tracing::info!(term = self.term.0, "leader: publishing");
         }
         timed(s.client.batch_execute(&format!("LISTEN {WAKE_CHANNEL}"))).await?;
+        // The change log's partitions are checked before the first numbering.
+        self.log_covered = None;
+        self.log_maintained = None;
         // Sweep at once: a previous leader may have left rows below our cursor.
         self.last_sweep = None;
         self.sweep_after = None;
@@ -139,11 +143,12 @@ impl Pipeline {
             if cancel.is_cancelled() {
                 return Ok(self.shutdown(&s.client, &stmts, outcomes).await?);
             }
+            self.number(&s.client, &stmts, &install_id).await?;
             self.push_ready(events, cancel)?;
 
             let mut drained = true;
             self.metrics.pending_bytes.set(self.pending_bytes as i64);
-            if self.ready.is_empty() && self.has_room() {
+            if self.queue_empty() && self.has_room() {
                 let t = Instant::now();
                 let limit = self.batch();
                 let (rows, snap) = stmts
@@ -155,6 +160,7 @@ impl Pipeline {
                     self.last_rows = Some(Instant::now());
                 }
                 self.take(rows, snap, limit, &install_id);
+                self.number(&s.client, &stmts, &install_id).await?;
                 self.push_ready(events, cancel)?;
             }
             let sweep_due = self.sweep_after.is_some() || self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
@@ -162,17 +168,22 @@ impl Pipeline {
                 if !self.sweep(&s.client, &stmts, &install_id).await? {
                     drained = false; // more below the cursor: the next step as soon as there is room
                 }
+                self.number(&s.client, &stmts, &install_id).await?;
                 self.push_ready(events, cancel)?;
             }
             if self.last_backlog.elapsed() >= BACKLOG_EVERY {
                 self.metrics.outbox_backlog.set(outbox::backlog(&s.client).await?);
+                self.log_partitions(&s.client).await?;
+                let (age, bytes) = change_log::stats(&s.client).await?;
+                self.metrics.change_log_oldest_age.set(age);
+                self.metrics.change_log_bytes.set(bytes);
                 self.last_backlog = Instant::now();
             }
             self.heartbeat.beat_if_due(&s.client).await?;
-            if !drained && self.ready.is_empty() {
+            if !drained && self.queue_empty() {
                 continue;
             }
-            if self.ready.is_empty() && self.last_rows.is_some_and(|t| t.elapsed() < LINGER) {
+            if self.queue_empty() && self.last_rows.is_some_and(|t| t.elapsed() < LINGER) {
                 // Busy lately: poll again shortly instead of making writers notify us.
                 tokio::select! {
                     _ = cancel.cancelled() => {}
@@ -184,7 +195,7 @@ impl Pipeline {
 
             // Idle (or waiting for the publisher): ask writers to wake us, then look once more, because a
             // writer that committed just before we took the lock did not notify.
-            let tried = if self.ready.is_empty() && self.has_room() {
+            let tried = if self.queue_empty() && self.has_room() {
                 let gaps = self.tracker.gap_ids();
                 let limit = self.batch();
                 let (armed, (rows, snap)) = tokio::try_join!(
@@ -211,7 +222,7 @@ impl Pipeline {
             };
             let armed = tried == Some(true);
 
-            let wait = if !self.ready.is_empty() {
+            let wait = if !self.queue_empty() {
                 Duration::from_millis(2)
             } else if tried.is_none() {
                 // Full (max_pending events or max_pending_bytes unacknowledged): acknowledgements wake us;
