@@ -161,6 +161,9 @@ pub enum MigrateError {
     /// The database was migrated by a newer delta-bridge.
     #[error("the database's delta_bridge schema is at migration {found}, newer than this delta-bridge knows (up to {known}): a newer version installed it, and this one does not run against it. Deploy the newer version again, or see docs/deployment.md, \"Rolling back\"")]
     SchemaTooNew { found: i32, known: i32 },
+    /// `run --no-migrate` against a schema this binary would still have to migrate.
+    #[error("the database's delta_bridge schema is at migration {found}, older than this delta-bridge needs ({known}): run `delta-bridge migrate` with this version first (or start it without --no-migrate)")]
+    SchemaTooOld { found: i32, known: i32 },
     /// `uninstall` without `--force` while a replica leads.
     #[error("the leader lock (advisory lock {lock}) is held: {holders}. A leading replica would find capture gone, and one that restarts would attach it again: stop every replica first (e.g. scale the Deployment to 0), or pass --force (also when the holder is no replica)")]
     Leading { lock: i64, holders: String },
@@ -238,16 +241,32 @@ pub(crate) async fn migrate(
     result
 }
 
-/// Refuses a schema newer than this binary (for `run --no-migrate`); a database without the bridge's
-/// objects passes (the pipeline says what is missing).
+/// Refuses a schema newer than this binary, or older than it needs (for `run --no-migrate`: without its
+/// tables and functions the pipeline would fail on every read, and an older version's capture would publish
+/// without what this one adds); a database without the bridge's objects passes (the pipeline says what is
+/// missing).
 pub(crate) async fn check_version(client: &Client) -> Result<(), MigrateError> {
     let newest = client
         .query_one("SELECT max(version) FROM delta_bridge.schema_migrations", &[])
         .await;
     match newest {
-        Ok(row) => newer_than_known(row.try_get(0)?),
+        Ok(row) => {
+            let found: Option<i32> = row.try_get(0)?;
+            newer_than_known(found)?;
+            older_than_known(found)
+        }
         Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+fn older_than_known(found: Option<i32>) -> Result<(), MigrateError> {
+    match found {
+        Some(found) if found < known_version() => Err(MigrateError::SchemaTooOld {
+            found,
+            known: known_version(),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -453,6 +472,11 @@ mod tests {
     fn a_newer_schema_is_refused_naming_both_versions() {
         assert!(super::newer_than_known(None).is_ok());
         assert!(super::newer_than_known(Some(super::known_version())).is_ok());
+        assert!(super::older_than_known(Some(super::known_version())).is_ok());
+        assert!(super::older_than_known(None).is_ok());
+        let old = super::older_than_known(Some(super::known_version() - 1)).expect_err("older");
+        assert!(old.to_string().contains("delta-bridge migrate"), "{old}");
+        assert!(!old.is_transient());
         let e = super::newer_than_known(Some(99)).expect_err("newer");
         let text = e.to_string();
         let known = format!("up to {}", super::known_version());

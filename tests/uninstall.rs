@@ -174,6 +174,28 @@ async fn uninstall_refuses_while_a_replica_leads_removes_capture_and_a_reinstall
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_without_migrating_refuses_a_schema_older_than_it_needs() {
+    let env = Env::start("older");
+    let db = env.client().await;
+    let (code, out) = cli(&env, "install", &["migrate"], WAIT).await;
+    assert_eq!(code, Some(0), "{out}");
+    // As if an older version had installed it: this version's last migration not applied.
+    let known = *common::migrations().last().expect("migrations");
+    db.execute(
+        "DELETE FROM delta_bridge.schema_migrations WHERE version = $1",
+        &[&known],
+    )
+    .await
+    .expect("older schema");
+    let (code, out) = cli(&env, "run-no-migrate", &["run", "--no-migrate"], WAIT).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!("at migration {}", known - 1)) && out.contains("delta-bridge migrate"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_binary_refuses_a_schema_newer_than_it_knows() {
     let env = Env::start("newer");
     let db = env.client().await;
