@@ -448,3 +448,57 @@ async fn a_wrong_api_secret_revokes_nothing() {
         .await;
     s.bridge.stop().await;
 }
+
+/// A client id that already has a short ban (an operator's, from EMQX's dashboard) when the device is revoked:
+/// EMQX answers ALREADY_EXISTS and never extends a ban, so the revoke lifts the short one and bans again until
+/// the device's tokens expire. Otherwise, once the short ban lapsed, the revoked token would connect whenever
+/// EMQX cannot reach the bridge's authenticator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_replaces_a_shorter_existing_ban() {
+    let s = start("emqx-shortban").await;
+    let token = s.issue("pos-77", BRANCH_A, 3600).await;
+    let short = chrono::Utc::now() + chrono::Duration::seconds(2);
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/api/v5/banned", s.emqx.addr))
+        .basic_auth(API_KEY, Some(API_SECRET))
+        .json(&json!({"as": "clientid", "who": "pos-77",
+                      "until": short.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)}))
+        .send()
+        .await
+        .expect("ban");
+    assert_eq!(resp.status().as_u16(), 200);
+    s.emqx.take();
+    let (status, body) = s.delete("pos-77").await;
+    assert_eq!(status, 204, "{body}");
+    let calls: Vec<_> = s
+        .emqx
+        .take()
+        .iter()
+        .map(|c| (c.method.clone(), c.path.clone(), c.status))
+        .collect();
+    eprintln!("calls {calls:?}");
+    let until = s.emqx.ban_until("pos-77").expect("banned");
+    let now = chrono::Utc::now().timestamp();
+    assert!(
+        until >= now + 3000,
+        "the revoke's ban must last until the token expires; it ends in {} s",
+        until - now
+    );
+    // Past the short ban, with the authenticator unreachable (EMQX fails open to the JWT check and bans).
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mut unreachable = s.chain.clone();
+    unreachable.authn_url = Some("http://127.0.0.1:9/api/v1/broker/authn".into());
+    let got = s.emqx.connect(&unreachable, "pos-77", "pos-77", &token).await;
+    assert!(got.is_err(), "the revoked token connected: {got:?}");
+    // A second revoke meets the long ban: ALREADY_EXISTS that covers it, nothing lifted.
+    let (status, body) = s.delete("pos-77").await;
+    assert_eq!(status, 204, "{body}");
+    assert!(
+        !s.emqx
+            .take()
+            .iter()
+            .any(|c| c.method == "DELETE" && c.path.starts_with("/api/v5/banned/")),
+        "a ban that lasts long enough is not lifted"
+    );
+    s.bridge.stop().await;
+}

@@ -310,7 +310,15 @@ fn decide(m: &mut Model, seen: &Seen) -> (StatusCode, Value) {
                 );
             }
             if let Some(old) = m.bans.get(who).filter(|u| **u > now) {
-                let old = json!({"as": "clientid", "who": who, "until": old}).to_string();
+                // As EMQX's `emqx_banned:format/1`: times in RFC 3339 with the offset, to the second.
+                let rfc3339 = |t: i64| {
+                    chrono::DateTime::from_timestamp(t, 0)
+                        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, false))
+                        .unwrap_or_default()
+                };
+                let old = json!({"as": "clientid", "who": who, "by": "delta-bridge", "reason": "",
+                                 "at": rfc3339(now), "until": rfc3339(*old)})
+                .to_string();
                 return error(StatusCode::BAD_REQUEST, "ALREADY_EXISTS", &old);
             }
             m.bans.insert(who.to_string(), until);

@@ -79,6 +79,61 @@ impl Emqx {
         body: Option<Value>,
         ok: &[StatusCode],
     ) -> Result<(), BrokerError> {
+        match self.answer(method, path, body, ok).await? {
+            Answer::Done => Ok(()),
+            Answer::Refused(e) => Err(shortened(e)),
+        }
+    }
+
+    /// Bans the device until `until`. EMQX never extends or shortens a ban that is still active: a second
+    /// `POST /api/v5/banned` for the same client id answers 400 `ALREADY_EXISTS` with the existing ban as its
+    /// message (EMQX v5.8.9, `apps/emqx/src/emqx_banned.erl`, `create/1`; `apps/emqx_management/src/
+    /// emqx_mgmt_api_banned.erl`, `banned/2`). An existing ban that ends at or after `until` (or never) does
+    /// the job; one that ends earlier (an operator's short ban, an earlier revoke's) would lapse while a revoked
+    /// token is still valid, so it is lifted and the ban created again. A ban that keeps coming back in between
+    /// (someone else banning the same id) is an error rather than a loop.
+    async fn ban(&self, device_id: &str, until: DateTime<Utc>) -> Result<(), BrokerError> {
+        for _ in 0..3 {
+            let body = ban_body(device_id, until);
+            match self
+                .answer(Method::POST, "/api/v5/banned".into(), Some(body), &[])
+                .await?
+            {
+                Answer::Done => return Ok(()),
+                Answer::Refused(BrokerError::Http { status: 400, body, .. })
+                    if error_code(&body).as_deref() == Some("ALREADY_EXISTS") =>
+                {
+                    if existing_ban_covers(&body, until) {
+                        return Ok(());
+                    }
+                    self.call(
+                        Method::DELETE,
+                        format!("/api/v5/banned/clientid/{device_id}"),
+                        None,
+                        &[StatusCode::NOT_FOUND],
+                    )
+                    .await?;
+                }
+                Answer::Refused(e) => return Err(shortened(e)),
+            }
+        }
+        Err(BrokerError::Http {
+            method: "POST",
+            path: "/api/v5/banned".into(),
+            status: 400,
+            body: "ALREADY_EXISTS: an earlier, shorter ban of this client id kept coming back after it was lifted"
+                .into(),
+        })
+    }
+
+    /// One API call, a refusal returned as a value (the whole error body kept, for [`Emqx::ban`]).
+    async fn answer(
+        &self,
+        method: Method,
+        path: String,
+        body: Option<Value>,
+        ok: &[StatusCode],
+    ) -> Result<Answer, BrokerError> {
         let mut req = self
             .http
             .request(method.clone(), format!("{}{path}", self.base))
@@ -90,22 +145,60 @@ impl Emqx {
         let resp = req.send().await.map_err(|e| BrokerError::Request(e.without_url()))?;
         let status = resp.status();
         if status.is_success() || ok.contains(&status) {
-            return Ok(());
+            return Ok(Answer::Done);
         }
         let text = resp.text().await.unwrap_or_default();
-        // EMQX answers a ban of a client id that already has an active one with 400 and the code ALREADY_EXISTS
-        // (EMQX v5.8.9, `apps/emqx_management/src/emqx_mgmt_api_banned.erl`, `banned/2`; the message is the
-        // existing ban): the device is banned, which is the goal. Only the code counts: a BAD_REQUEST's message
-        // may quote the device id.
-        if status == StatusCode::BAD_REQUEST && error_code(&text).as_deref() == Some("ALREADY_EXISTS") {
-            return Ok(());
-        }
-        Err(BrokerError::Http {
+        // At most a few KiB kept: enough for an EMQX error (and the ban it quotes), bounded for anything else.
+        Ok(Answer::Refused(BrokerError::Http {
             method: method_name(&method),
             path,
             status: status.as_u16(),
-            body: text.chars().take(300).collect(),
-        })
+            body: text.chars().take(4096).collect(),
+        }))
+    }
+}
+
+/// An error as reported (logs, the API's 502): the first 300 characters of EMQX's answer.
+fn shortened(e: BrokerError) -> BrokerError {
+    match e {
+        BrokerError::Http {
+            method,
+            path,
+            status,
+            body,
+        } => BrokerError::Http {
+            method,
+            path,
+            status,
+            body: body.chars().take(300).collect(),
+        },
+        other => other,
+    }
+}
+
+/// What an API call came to, short of a failure to reach EMQX.
+enum Answer {
+    Done,
+    Refused(BrokerError),
+}
+
+/// Whether the ban quoted in an `ALREADY_EXISTS` answer (its `message`: the ban as JSON, `until` an RFC 3339
+/// time or `"infinity"`) lasts at least until `until`. Anything unreadable counts as not: the ban is then
+/// made again, which is safe.
+fn existing_ban_covers(error_body: &str, until: DateTime<Utc>) -> bool {
+    let Some(message) = serde_json::from_str::<Value>(error_body)
+        .ok()
+        .and_then(|v| v.get("message")?.as_str().map(str::to_string))
+    else {
+        return false;
+    };
+    let Ok(ban) = serde_json::from_str::<Value>(&message) else {
+        return false;
+    };
+    match ban.get("until").and_then(Value::as_str) {
+        Some("infinity") => true,
+        Some(t) => DateTime::parse_from_rfc3339(t).is_ok_and(|t| t >= until),
+        None => false,
     }
 }
 
@@ -172,13 +265,7 @@ impl BrokerBackend for Emqx {
     fn revoke<'a>(&'a self, device_id: &'a str, until: DateTime<Utc>) -> BoxFuture<'a, Result<(), BrokerError>> {
         Box::pin(async move {
             // Ban first, so that the kicked device cannot reconnect in between.
-            self.call(
-                Method::POST,
-                "/api/v5/banned".into(),
-                Some(ban_body(device_id, ban_until(until, Utc::now()))),
-                &[],
-            )
-            .await?;
+            self.ban(device_id, ban_until(until, Utc::now())).await?;
             self.kick(device_id).await
         })
     }
@@ -226,6 +313,30 @@ mod tests {
             Emqx::new(&emqx_at("ftp://emqx", None)),
             Err(BrokerError::Config(_))
         ));
+    }
+
+    #[test]
+    fn an_existing_ban_covers_only_when_it_lasts_as_long() {
+        let until = DateTime::parse_from_rfc3339("2026-12-03T12:00:00Z")
+            .expect("t")
+            .with_timezone(&Utc);
+        let answer = |ban_until: &str| {
+            let ban = json!({"as": "clientid", "who": "pos-1", "until": ban_until}).to_string();
+            json!({"code": "ALREADY_EXISTS", "message": ban}).to_string()
+        };
+        assert!(existing_ban_covers(&answer("infinity"), until));
+        assert!(existing_ban_covers(&answer("2026-12-03T12:00:00+00:00"), until));
+        assert!(
+            existing_ban_covers(&answer("2026-12-03T21:00:00+09:00"), until),
+            "same instant"
+        );
+        assert!(!existing_ban_covers(&answer("2026-12-03T11:59:59Z"), until), "shorter");
+        assert!(!existing_ban_covers(&answer("soon"), until));
+        assert!(!existing_ban_covers(
+            r#"{"code":"ALREADY_EXISTS","message":"not json"}"#,
+            until
+        ));
+        assert!(!existing_ban_covers("{}", until));
     }
 
     #[test]
