@@ -28,8 +28,9 @@ pub(crate) trait Weighed {
 }
 
 /// What one entry costs beyond its own bytes: its place in the maps and the rest of the event it holds (ids,
-/// times, the allocations' headers). Counted so that a window of tiny events is bounded in real memory too.
-pub(crate) const WINDOW_ENTRY_OVERHEAD: u64 = 256;
+/// times, the event id's string, the allocations' headers; estimated at 300-350 bytes, rounded up). Counted so
+/// that a window of tiny events is bounded in real memory too.
+pub(crate) const WINDOW_ENTRY_OVERHEAD: u64 = 512;
 
 pub(crate) struct Window<E> {
     /// How long an acknowledged event is kept; zero: nothing is.
