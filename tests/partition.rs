@@ -290,6 +290,8 @@ async fn leader_cut_off_from_the_broker(tag: &str, partition: Duration) -> Optio
         .filter(|p| p.client_id == s.leader.client_id)
         .map(|p| p.at)
         .max();
+    // Its events acknowledged so far (copies are not counted there): none may be added once it is replaced.
+    let published_at_heal = common::metric_sum(&s.leader.http, "delta_bridge_events_published_total").await;
     s.net.heal("mqtt");
     let healed = Instant::now();
     eprintln!(
@@ -342,6 +344,18 @@ async fn leader_cut_off_from_the_broker(tag: &str, partition: Duration) -> Optio
         "the ex-leader published {} times after it was replaced, more than its {copies} copies: it kept \
          publishing events",
         late.len()
+    );
+    let published_end = common::metric_sum(&s.leader.http, "delta_bridge_events_published_total").await;
+    eprintln!(
+        "the ex-leader's events_published_total: {published_at_heal:?} at the heal, {published_end:?} at the end"
+    );
+    assert!(
+        published_at_heal.is_some(),
+        "the ex-leader's metrics were readable during the partition"
+    );
+    assert_eq!(
+        published_end, published_at_heal,
+        "the replaced ex-leader had events acknowledged after the heal: it published events, not only copies"
     );
     assert!(
         report.ops_committed > 1000,
