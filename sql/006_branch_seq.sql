@@ -34,6 +34,7 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_locks l
                     WHERE l.locktype = 'advisory' AND l.granted AND l.pid = pg_backend_pid() AND l.objsubid = 1
+                      AND l.mode = 'ExclusiveLock'   -- a shared hold of the key is no lead
                       AND ((l.classid::bigint << 32) | l.objid::bigint) = 7234298723002) THEN
         RAISE EXCEPTION 'delta_bridge.number_events: this session does not hold the leader lock'
             USING ERRCODE = 'lock_not_available';
@@ -41,7 +42,8 @@ BEGIN
     RETURN QUERY
     WITH given AS (
             SELECT o.id, o.merchant_code AS m, o.branch_code AS b, g.ord
-              FROM unnest(p_ids) WITH ORDINALITY AS g (id, ord)
+              FROM (SELECT DISTINCT ON (u.id) u.id, u.ord           -- an id given twice is numbered once
+                      FROM unnest(p_ids) WITH ORDINALITY AS u (id, ord) ORDER BY u.id, u.ord) g
               JOIN delta_bridge.outbox o ON o.id = g.id
              WHERE o.branch_seq IS NULL AND o.merchant_code IS NOT NULL AND o.branch_code IS NOT NULL),
          ranked AS (
@@ -56,7 +58,7 @@ BEGIN
          stored AS (
             UPDATE delta_bridge.outbox o SET branch_seq = u.last_seq - r.n + r.k
               FROM ranked r JOIN bumped u ON u.m = r.m AND u.b = r.b
-             WHERE o.id = r.id
+             WHERE o.id = r.id AND o.branch_seq IS NULL             -- never a second number
             RETURNING o.id, o.branch_seq)
     SELECT s.id, s.branch_seq, true FROM stored s
     UNION ALL

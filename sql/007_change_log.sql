@@ -38,7 +38,9 @@ CREATE TABLE delta_bridge.change_log_partitions (
 -- The span is fixed for a database (a partition of another span would overlap, and creating it fails).
 CREATE FUNCTION delta_bridge.change_log_maintain(p_span_seconds bigint, p_keep interval, p_ahead integer)
 RETURNS TABLE (created integer, dropped integer, covered_until timestamptz)
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+-- Bounds are rendered as text for CREATE TABLE: TimeZone and DateStyle are pinned so that the session's own
+-- settings cannot shift them.
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' AS $$
 DECLARE
     now_s  double precision := extract(epoch FROM clock_timestamp());
     first  bigint := floor(now_s / p_span_seconds)::bigint * p_span_seconds;
@@ -54,16 +56,18 @@ BEGIN
         lo := to_timestamp(first + i * p_span_seconds);
         hi := to_timestamp(first + (i + 1) * p_span_seconds);
         part := 'change_log_' || to_char(lo AT TIME ZONE 'UTC', 'YYYYMMDD"_"HH24MISS');
-        IF NOT EXISTS (SELECT 1 FROM delta_bridge.change_log_partitions c WHERE c.name = part) THEN
+        -- The catalog says whether it exists (a partition dropped by hand is made again).
+        IF to_regclass(format('delta_bridge.%I', part)) IS NULL THEN
             BEGIN
                 EXECUTE format('CREATE TABLE delta_bridge.%I PARTITION OF delta_bridge.change_log FOR VALUES FROM (%L) TO (%L)',
                                part, lo, hi);
             EXCEPTION WHEN lock_not_available THEN
                 EXIT;   -- busy: the next call creates it
             END;
-            INSERT INTO delta_bridge.change_log_partitions (name, lower_bound, upper_bound) VALUES (part, lo, hi);
             n_created := n_created + 1;
         END IF;
+        INSERT INTO delta_bridge.change_log_partitions (name, lower_bound, upper_bound) VALUES (part, lo, hi)
+            ON CONFLICT (name) DO NOTHING;
         covered := hi;
     END LOOP;
     FOR p IN SELECT c.name FROM delta_bridge.change_log_partitions c

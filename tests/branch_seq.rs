@@ -286,6 +286,14 @@ async fn every_branch_is_numbered_1_to_n_across_a_sigkill_and_a_failover() {
     );
 
     // The numbering refuses a session that does not hold the leader lock, and numbers nothing.
+    let counters_before: i64 = db
+        .query_one(
+            "SELECT coalesce(sum(last_seq), 0)::bigint FROM delta_bridge.branch_counter",
+            &[],
+        )
+        .await
+        .expect("counters")
+        .get(0);
     db.batch_execute("SET delta_bridge.no_wake = 'on'; UPDATE products SET stock = stock + 1 WHERE id = 1")
         .await
         .expect("write");
@@ -300,6 +308,15 @@ async fn every_branch_is_numbered_1_to_n_across_a_sigkill_and_a_failover() {
         err.to_string().contains("leader lock") || format!("{err:?}").contains("leader lock"),
         "{err:?}"
     );
+    let counters_after: i64 = db
+        .query_one(
+            "SELECT coalesce(sum(last_seq), 0)::bigint FROM delta_bridge.branch_counter",
+            &[],
+        )
+        .await
+        .expect("counters")
+        .get(0);
+    assert_eq!(counters_after, counters_before, "a refused numbering moves no counter");
     device.stop().await;
 }
 

@@ -266,7 +266,9 @@ impl Statements {
     pub(crate) async fn number(&self, client: &Client, ids: &[i64]) -> Result<HashMap<i64, (i64, bool)>, PgError> {
         let params: [&(dyn ToSql + Sync); 1] = [&ids];
         let (began, numbered) = tokio::join!(
-            timed(client.batch_execute("BEGIN")),
+            // Durable at COMMIT whatever the role's or database's default: a number lost after its event was
+            // published would be given again to another event.
+            timed(client.batch_execute("BEGIN; SET LOCAL synchronous_commit = on")),
             timed(client.query(&self.number, &params))
         );
         let answer = began.and(numbered).and_then(|rows| {

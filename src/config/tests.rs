@@ -749,8 +749,15 @@ fn the_change_log_retention_defaults_to_seven_days_and_takes_any_duration_from_o
             "{bad}"
         );
     }
-    let c = parse("[catchup]\npartition_span = \"2s\"\n", &[]).expect("valid");
+    let c = parse("[catchup]\npartition_span = \"2s\"\nretention = \"1m\"\n", &[]).expect("valid");
     assert_eq!(c.catchup.partition_span, Duration::from_secs(2));
+    // Too many partitions for the retention (each is a table every read of the log locks).
+    let c = parse("[catchup]\npartition_span = \"10m\"\nretention = \"6d\"\n", &[]).expect("864 partitions");
+    assert_eq!(c.catchup.partition_span, Duration::from_secs(600));
+    assert_eq!(
+        key_of(parse("[catchup]\npartition_span = \"60s\"\n", &[]).expect_err("10,080 partitions")),
+        "catchup.partition_span"
+    );
     for bad in ["\"0s\"", "\"7s\"", "\"2d\"", "\"1500ms\""] {
         assert_eq!(
             key_of(parse(&format!("[catchup]\npartition_span = {bad}\n"), &[]).expect_err(bad)),

@@ -6,6 +6,9 @@ use std::time::Duration;
 use super::raw::Raw;
 use super::*;
 
+/// The most change-log partitions a retention may keep (`catchup.retention / catchup.partition_span`).
+const MAX_LOG_PARTITIONS: u64 = 1000;
+
 impl Raw {
     pub(super) fn build(self) -> Result<Config, ConfigError> {
         let env = self.non_empty("env", "dev")?;
@@ -289,6 +292,17 @@ impl Raw {
             return Err(ConfigError::invalid(
                 "catchup.partition_span",
                 "must be a whole number of seconds that divides a day (1s to 1d)",
+            ));
+        }
+        // Each partition is a table that every read of the whole log locks: thousands of them exhaust the
+        // server's lock table (max_locks_per_transaction).
+        if catchup.retention.as_secs() / catchup.partition_span.as_secs() > MAX_LOG_PARTITIONS {
+            return Err(ConfigError::invalid(
+                "catchup.partition_span",
+                format!(
+                    "too short for catchup.retention: at most {MAX_LOG_PARTITIONS} partitions may be kept \
+                     (retention / partition_span)"
+                ),
             ));
         }
 

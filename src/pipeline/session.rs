@@ -174,9 +174,17 @@ impl Pipeline {
             if self.last_backlog.elapsed() >= BACKLOG_EVERY {
                 self.metrics.outbox_backlog.set(outbox::backlog(&s.client).await?);
                 self.log_partitions(&s.client).await?;
-                let (age, bytes) = change_log::stats(&s.client).await?;
-                self.metrics.change_log_oldest_age.set(age);
-                self.metrics.change_log_bytes.set(bytes);
+                match change_log::stats(&s.client).await {
+                    Ok((age, bytes)) => {
+                        self.metrics.change_log_oldest_age.set(age);
+                        self.metrics.change_log_bytes.set(bytes);
+                    }
+                    // Only the metrics are missed: never a reason to stop publishing.
+                    Err(e) if super::intake::answered_with_error(&e) => {
+                        tracing::warn!(error = %e, "change log size and age could not be read");
+                    }
+                    Err(e) => return Err(e.into()),
+                }
                 self.last_backlog = Instant::now();
             }
             self.heartbeat.beat_if_due(&s.client).await?;
