@@ -230,3 +230,64 @@ async fn a_long_read_of_the_log_does_not_stop_publishing() {
     drop(bridge);
     device.stop().await;
 }
+
+/// Partition bounds do not depend on the session that runs the upkeep: with a DateStyle and TimeZone that
+/// render timestamps ambiguously (`IST`), each partition still holds exactly [lower_bound, upper_bound) of its
+/// bookkeeping, in UTC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_bounds_ignore_the_sessions_datestyle_and_timezone() {
+    let env = Env::start("change-log-datestyle");
+    let bridge = env.bridge().await; // installs the schema and the first partitions
+    bridge.stop().await;
+    let db = env.client().await;
+    db.batch_execute(
+        "DO $$ DECLARE p record; BEGIN
+           FOR p IN SELECT name FROM delta_bridge.change_log_partitions LOOP
+             EXECUTE format('DROP TABLE delta_bridge.%I', p.name);
+           END LOOP;
+         END $$;
+         DELETE FROM delta_bridge.change_log_partitions;
+         SET datestyle = 'Postgres'; SET timezone = 'Asia/Kolkata';
+         SELECT * FROM delta_bridge.change_log_maintain(86400, '7 days', 3);
+         RESET datestyle; SET timezone = 'UTC';",
+    )
+    .await
+    .expect("upkeep in an odd session");
+    let parts = db
+        .query(
+            "SELECT name, lower_bound, upper_bound FROM delta_bridge.change_log_partitions ORDER BY lower_bound",
+            &[],
+        )
+        .await
+        .expect("partitions");
+    assert_eq!(parts.len(), 3);
+    for p in &parts {
+        let name: String = p.get(0);
+        for bound in ["lower_bound", "upper_bound - interval '1 microsecond'"] {
+            let holder: String = db
+                .query_one(
+                    &format!(
+                        "WITH ins AS (INSERT INTO delta_bridge.change_log SELECT {bound}, 'M', 'B', 1, 1, 'e', 't', ''::bytea
+                                        FROM delta_bridge.change_log_partitions WHERE name = $1
+                                      RETURNING tableoid::regclass::text AS t)
+                         SELECT t FROM ins"
+                    ),
+                    &[&name],
+                )
+                .await
+                .expect("insert at the bound")
+                .get(0);
+            assert!(holder.ends_with(&name), "a row at {name}'s {bound} went to {holder}");
+        }
+        let midnight: bool = db
+            .query_one(
+                "SELECT lower_bound = date_trunc('day', lower_bound AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+                   FROM delta_bridge.change_log_partitions WHERE name = $1",
+                &[&name],
+            )
+            .await
+            .expect("midnight")
+            .get(0);
+        assert!(midnight, "{name} starts at UTC midnight");
+    }
+}
