@@ -269,6 +269,11 @@ impl Pipeline {
     }
 }
 
+/// PostgreSQL answered with an error (the session is fine), rather than the session failing.
+pub(super) fn answered_with_error(e: &PgError) -> bool {
+    matches!(e, PgError::Query(q) if q.as_db_error().is_some())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,9 +304,4 @@ mod tests {
         assert!(p.push_ready(&tx, &stopping).is_ok());
         assert_eq!(p.ready.len(), 1, "kept: it stays in the outbox");
     }
-}
-
-/// PostgreSQL answered with an error (the session is fine), rather than the session failing.
-pub(super) fn answered_with_error(e: &PgError) -> bool {
-    matches!(e, PgError::Query(q) if q.as_db_error().is_some())
 }
