@@ -66,6 +66,10 @@ pub(crate) struct Metrics {
     pub end_to_end_latency: HistogramVec,
     pub payload_bytes: HistogramVec,
     pub outbox_backlog: IntGauge,
+    /// Age of the oldest outbox row (captured, not yet acknowledged), by the database clock; 0 when empty.
+    pub outbox_oldest_age: Gauge,
+    /// Rows waiting in delta_bridge.dead_letter.
+    pub dead_letters: IntGauge,
     /// Age of the oldest event in the change log (0 while it is empty).
     pub change_log_oldest_age: Gauge,
     /// Bytes on disk of the change log's partitions (indexes included).
@@ -127,6 +131,14 @@ impl Metrics {
         let outbox_backlog = IntGauge::new(
             "delta_bridge_outbox_backlog",
             "Captured events not yet acknowledged by the broker",
+        )?;
+        let outbox_oldest_age = Gauge::new(
+            "delta_bridge_outbox_oldest_age_seconds",
+            "Age of the oldest captured event not yet acknowledged by the broker, in seconds (0 when none); updated by the leader, 0 on a standby",
+        )?;
+        let dead_letters = IntGauge::new(
+            "delta_bridge_dead_letters",
+            "Rows waiting in delta_bridge.dead_letter until replayed or deleted; updated by the leader, 0 on a standby",
         )?;
         let change_log_oldest_age = Gauge::new(
             "delta_bridge_change_log_oldest_age_seconds",
@@ -191,6 +203,8 @@ impl Metrics {
         registry.register(Box::new(end_to_end_latency.clone()))?;
         registry.register(Box::new(payload_bytes.clone()))?;
         registry.register(Box::new(outbox_backlog.clone()))?;
+        registry.register(Box::new(outbox_oldest_age.clone()))?;
+        registry.register(Box::new(dead_letters.clone()))?;
         registry.register(Box::new(change_log_oldest_age.clone()))?;
         registry.register(Box::new(change_log_bytes.clone()))?;
         registry.register(Box::new(pending_bytes.clone()))?;
@@ -241,6 +255,8 @@ impl Metrics {
             end_to_end_latency,
             payload_bytes,
             outbox_backlog,
+            outbox_oldest_age,
+            dead_letters,
             change_log_oldest_age,
             change_log_bytes,
             pending_bytes,
@@ -290,6 +306,8 @@ mod tests {
             "delta_bridge_publish_failures_total{reason=\"rejected\"} 0",
             "delta_bridge_end_to_end_latency_seconds_bucket{stream=\"inventory\",le=\"0.001\"} 0",
             "delta_bridge_outbox_backlog 0",
+            "delta_bridge_outbox_oldest_age_seconds 0",
+            "delta_bridge_dead_letters 0",
             "delta_bridge_pending_bytes 0",
             "delta_bridge_republish_window_bytes 0",
             "delta_bridge_republish_window_evicted_total 0",

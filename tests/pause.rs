@@ -89,6 +89,11 @@ async fn start(env: &Env) -> (InProcessBridge, Subscriber, tokio_postgres::Clien
     let sub = Subscriber::start_as(&env.mqtt.url(), "watcher", "dev/#", Some(("watcher", WATCHER_PASSWORD))).await;
     let db = env.client().await;
     assert_eq!(metric(&bridge.http, PAUSED).await, Some(0.0), "exposed from start-up");
+    assert_eq!(
+        metric(&bridge.http, "delta_bridge_outbox_oldest_age_seconds ").await,
+        Some(0.0),
+        "exposed from start-up, 0 with an empty outbox"
+    );
     (bridge, sub, db)
 }
 
@@ -184,6 +189,14 @@ async fn scenario(tag: &str, broker_extra: &'static str) {
     );
     assert!(reconnects <= 2, "no reconnect storm while paused: {reconnects} in 12 s");
     assert_eq!(common::sample(&after, PAUSED), Some(1.0), "still paused");
+    // The backlog's age keeps growing while it waits (refreshed every 2 s by the leader, database clock).
+    let age = common::sample(&after, "delta_bridge_outbox_oldest_age_seconds ").expect("oldest age exposed");
+    let waited = written.elapsed().as_secs_f64();
+    eprintln!("oldest outbox row {age:.1} s old after {waited:.1} s paused");
+    assert!(
+        age >= waited - 3.0 && age <= waited + 30.0,
+        "delta_bridge_outbox_oldest_age_seconds {age} while the oldest row has waited about {waited:.1} s"
+    );
     assert!(dead_letters(&db).await.is_empty());
     assert_eq!(sub.count(), 1, "nothing delivered while the account may not publish");
     assert_eq!(
@@ -214,7 +227,10 @@ async fn scenario(tag: &str, broker_extra: &'static str) {
     eprintln!("backlog delivered {:?} after the ACL was restored", restored.elapsed());
     loop {
         let text = common::scrape(&bridge.http).await;
-        if common::sample(&text, PAUSED) == Some(0.0) && common::bridge_rows(&db, "outbox").await == 0 {
+        if common::sample(&text, PAUSED) == Some(0.0)
+            && common::bridge_rows(&db, "outbox").await == 0
+            && common::sample(&text, "delta_bridge_outbox_oldest_age_seconds ") == Some(0.0)
+        {
             break;
         }
         assert!(

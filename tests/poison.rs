@@ -15,6 +15,7 @@ use common::{metric, Env, Subscriber};
 const NEXT_EVENT: Duration = Duration::from_secs(5);
 const WAIT: Duration = Duration::from_secs(20);
 
+const DEAD_LETTERS: &str = "delta_bridge_dead_letters ";
 const UNCONVERTIBLE: &str = "delta_bridge_publish_failures_total{reason=\"unconvertible\"} ";
 
 /// What must become of the poison row.
@@ -167,6 +168,38 @@ impl Rig {
         metric(&self.bridge.http, UNCONVERTIBLE).await.expect("metric")
     }
 
+    /// `delta_bridge_dead_letters` shows the waiting dead letter (refreshed every 2 s), keeps showing it
+    /// while it waits (unlike a rate of the failures counter), and drops to 0 once it is deleted.
+    async fn dead_letters_gauge(&self) {
+        self.wait_dead_letters(1.0, "the dead letter waiting").await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(
+            metric(&self.bridge.http, DEAD_LETTERS).await,
+            Some(1.0),
+            "still 1 while the dead letter waits"
+        );
+        self.db
+            .batch_execute("DELETE FROM delta_bridge.dead_letter")
+            .await
+            .expect("delete the dead letters");
+        self.wait_dead_letters(0.0, "the dead letter deleted").await;
+    }
+
+    async fn wait_dead_letters(&self, want: f64, what: &str) {
+        let start = Instant::now();
+        loop {
+            let got = metric(&self.bridge.http, DEAD_LETTERS).await;
+            if got == Some(want) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{what}: {DEAD_LETTERS}{got:?}, not {want} within 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn stop(self) {
         self.sub.stop().await;
         self.bridge.stop().await;
@@ -179,6 +212,7 @@ async fn dead_letter_case(tag: &str, case: Case) {
     let mut rig = Rig::start(&env, &env.db).await;
     rig.check(&case).await;
     assert_eq!(rig.unconvertible().await, 1.0, "counted as unconvertible");
+    rig.dead_letters_gauge().await;
     rig.stop().await;
 }
 

@@ -399,11 +399,34 @@ pub(crate) async fn dead_letters(
     .await
 }
 
-/// Rows waiting in the outbox (captured, not yet acknowledged).
-pub(crate) async fn backlog(client: &Client) -> Result<i64, PgError> {
-    Ok(timed(client.query_one("SELECT count(*) FROM delta_bridge.outbox", &[]))
-        .await?
-        .try_get(0)?)
+/// What the leader reports every few seconds: the outbox and the dead letters, read in one statement.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Backlog {
+    /// Rows waiting in the outbox (captured, not yet acknowledged).
+    pub rows: i64,
+    /// Seconds since the oldest of them was captured (database clock); 0 when the outbox is empty.
+    pub oldest_age: f64,
+    /// Rows waiting in delta_bridge.dead_letter (until replayed or deleted).
+    pub dead_letters: i64,
+}
+
+/// The count is what it always was (an index-only scan when the visibility map allows); the oldest row is
+/// one probe of the primary key: ids and `captured_at` both follow the order rows were captured in, and a
+/// replayed dead letter comes back with its original id and `captured_at`, so it counts as the oldest.
+pub(crate) async fn backlog(client: &Client) -> Result<Backlog, PgError> {
+    let row = timed(client.query_one(
+        "SELECT (SELECT count(*) FROM delta_bridge.outbox),
+                coalesce((SELECT greatest(extract(epoch FROM now() - captured_at), 0)::float8
+                            FROM delta_bridge.outbox ORDER BY id LIMIT 1), 0),
+                (SELECT count(*) FROM delta_bridge.dead_letter)",
+        &[],
+    ))
+    .await?;
+    Ok(Backlog {
+        rows: row.try_get(0)?,
+        oldest_age: row.try_get(1)?,
+        dead_letters: row.try_get(2)?,
+    })
 }
 
 pub(crate) async fn install_id(client: &Client) -> Result<String, PgError> {

@@ -81,7 +81,11 @@ impl Pipeline {
                 announced = true;
             }
             self.metrics.leader.set(0);
+            // A standby reads none of these: 0, so that a value it kept from an earlier lead cannot keep an
+            // alert firing (or hide one) after another replica has taken over; alerts take the max by job.
             self.metrics.outbox_backlog.set(0);
+            self.metrics.outbox_oldest_age.set(0.0);
+            self.metrics.dead_letters.set(0);
             // Acknowledgements of what we sent while we led still arrive: keep them for our next lead.
             while let Ok(o) = outcomes.try_recv() {
                 self.absorb(o);
@@ -172,7 +176,10 @@ impl Pipeline {
                 self.push_ready(events, cancel)?;
             }
             if self.last_backlog.elapsed() >= BACKLOG_EVERY {
-                self.metrics.outbox_backlog.set(outbox::backlog(&s.client).await?);
+                let b = outbox::backlog(&s.client).await?;
+                self.metrics.outbox_backlog.set(b.rows);
+                self.metrics.outbox_oldest_age.set(b.oldest_age);
+                self.metrics.dead_letters.set(b.dead_letters);
                 self.log_partitions(&s.client).await?;
                 match change_log::stats(&s.client).await {
                     Ok((age, bytes)) => {
