@@ -59,6 +59,17 @@ async fn wait_leader(db: &tokio_postgres::Client, old: Option<i32>, replicas: &[
     }
 }
 
+/// Numbers given out so far, over every branch (the sum of the counters).
+async fn numbers_given(db: &tokio_postgres::Client) -> i64 {
+    db.query_one(
+        "SELECT coalesce(sum(last_seq), 0)::bigint FROM delta_bridge.branch_counter",
+        &[],
+    )
+    .await
+    .expect("counters")
+    .get(0)
+}
+
 /// What every branch's numbers must be, from the messages a device received (duplicates included), checked
 /// against the counters in the database. Returns (branches, distinct events, first receipts that came after
 /// a higher number of their branch, and when each of those arrived).
@@ -286,14 +297,7 @@ async fn every_branch_is_numbered_1_to_n_across_a_sigkill_and_a_failover() {
     );
 
     // The numbering refuses a session that does not hold the leader lock, and numbers nothing.
-    let counters_before: i64 = db
-        .query_one(
-            "SELECT coalesce(sum(last_seq), 0)::bigint FROM delta_bridge.branch_counter",
-            &[],
-        )
-        .await
-        .expect("counters")
-        .get(0);
+    let counters_before = numbers_given(&db).await;
     db.batch_execute("SET delta_bridge.no_wake = 'on'; UPDATE products SET stock = stock + 1 WHERE id = 1")
         .await
         .expect("write");
@@ -308,14 +312,7 @@ async fn every_branch_is_numbered_1_to_n_across_a_sigkill_and_a_failover() {
         err.to_string().contains("leader lock") || format!("{err:?}").contains("leader lock"),
         "{err:?}"
     );
-    let counters_after: i64 = db
-        .query_one(
-            "SELECT coalesce(sum(last_seq), 0)::bigint FROM delta_bridge.branch_counter",
-            &[],
-        )
-        .await
-        .expect("counters")
-        .get(0);
+    let counters_after = numbers_given(&db).await;
     assert_eq!(counters_after, counters_before, "a refused numbering moves no counter");
     device.stop().await;
 }
