@@ -296,7 +296,9 @@ async fn every_branch_is_numbered_1_to_n_across_a_sigkill_and_a_failover() {
         payload / logged.max(1) as i64
     );
 
-    // The numbering refuses a session that does not hold the leader lock, and numbers nothing.
+    // The numbering refuses a session that does not hold the leader lock, and numbers nothing. The replicas
+    // are stopped first: a running leader would number the write below itself (and move the counter).
+    drop(replicas);
     let counters_before = numbers_given(&db).await;
     db.batch_execute("SET delta_bridge.no_wake = 'on'; UPDATE products SET stock = stock + 1 WHERE id = 1")
         .await
