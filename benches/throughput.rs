@@ -137,6 +137,8 @@ fn main() -> anyhow::Result<()> {
                     products_per_branch: 100,
                     grace: Duration::from_secs(30),
                     progress: false,
+                    devices: 0,
+                    offline: 0.0,
                 };
                 let (cpu0, _) = proc_stats(pid);
                 let report = loadgen::run(&target, &opts, CancellationToken::new()).await;

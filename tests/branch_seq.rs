@@ -214,6 +214,8 @@ async fn every_branch_is_numbered_1_to_n_across_a_sigkill_and_a_failover() {
         products_per_branch: 30,
         grace: Duration::from_secs(60),
         progress: false,
+        devices: 0,
+        offline: 0.0,
     };
     let load = tokio::spawn(async move { loadgen::run(&target, &opts, CancellationToken::new()).await });
     let mut faults = Vec::new();

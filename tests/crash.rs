@@ -30,6 +30,8 @@ fn load_options() -> LoadOptions {
         products_per_branch: 40,
         grace: Duration::from_secs(90),
         progress: false,
+        devices: 0,
+        offline: 0.0,
     }
 }
 

@@ -32,6 +32,8 @@ async fn no_loss_and_no_phantoms_through_bridge_broker_and_database_restarts() {
         products_per_branch: 40,
         grace: Duration::from_secs(60),
         progress: false,
+        devices: 0,
+        offline: 0.0,
     };
     let cancel = CancellationToken::new();
     let load = tokio::spawn(async move { loadgen::run(&target, &opts, cancel).await });

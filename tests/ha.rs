@@ -77,6 +77,8 @@ async fn a_standby_takes_over_within_5s_of_a_sigkill_or_a_lost_session_without_l
         products_per_branch: 40,
         grace: Duration::from_secs(60),
         progress: false,
+        devices: 0,
+        offline: 0.0,
     };
     let load = tokio::spawn(async move { loadgen::run(&target, &opts, CancellationToken::new()).await });
     let mut faults = Vec::new();

@@ -26,6 +26,8 @@ async fn first_deliveries_of_each_row_arrive_in_commit_order_under_concurrent_wr
         products_per_branch: 6,
         grace: Duration::from_secs(30),
         progress: false,
+        devices: 0,
+        offline: 0.0,
     };
     let report = loadgen::run(&env.load_target(), &opts, CancellationToken::new())
         .await

@@ -106,6 +106,8 @@ fn load_options(duration: Duration) -> LoadOptions {
         products_per_branch: 40,
         grace: Duration::from_secs(90),
         progress: false,
+        devices: 0,
+        offline: 0.0,
     }
 }
 

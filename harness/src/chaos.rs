@@ -590,6 +590,8 @@ pub async fn run(stack: &mut Stack, opts: &ChaosOptions, lock: i64) -> anyhow::R
         products_per_branch: 40,
         grace: opts.grace,
         progress: false,
+        devices: 0,
+        offline: 0.0,
     };
     let load_target = target.clone();
     let load = tokio::spawn(async move { loadgen::run(&load_target, &load_opts, CancellationToken::new()).await });

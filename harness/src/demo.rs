@@ -300,6 +300,8 @@ async fn tour(args: &DemoArgs, dir: &Path, bridge: &Path, cancel: CancellationTo
         products_per_branch: 50,
         grace: Duration::from_secs(30),
         progress: true,
+        devices: 0,
+        offline: 0.0,
     };
     let mut load_mqtt = MqttOptions::new("delta-load", "127.0.0.1", mqtt_port);
     load_mqtt.set_keep_alive(Duration::from_secs(5));

@@ -6,6 +6,8 @@
 //! - [`stack`]: the one set-up of "private servers + reference schema + bridge config" that the tests, the
 //!   benchmarks, `delta-load`'s tests and the demo share.
 //! - [`subscriber`]: an MQTT 5 subscription held the way a device holds one.
+//! - [`devices`]: simulated offline-first devices (persistent sessions, catch-up through the API) for the
+//!   load engine and the demo.
 //! - [`loadgen`]: the load engine behind `delta-load`, the benchmarks and the fault tests.
 //! - [`schemas`]: the payload JSON Schemas of `docs/schemas/`, which every received message is checked against.
 //! - [`chaos`]: crash faults on a schedule (leader, broker, database, lost session) under the load, with a
@@ -14,6 +16,7 @@
 
 pub mod chaos;
 pub mod demo;
+pub mod devices;
 pub mod loadgen;
 pub mod schemas;
 pub mod servers;

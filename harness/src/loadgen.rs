@@ -25,6 +25,7 @@ use futures_util::future::BoxFuture;
 use rumqttc::v5::MqttOptions;
 use tokio_postgres::Client;
 
+use crate::devices::{Api, BranchRef, Fleet, FleetOptions, FleetReport};
 use crate::subscriber;
 
 /// Merchant codes the harness writes to: `MCH-LOAD-000`, `MCH-LOAD-001`, ... Their branches share codes
@@ -45,6 +46,10 @@ pub struct LoadOptions {
     /// How long to wait for stragglers after the last write.
     pub grace: Duration,
     pub progress: bool,
+    /// Simulated devices ([`crate::devices`]), spread over the branches; 0 for none. Needs [`Target::api`].
+    pub devices: usize,
+    /// Fraction of the simulated devices offline at any time.
+    pub offline: f64,
 }
 
 impl Default for LoadOptions {
@@ -58,6 +63,8 @@ impl Default for LoadOptions {
             products_per_branch: 50,
             grace: Duration::from_secs(30),
             progress: std::io::stderr().is_terminal(),
+            devices: 0,
+            offline: 0.0,
         }
     }
 }
@@ -132,7 +139,8 @@ pub struct Report {
     pub streams: std::collections::BTreeMap<String, StreamReport>,
     /// Events received from transactions that did not commit (must be 0).
     pub phantom: u64,
-    /// Rows where the device model (drop stale seq) disagrees with the database at the end (must be 0).
+    /// Must be 0: the rows where the listener's own device model (drop stale seq) disagrees with the database
+    /// at the end, plus the simulated devices (`--devices`) whose final store differs from their branch's rows.
     pub device_mismatches: u64,
     /// Payloads received that do not match their event type's schema in docs/schemas (must be 0).
     pub schema_violations: u64,
@@ -149,6 +157,9 @@ pub struct Report {
     pub ops_failed: u64,
     pub ops_unknown: u64,
     pub events_per_second: f64,
+    /// The simulated devices (`--devices`): counts, gaps, catch-up latency.
+    #[serde(flatten)]
+    pub fleet: FleetReport,
 }
 
 impl Report {
@@ -194,6 +205,32 @@ impl Report {
              duplicates not byte-identical to the first delivery: {}\n",
             self.phantom, self.device_mismatches, self.schema_violations, self.duplicates_not_identical
         ));
+        if self.fleet.devices > 0 {
+            let f = &self.fleet;
+            out.push_str(&format!(
+                "devices: {} ({} offline periods, {} snapshots, {} resyncs after 410), state differs from the database: {} \
+                 devices ({} rows)\n\
+                 gaps in branch_seq detected: {}, filled: {}; catch-up requests: {} ({} errors, {} events fetched), \
+                 p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms\n",
+                f.devices,
+                f.offline_periods,
+                f.snapshots,
+                f.resyncs,
+                f.device_mismatches,
+                f.device_mismatched_rows,
+                f.gaps_detected,
+                f.gaps_filled,
+                f.catchup_requests,
+                f.catchup_errors,
+                f.events_fetched,
+                f.catchup_latency_ms.p50,
+                f.catchup_latency_ms.p99,
+                f.catchup_latency_ms.max
+            ));
+            for e in &f.errors {
+                out.push_str(&format!("device error: {e}\n"));
+            }
+        }
         for e in &self.out_of_order_examples {
             out.push_str(&format!("out of order: {e}\n"));
         }
@@ -209,10 +246,13 @@ impl Report {
 struct Fixture {
     /// (branch id, [(product id, inventory id)])
     branches: Vec<(i64, Vec<(i64, i64)>)>,
+    /// The same branches by code, for the simulated devices.
+    refs: Vec<BranchRef>,
 }
 
 async fn fixture(client: &tokio_postgres::Client, opts: &LoadOptions) -> anyhow::Result<Fixture> {
     let mut branches = Vec::new();
+    let mut refs = Vec::new();
     for m in 0..opts.merchants {
         let mcode = format!("{LOAD_MERCHANT_PREFIX}{m:03}");
         client
@@ -226,10 +266,17 @@ async fn fixture(client: &tokio_postgres::Client, opts: &LoadOptions) -> anyhow:
             .await?
             .get(0);
         for b in 0..opts.branches {
-            branches.push(fixture_branch(client, opts, merchant, &format!("BRN-LOAD-{b:04}")).await?);
+            let code = format!("BRN-LOAD-{b:04}");
+            let branch = fixture_branch(client, opts, merchant, &code).await?;
+            refs.push(BranchRef {
+                merchant: mcode.clone(),
+                code,
+                id: branch.0,
+            });
+            branches.push(branch);
         }
     }
-    Ok(Fixture { branches })
+    Ok(Fixture { branches, refs })
 }
 
 async fn fixture_branch(
@@ -297,6 +344,8 @@ pub struct Target {
     pub env: String,
     pub mqtt: MqttOptions,
     pub postgres: PgConnect,
+    /// The bridge's HTTP API with the admin token: needed for simulated devices only.
+    pub api: Option<Api>,
 }
 
 impl Target {
@@ -305,6 +354,7 @@ impl Target {
             env: env.to_string(),
             mqtt,
             postgres,
+            api: None,
         }
     }
 
@@ -361,6 +411,23 @@ pub async fn run(target: &Target, opts: &LoadOptions, cancel: CancellationToken)
     })
     .await
     .map_err(|e| anyhow::anyhow!("cannot subscribe to {filter}: {e}"))?;
+
+    let fleet = if opts.devices > 0 {
+        let api = target
+            .api
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("simulated devices need the bridge's HTTP API and admin token"))?;
+        let fopts = FleetOptions {
+            devices: opts.devices,
+            offline: opts.offline,
+            duration: opts.duration,
+            env: target.env.clone(),
+            mqtt: target.mqtt.clone(),
+        };
+        Some(Fleet::start(api, &fix.refs, &fopts, run_id).await?)
+    } else {
+        None
+    };
 
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let (op_tx, op_rx) = mpsc::unbounded_channel::<(u64, Instant)>();
@@ -435,6 +502,13 @@ pub async fn run(target: &Target, opts: &LoadOptions, cancel: CancellationToken)
     let device_mismatches = Device::apply_all(&got).compare(&check).await?;
     let mut report = account(opts.rate, written_for, &ledger, &got, device_mismatches);
     report.schema_violations = violations.load(Ordering::Relaxed);
+    if let Some(fleet) = fleet {
+        // Everything the bridge will deliver has been delivered: every device now comes online, catches up and
+        // is compared with the database.
+        let listener_rows = report.device_mismatches;
+        report.fleet = fleet.finish(&check).await?;
+        report.device_mismatches = listener_rows + report.fleet.device_mismatches;
+    }
     Ok(report)
 }
 
@@ -711,7 +785,7 @@ fn progress(start: Instant, ledger: &Mutex<Ledger>, got: &Mutex<Vec<Got>>, last:
     let _ = err.flush();
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

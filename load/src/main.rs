@@ -1,7 +1,9 @@
 //! `delta-load`: the load harness (see the README, "Commands" and "The demo"). Writes a realistic retail mix at a fixed open-loop rate,
 //! subscribes like a device, and reports per stream: written, received, lost, duplicated, out of order,
-//! commit-to-receive latency. Exit codes: 0 no loss, 1 loss (or phantom events, or payloads that do not match
-//! their schema), 2 bad usage or config.
+//! commit-to-receive latency. With `--devices N --offline P` it also runs simulated devices that go offline and
+//! catch up through the bridge's API, and compares each one's state with the database at the end. Exit codes:
+//! 0 no loss, 1 loss (or phantom events, payloads that do not match their schema, a device whose state differs
+//! from the database), 2 bad usage or config.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +11,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use delta_bridge::config::Config;
+use delta_harness::devices::Api;
 use delta_harness::loadgen::{self, LoadOptions, Target};
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +45,17 @@ struct Cli {
     /// How long to wait for late events after the last write.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     grace: Duration,
+    /// Simulated devices, spread over the branches, each provisioned through the bridge's API (needs
+    /// `http.admin_token` and device credentials configured) and catching up through it after being offline.
+    #[arg(long, default_value_t = 0)]
+    devices: usize,
+    /// Fraction of the simulated devices offline at any time, in [0, 0.95].
+    #[arg(long, default_value_t = 0.0)]
+    offline: f64,
+    /// The bridge's HTTP API for the simulated devices (default: http:// on `http.listen`, 0.0.0.0 read as
+    /// 127.0.0.1).
+    #[arg(long)]
+    api: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -52,8 +66,11 @@ fn main() -> ExitCode {
         || cli.merchants == 0
         || cli.branches == 0
         || cli.products == 0
+        || !(0.0..=0.95).contains(&cli.offline)
     {
-        eprintln!("delta-load: --rate, --writers, --merchants, --branches and --products must be positive");
+        eprintln!(
+            "delta-load: --rate, --writers, --merchants, --branches and --products must be positive, --offline in [0, 0.95]"
+        );
         return ExitCode::from(2);
     }
     let cfg = match Config::load(cli.config.as_deref()) {
@@ -63,13 +80,34 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let target = match target(&cfg) {
+    let mut target = match target(&cfg) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("delta-load: invalid configuration: {e}");
             return ExitCode::from(2);
         }
     };
+    if cli.devices > 0 {
+        let Some(token) = cfg.http.admin_token.as_ref() else {
+            eprintln!("delta-load: --devices needs http.admin_token in the configuration (devices are provisioned through the API)");
+            return ExitCode::from(2);
+        };
+        let base = match &cli.api {
+            Some(url) => url.clone(),
+            None if cfg.http.tls_cert_file.is_some() => {
+                eprintln!("delta-load: the bridge's API is https; delta-load speaks plain HTTP only: give --api http://... of a plain listener");
+                return ExitCode::from(2);
+            }
+            None => {
+                let mut addr = cfg.http.listen;
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                format!("http://{addr}")
+            }
+        };
+        target.api = Some(Api::new(&base, token.expose()));
+    }
     let opts = LoadOptions {
         rate: cli.rate,
         duration: cli.duration,
@@ -78,6 +116,8 @@ fn main() -> ExitCode {
         branches: cli.branches,
         products_per_branch: cli.products,
         grace: cli.grace,
+        devices: cli.devices,
+        offline: cli.offline,
         ..LoadOptions::default()
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -125,6 +165,13 @@ fn main() -> ExitCode {
             report.phantom,
             report.schema_violations,
             report.duplicates_not_identical
+        );
+        return ExitCode::FAILURE;
+    }
+    if report.device_mismatches > 0 {
+        eprintln!(
+            "delta-load: {} device mismatches ({} simulated devices whose state differs from the database)",
+            report.device_mismatches, report.fleet.device_mismatches
         );
         return ExitCode::FAILURE;
     }
