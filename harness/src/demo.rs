@@ -148,18 +148,7 @@ async fn tour(args: &DemoArgs, dir: &Path, bridge: &Path, cancel: CancellationTo
     // Kept for inspection if anything below fails; removed at the end unless --keep.
     stack.keep = true;
     // The bridge publishes under dev/#; the load harness listens to dev/#; devices get their own rules.
-    for args in [
-        vec!["createRole", "bridge-publisher"],
-        vec!["addRoleACL", "bridge-publisher", "publishClientSend", "dev/#", "allow"],
-        vec!["createClient", "bridge", "-p", bridge_pw.as_str()],
-        vec!["addClientRole", "bridge", "bridge-publisher"],
-        vec!["createRole", "load-listener"],
-        vec!["addRoleACL", "load-listener", "subscribePattern", "dev/#", "allow"],
-        vec!["createClient", "loadgen", "-p", load_pw.as_str()],
-        vec!["addClientRole", "loadgen", "load-listener"],
-    ] {
-        stack.mqtt.dynsec("admin", &admin_pw, &args)?;
-    }
+    crate::stack::dynsec_accounts(&stack.mqtt, &admin_pw, &bridge_pw, &load_pw)?;
     let (pg_port, mqtt_port) = (stack.pg.port, stack.mqtt.port);
     println!("      PostgreSQL on 127.0.0.1:{pg_port} (fsync off: a demo, not a durability test)");
     println!("      Mosquitto  on 127.0.0.1:{mqtt_port} (no anonymous access; accounts: bridge, loadgen)");

@@ -302,6 +302,8 @@ pub async fn branch_rows(db: &tokio_postgres::Client, branch_id: i64) -> anyhow:
 pub enum ApiError {
     #[error("410 resync_required: the changes asked for are no longer retained")]
     ResyncRequired,
+    #[error("503: the API is busy")]
+    Busy,
     #[error("HTTP {status}: {body}")]
     Status { status: u16, body: String },
     #[error("request failed: {0}")]
@@ -406,6 +408,9 @@ impl Api {
         if status == 410 {
             return Err(ApiError::ResyncRequired);
         }
+        if status == 503 {
+            return Err(ApiError::Busy);
+        }
         if !(200..300).contains(&status) {
             return Err(ApiError::Status { status, body: text });
         }
@@ -422,6 +427,8 @@ pub struct Stats {
     pub snapshots: AtomicU64,
     pub resyncs: AtomicU64,
     pub catchup_errors: AtomicU64,
+    /// 503 answers (the API bounds its sessions): retried after a pause, not errors.
+    pub catchup_busy: AtomicU64,
     pub events_fetched: AtomicU64,
     /// Milliseconds of each `changes` request.
     pub catchup_ms: Mutex<Vec<f64>>,
@@ -546,6 +553,8 @@ pub struct FleetReport {
     pub resyncs: u64,
     pub catchup_requests: u64,
     pub catchup_errors: u64,
+    /// 503 answers, retried.
+    pub catchup_busy: u64,
     /// Events received through `changes` (the ones MQTT did not bring in time).
     pub events_fetched: u64,
     pub pages_not_contiguous: u64,
@@ -634,6 +643,7 @@ impl Fleet {
         report.snapshots = s.snapshots.load(Ordering::Relaxed);
         report.resyncs = s.resyncs.load(Ordering::Relaxed);
         report.catchup_errors = s.catchup_errors.load(Ordering::Relaxed);
+        report.catchup_busy = s.catchup_busy.load(Ordering::Relaxed);
         report.events_fetched = s.events_fetched.load(Ordering::Relaxed);
         report.errors = s.errors.lock().map(|e| e.clone()).unwrap_or_default();
         let mut l = s.catchup_ms.lock().map(|l| l.clone()).unwrap_or_default();
@@ -720,14 +730,35 @@ impl SimDevice {
         }
     }
 
-    async fn catch_up(&self, state: &mut DeviceState) {
-        for _ in 0..20 {
+    /// Pauses after a failed API call: a 503 (the API's sessions are all busy) is expected under a burst of
+    /// reconnects and counted apart; anything else is an error.
+    async fn pause_after(&self, what: &str, e: &ApiError) {
+        if matches!(e, ApiError::Busy) {
+            self.stats.catchup_busy.fetch_add(1, Ordering::Relaxed);
+            let ms = rand::rng().random_range(100..400);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        } else {
+            self.stats.error(format!("{what}: {e}"));
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Catches up, retrying a failed call a few times; false if it did not get to `up_to_date`.
+    async fn catch_up(&self, state: &mut DeviceState) -> bool {
+        for _ in 0..10 {
             match self.catchup().catch_up(state).await {
-                Ok(_) => return,
-                Err(e) => {
-                    self.stats.error(format!("changes: {e}"));
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
+                Ok(_) => return true,
+                Err(e) => self.pause_after("changes", &e).await,
+            }
+        }
+        false
+    }
+
+    async fn snapshot(&self, state: &mut DeviceState) {
+        for _ in 0..10 {
+            match self.catchup().snapshot(state).await {
+                Ok(()) => return,
+                Err(e) => self.pause_after("snapshot", &e).await,
             }
         }
     }
@@ -738,9 +769,8 @@ impl SimDevice {
         self.stats.gaps_detected.fetch_add(1, Ordering::Relaxed);
         // The change log holds an event before the broker has it, so one round normally fills the gap; a few
         // more cover a numbering that is committed but not yet readable.
-        for _ in 0..50 {
-            self.catch_up(state).await;
-            if state.last_branch_seq >= got - 1 {
+        for _ in 0..30 {
+            if !self.catch_up(state).await || state.last_branch_seq >= got - 1 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -782,15 +812,7 @@ impl SimDevice {
         }
         // Subscribe first, so that the snapshot and the stream overlap instead of leaving a hole between them.
         let mut session = self.connect(&tx).await;
-        for _ in 0..20 {
-            match self.catchup().snapshot(&mut state).await {
-                Ok(()) => break,
-                Err(e) => {
-                    self.stats.error(format!("snapshot: {e}"));
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-            }
-        }
+        self.snapshot(&mut state).await;
         self.catch_up(&mut state).await;
         loop {
             let online_until = Instant::now() + self.online_period(&mut rng);

@@ -210,7 +210,7 @@ impl Report {
             out.push_str(&format!(
                 "devices: {} ({} offline periods, {} snapshots, {} resyncs after 410), state differs from the database: {} \
                  devices ({} rows)\n\
-                 gaps in branch_seq detected: {}, filled: {}; catch-up requests: {} ({} errors, {} events fetched), \
+                 gaps in branch_seq detected: {}, filled: {}; catch-up requests: {} ({} errors, {} busy, {} events fetched), \
                  p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms\n",
                 f.devices,
                 f.offline_periods,
@@ -222,6 +222,7 @@ impl Report {
                 f.gaps_filled,
                 f.catchup_requests,
                 f.catchup_errors,
+                f.catchup_busy,
                 f.events_fetched,
                 f.catchup_latency_ms.p50,
                 f.catchup_latency_ms.p99,

@@ -135,6 +135,30 @@ impl Stack {
     }
 }
 
+/// The accounts a dynamic-security Mosquitto needs beside the devices that the bridge provisions: `bridge`
+/// (publishes under `dev/#`, nothing else) and `loadgen` (the load harness's listener, subscribes to `dev/#`).
+/// The demo and the tests that run devices set their broker up with this.
+pub fn dynsec_accounts(
+    mqtt: &Mosquitto,
+    admin_password: &str,
+    bridge_password: &str,
+    load_password: &str,
+) -> Result<(), LocalEnvError> {
+    for args in [
+        vec!["createRole", "bridge-publisher"],
+        vec!["addRoleACL", "bridge-publisher", "publishClientSend", "dev/#", "allow"],
+        vec!["createClient", "bridge", "-p", bridge_password],
+        vec!["addClientRole", "bridge", "bridge-publisher"],
+        vec!["createRole", "load-listener"],
+        vec!["addRoleACL", "load-listener", "subscribePattern", "dev/#", "allow"],
+        vec!["createClient", "loadgen", "-p", load_password],
+        vec!["addClientRole", "loadgen", "load-listener"],
+    ] {
+        mqtt.dynsec("admin", admin_password, &args)?;
+    }
+    Ok(())
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
         self.pg.stop(true);
