@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use rumqttc::v5::MqttOptions;
 use tokio_util::sync::CancellationToken;
 
+use crate::devices::{branch_rows, Api, Catchup, DeviceState, Stats, Step};
 use crate::loadgen::{self, LoadOptions, Target, LOAD_MERCHANT_PREFIX};
 use crate::servers::{free_port, stop_child, Mosquitto};
 use crate::stack::{Stack, StackOptions, DATABASE};
@@ -33,6 +34,10 @@ pub struct DemoArgs {
     /// After the report, keep PostgreSQL, Mosquitto and the bridge running until Ctrl-C (for delta-load).
     #[arg(long)]
     pub stay: bool,
+    /// Mosquitto's `max_queued_messages` per offline session (0: no limit). A small one makes devices that
+    /// are offline for a while miss messages there, which `delta-load --devices` must then fetch from the API.
+    #[arg(long, default_value_t = 0)]
+    pub broker_queue: u32,
 }
 
 const SAMPLE: &str = "
@@ -44,7 +49,7 @@ INSERT INTO inventory (branch_id, product_id, quantity) SELECT branch_id, id, st
 ";
 
 fn step(n: u32, text: &str) {
-    println!("\n[{n}/6] {text}");
+    println!("\n[{n}/7] {text}");
 }
 
 /// What the demo writes into its directory, besides the stack's own `pg/` and `mqtt/`: removed at exit.
@@ -133,11 +138,12 @@ async fn tour(args: &DemoArgs, dir: &Path, bridge: &Path, cancel: CancellationTo
     );
     let mut stack = {
         let (dir, admin_pw) = (dir.to_path_buf(), admin_pw.clone());
+        let queue = format!("max_queued_messages {}\n", args.broker_queue);
         tokio::task::spawn_blocking(move || {
             Stack::start(StackOptions {
                 seed: Some(SAMPLE),
                 mqtt: Some(Box::new(move |d: &Path| {
-                    Mosquitto::start_dynsec(d, "admin", &admin_pw, "")
+                    Mosquitto::start_dynsec(d, "admin", &admin_pw, &queue)
                 })),
                 dir: Some(dir),
                 ..StackOptions::new("demo")
@@ -240,7 +246,7 @@ async fn tour(args: &DemoArgs, dir: &Path, bridge: &Path, cancel: CancellationTo
     // First a session that tries another branch (the broker must refuse), then the device's real session:
     // one at a time, since the broker binds the client id to the device.
     let other = "dev/MCH-MST-001/BRN-MST-OSK00002/#";
-    match demo_device(mqtt_port, user, pass, other).await {
+    match demo_device(mqtt_port, user, pass, other, false).await {
         Err(_) => println!("      subscribing to {other}: refused by the broker, as it must be"),
         Ok((probe, _)) => {
             probe.stop().await;
@@ -248,8 +254,24 @@ async fn tour(args: &DemoArgs, dir: &Path, bridge: &Path, cancel: CancellationTo
         }
     }
     let own = "dev/MCH-MST-001/BRN-MST-OSK00001/#";
-    let (device, mut device_rx) = demo_device(mqtt_port, user, pass, own).await?;
-    println!("      subscribed to {own}");
+    let (device, mut device_rx) = demo_device(mqtt_port, user, pass, own, true).await?;
+    println!("      subscribed to {own} (persistent session)");
+    // The device's own store starts from the snapshot, taken after subscribing so that the two overlap.
+    let api = Api::new(&http, &admin_token);
+    let stats = Stats::default();
+    let catchup = Catchup {
+        api: &api,
+        token: pass,
+        stats: &stats,
+    };
+    let mut store = DeviceState::default();
+    catchup.snapshot(&mut store).await?;
+    catchup.catch_up(&mut store).await?;
+    let (np, ni) = store.counts();
+    println!(
+        "      GET /api/v1/snapshot -> {np} products, {ni} inventory rows, as of branch_seq {}",
+        store.last_branch_seq
+    );
     stack.pg.psql(
         DATABASE,
         "BEGIN;
@@ -266,6 +288,9 @@ async fn tour(args: &DemoArgs, dir: &Path, bridge: &Path, cancel: CancellationTo
     while shown < 3 && Instant::now() < deadline {
         if let Ok(Some((topic, payload))) = tokio::time::timeout(Duration::from_millis(200), device_rx.recv()).await {
             println!("      {topic}\n        {payload}");
+            if let Ok(ev) = serde_json::from_str::<serde_json::Value>(&payload) {
+                store.offer(&ev);
+            }
             shown += 1;
         }
     }
@@ -275,6 +300,82 @@ async fn tour(args: &DemoArgs, dir: &Path, bridge: &Path, cancel: CancellationTo
 
     step(
         5,
+        "the device goes offline, three sales happen, it comes back and catches up through the API",
+    );
+    device.stop().await;
+    let last = store.last_branch_seq;
+    for (n, product) in [(2, 1), (3, 2), (4, 1)] {
+        stack.pg.psql(
+            DATABASE,
+            &format!(
+                "BEGIN;
+                 INSERT INTO transactions (branch_id, transaction_code, offline_id, status, grand_total, created_by, device_id)
+                   VALUES (1, 'TX-DEMO-000{n}', gen_random_uuid(), 'paid', 18000, 'kasir-2', 'tablet-osaka-02');
+                 INSERT INTO transaction_items (transaction_id, product_id, quantity, price)
+                   VALUES (currval('transactions_id_seq'), {product}, 1, 18000);
+                 UPDATE products SET stock = stock - 1, updated_by = 'kasir-2' WHERE id = {product};
+                 UPDATE inventory SET quantity = quantity - 1, updated_by = 'kasir-2' WHERE product_id = {product};
+                 COMMIT;"
+            ),
+        )?;
+    }
+    println!("      offline after branch_seq {last}; meanwhile another till sold TX-DEMO-0002..0004");
+    let (device, mut device_rx) = demo_device(mqtt_port, user, pass, own, true).await?;
+    // Give the bridge a moment to publish the three sales, so that the catch-up has them all.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let missed = catchup.catch_up(&mut store).await?;
+    println!(
+        "      back online: GET /api/v1/changes?after={last} -> {} missed events:",
+        missed.len()
+    );
+    for ev in &missed {
+        let d = &ev["data"];
+        let what = match ev["event_type"].as_str() {
+            Some("transaction_created") => format!("{} {}", d["transaction_code"], d["grand_total"]),
+            Some("stock_updated") => format!(
+                "product {} stock {} -> {}",
+                d["product_id"], d["old_stock"], d["new_stock"]
+            ),
+            Some("quantity_updated") => format!(
+                "inventory {} quantity {} -> {}",
+                d["inventory_id"], d["old_quantity"], d["new_quantity"]
+            ),
+            _ => String::new(),
+        };
+        println!(
+            "        branch_seq {:>3}  {:<20} {what}",
+            ev["branch_seq"],
+            ev["event_type"].as_str().unwrap_or("?")
+        );
+    }
+    // What the broker kept for the session arrives too; the device skips it by branch_seq.
+    let mut redelivered = 0;
+    while let Ok(Some((_, payload))) = tokio::time::timeout(Duration::from_millis(500), device_rx.recv()).await {
+        if let Ok(ev) = serde_json::from_str::<serde_json::Value>(&payload) {
+            if store.offer(&ev) == Step::Duplicate {
+                redelivered += 1;
+            }
+        }
+    }
+    let db = Target::plain_postgres(stack.pg_url(), Duration::from_secs(10))().await?;
+    let (products, inventory) = branch_rows(&db, 1).await?;
+    let differ = store.compare(&products, &inventory);
+    if missed.len() < 9 || differ > 0 {
+        anyhow::bail!(
+            "the device caught up {} events (9 expected) and {differ} rows differ from the database",
+            missed.len()
+        );
+    }
+    println!(
+        "      {redelivered} events the broker had queued for the session arrived as well, skipped as duplicates\n      \
+         the device's store now equals the database: {} products, {} inventory rows, last branch_seq {}",
+        products.len(),
+        inventory.len(),
+        store.last_branch_seq
+    );
+
+    step(
+        6,
         &format!(
             "load: {} writes/s for {:?} on merchant {LOAD_MERCHANT_PREFIX}000 (sales, restocks, price changes, voids, aborted sales)",
             args.rate, args.duration
@@ -308,7 +409,7 @@ async fn tour(args: &DemoArgs, dir: &Path, bridge: &Path, cancel: CancellationTo
     device.stop().await;
 
     step(
-        6,
+        7,
         "report (latency from each COMMIT's scheduled time to the subscriber's receipt)",
     );
     print!("{}", report.render());
@@ -361,9 +462,21 @@ fn write_private(path: &std::path::Path, value: &str) -> std::io::Result<()> {
 
 type DeviceRx = tokio::sync::mpsc::UnboundedReceiver<(String, String)>;
 
-/// An MQTT 5 device session subscribed to `filter`; an error if the broker refuses the subscription.
-async fn demo_device(port: u16, user: &str, pass: &str, filter: &str) -> anyhow::Result<(Subscription, DeviceRx)> {
+/// An MQTT 5 device session subscribed to `filter`; an error if the broker refuses the subscription. A
+/// persistent one survives a disconnect on the broker (clean start off, an hour's session expiry).
+async fn demo_device(
+    port: u16,
+    user: &str,
+    pass: &str,
+    filter: &str,
+    persistent: bool,
+) -> anyhow::Result<(Subscription, DeviceRx)> {
     let mut opts = MqttOptions::new(user, "127.0.0.1", port);
+    if persistent {
+        // The broker keeps the session (and queues for it) while the device is away.
+        opts.set_clean_start(false);
+        opts.set_session_expiry_interval(Some(3600));
+    }
     opts.set_keep_alive(Duration::from_secs(5));
     opts.set_credentials(user, pass);
     opts.set_max_packet_size(Some(16 * 1024 * 1024));
