@@ -20,12 +20,13 @@ BROKER_QUEUE=${BROKER_QUEUE:-100}
 JSON=${JSON:-catchup-acceptance.json}
 PROFILE=${PROFILE:-release}
 bin="${CARGO_TARGET_DIR:-target}/$PROFILE"
-if [ "$PROFILE" = release ]; then
-  cargo build --release --locked -q --bin delta-bridge --bin delta-load
-else
-  cargo build --locked -q --bin delta-bridge --bin delta-load
-fi
+flag=""
+[ "$PROFILE" = release ] && flag=--release
+cargo build $flag --locked -q --bin delta-bridge
+cargo build $flag --locked -q -p delta-load
 work=$(mktemp -d)
+# The servers run as their own users when this runs as root: they must be able to enter the directory.
+chmod 755 "$work"
 # The demo sets everything up, runs a short load of its own, then stays up for this run.
 "$bin/delta-bridge" demo --stay --duration 2s --rate 20 --broker-queue "$BROKER_QUEUE" --dir "$work/demo" \
   >"$work/demo.out" 2>&1 &

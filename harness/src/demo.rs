@@ -331,7 +331,11 @@ async fn tour(args: &DemoArgs, dir: &Path, bridge: &Path, cancel: CancellationTo
     for ev in &missed {
         let d = &ev["data"];
         let what = match ev["event_type"].as_str() {
-            Some("transaction_created") => format!("{} {}", d["transaction_code"], d["grand_total"]),
+            Some("transaction_created") => format!(
+                "{} total {}",
+                d["transaction_code"].as_str().unwrap_or("?"),
+                d["grand_total"]
+            ),
             Some("stock_updated") => format!(
                 "product {} stock {} -> {}",
                 d["product_id"], d["old_stock"], d["new_stock"]
@@ -344,7 +348,7 @@ async fn tour(args: &DemoArgs, dir: &Path, bridge: &Path, cancel: CancellationTo
         };
         println!(
             "        branch_seq {:>3}  {:<20} {what}",
-            ev["branch_seq"],
+            ev["branch_seq"].as_i64().unwrap_or_default(),
             ev["event_type"].as_str().unwrap_or("?")
         );
     }
