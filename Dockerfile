@@ -49,7 +49,7 @@ RUN touch src/main.rs src/lib.rs load/src/main.rs harness/src/lib.rs \
  && install -D -m 0755 target/release/delta-bridge /out/delta-bridge \
  && install -D -m 0755 target/release/delta-load /out/delta-load
 
-# ---- prebuilt (only with --build-arg BINARIES=prebuilt) --------------------------------------------------------
+# ---- prebuilt (only with --build-arg BINARIES=prebuilt) -----------------------------------------------------
 FROM scratch AS prebuilt
 COPY delta-bridge delta-load /out/
 
