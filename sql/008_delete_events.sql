@@ -66,10 +66,11 @@ BEGIN
     END IF;
     x := pg_current_xact_id();
     -- Born in this transaction: noted as created, or already published as created by an earlier flush of it
-    -- (SET CONSTRAINTS ... IMMEDIATE). Then the sale's delete is nothing to tell.
+    -- (SET CONSTRAINTS ... IMMEDIATE) that did not replace a delete (a replaced delete keeps its old_row: the
+    -- sale existed before). Then the sale's delete is nothing to tell.
     IF NOT EXISTS (SELECT 1 FROM delta_bridge.sale_notes s WHERE s.xact = x AND s.sale_id = OLD.id AND s.created)
        AND NOT EXISTS (SELECT 1 FROM delta_bridge.outbox o
-                        WHERE o.xact = x AND o.sale_id = OLD.id AND o.op = 'INSERT') THEN
+                        WHERE o.xact = x AND o.sale_id = OLD.id AND o.op = 'INSERT' AND o.old_row IS NULL) THEN
         -- The first delete of this id wins: it is the row the devices know.
         INSERT INTO delta_bridge.sale_gone (xact, sale_id, old_row) VALUES (x, OLD.id, row_to_json(OLD))
             ON CONFLICT (xact, sale_id) DO NOTHING;
@@ -141,9 +142,11 @@ BEGIN
           FROM @schema@.branches bb JOIN @schema@.merchants mm ON mm.id = bb.merchant_id
          WHERE bb.id = t.branch_id;
         IF row_id IS NOT NULL THEN
+            -- A delete told earlier in this transaction and inserted again since keeps its old_row, which
+            -- says that the sale existed before the transaction (see note_sale_gone); conversion ignores it.
             UPDATE delta_bridge.outbox
-               SET op = CASE WHEN n.created THEN 'INSERT' ELSE op END, merchant_code = m, branch_code = b,
-                   new_row = row_to_json(t), items = its, ctx = c
+               SET op = CASE WHEN n.created THEN 'INSERT' WHEN op = 'DELETE' THEN 'UPDATE' ELSE op END,
+                   merchant_code = m, branch_code = b, new_row = row_to_json(t), items = its, ctx = c
              WHERE id = row_id;
         ELSE
             INSERT INTO delta_bridge.outbox (kind, op, merchant_code, branch_code, new_row, items, ctx, xact, sale_id)

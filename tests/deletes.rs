@@ -287,6 +287,31 @@ async fn deletes_publish_once_and_rows_born_in_the_transaction_publish_nothing()
     )
     .await;
     assert!(got.is_empty(), "{:#?}", shown(&got));
+    // A sale that existed, deleted, inserted again under its id and deleted again, its captures run between
+    // the statements: still its delete, once.
+    step(
+        &db,
+        &sub,
+        &mut marker,
+        "INSERT INTO transactions (id, branch_id, transaction_code, status, grand_total) VALUES (707, 1, 'TX-DEL-7', 'paid', 1)",
+    )
+    .await;
+    let got = step(
+        &db,
+        &sub,
+        &mut marker,
+        "BEGIN;
+         SET CONSTRAINTS ALL IMMEDIATE;
+         DELETE FROM transactions WHERE id = 707;
+         INSERT INTO transactions (id, branch_id, transaction_code, status, grand_total) VALUES (707, 1, 'TX-DEL-7b', 'paid', 1);
+         DELETE FROM transactions WHERE id = 707;
+         COMMIT;",
+    )
+    .await;
+    assert_eq!(got.len(), 1, "{:#?}", shown(&got));
+    assert_eq!(got[0].payload["event_type"], "transaction_deleted");
+    assert_eq!(got[0].payload["data"]["transaction_id"], 707);
+
     // A stock change in the transaction that deleted a sale is not "a transaction" of that sale.
     step(
         &db,
