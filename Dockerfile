@@ -7,9 +7,18 @@
 #
 # Runtime needs only glibc and CA certificates: TLS is rustls (ring), no OpenSSL is linked
 # (`cargo tree -e normal | grep -i openssl` shows only openssl-probe, a pure-Rust path finder).
-# Written and checked statically on a machine without a Docker engine: build it once before relying on it.
+#
+# The runtime stage is built and run by scripts/check-container (part of scripts/test) with binaries built on
+# the host (BINARIES=prebuilt, below); the builder stage needs the rust image from a registry and is not run
+# by that check. Needs BuildKit (the default builder since Docker 23), which skips the stages a target does
+# not use.
 
 ARG RUST_VERSION=1.85
+# Where the runtime stage takes its two binaries from: `builder` (default: compiled from source above) or
+# `prebuilt` (a build context holding nothing but `delta-bridge` and `delta-load`, already compiled for
+# glibc 2.36 or older, e.g. on a Debian bookworm host):
+#   docker build --build-arg BINARIES=prebuilt -f Dockerfile -t delta-bridge:dev DIR-WITH-THE-TWO-BINARIES
+ARG BINARIES=builder
 
 # ---- builder ------------------------------------------------------------------------------------------------
 FROM rust:${RUST_VERSION}-bookworm AS builder
@@ -40,6 +49,13 @@ RUN touch src/main.rs src/lib.rs load/src/main.rs harness/src/lib.rs \
  && install -D -m 0755 target/release/delta-bridge /out/delta-bridge \
  && install -D -m 0755 target/release/delta-load /out/delta-load
 
+# ---- prebuilt (only with --build-arg BINARIES=prebuilt) -----------------------------------------------------
+FROM scratch AS prebuilt
+COPY delta-bridge delta-load /out/
+
+# The stage named by BINARIES; FROM is the one place a build argument can pick a stage.
+FROM ${BINARIES} AS binaries
+
 # ---- keygen (docker-compose only) ---------------------------------------------------------------------------
 # A throwaway openssl image used by docker-compose.yml to create a local device-signing key at first start.
 # Never part of the runtime image; `docker build .` does not build it (BuildKit skips unused stages).
@@ -57,7 +73,7 @@ RUN apt-get update \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin delta
 
-COPY --from=builder /out/delta-bridge /out/delta-load /usr/local/bin/
+COPY --from=binaries /out/delta-bridge /out/delta-load /usr/local/bin/
 
 # Numeric, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001

@@ -74,6 +74,9 @@ pub(crate) struct Metrics {
     pub change_log_oldest_age: Gauge,
     /// Bytes on disk of the change log's partitions (indexes included).
     pub change_log_bytes: IntGauge,
+    /// `catchup.retention` plus one `catchup.partition_span`: the age past which the oldest event should have
+    /// been dropped with its partition (set at start-up, on every replica, for the alert that compares).
+    pub change_log_reclaim_age: Gauge,
     pub pending_bytes: IntGauge,
     pub republish_window_bytes: IntGauge,
     pub republish_window_evicted: IntCounter,
@@ -148,6 +151,10 @@ impl Metrics {
             "delta_bridge_change_log_bytes",
             "Bytes on disk of the change log's partitions, indexes included; updated by the leader",
         )?;
+        let change_log_reclaim_age = Gauge::new(
+            "delta_bridge_change_log_reclaim_age_seconds",
+            "catchup.retention plus one catchup.partition_span, in seconds: the change log's oldest event should never be older (its partition is dropped by then)",
+        )?;
         let pending_bytes = IntGauge::new(
             "delta_bridge_pending_bytes",
             "Bytes (payloads and topics) of events read and not yet acknowledged (bounded by bridge.max_pending_bytes)",
@@ -207,6 +214,7 @@ impl Metrics {
         registry.register(Box::new(dead_letters.clone()))?;
         registry.register(Box::new(change_log_oldest_age.clone()))?;
         registry.register(Box::new(change_log_bytes.clone()))?;
+        registry.register(Box::new(change_log_reclaim_age.clone()))?;
         registry.register(Box::new(pending_bytes.clone()))?;
         registry.register(Box::new(republish_window_bytes.clone()))?;
         registry.register(Box::new(republish_window_evicted.clone()))?;
@@ -259,6 +267,7 @@ impl Metrics {
             dead_letters,
             change_log_oldest_age,
             change_log_bytes,
+            change_log_reclaim_age,
             pending_bytes,
             republish_window_bytes,
             republish_window_evicted,

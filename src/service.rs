@@ -254,6 +254,9 @@ pub async fn start(
     }
     let cfg = Arc::new(cfg);
     let metrics = Arc::new(Metrics::new()?);
+    metrics
+        .change_log_reclaim_age
+        .set((cfg.catchup.retention + cfg.catchup.partition_span).as_secs_f64());
     let health = Arc::new(Health::default());
     let http_addr = listener.local_addr()?;
     let tracker = TaskTracker::new();

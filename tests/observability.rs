@@ -13,7 +13,7 @@ use common::Env;
 use serde_json::Value;
 
 /// Panels the dashboard must have, by title (row "delta-bridge" unless noted).
-const REQUIRED_PANELS: [&str; 10] = [
+const REQUIRED_PANELS: [&str; 12] = [
     "Events published /s by stream",
     "Commit-to-PUBACK latency (p50/p95/p99)",
     "Outbox backlog, oldest row age, dead letters",
@@ -24,11 +24,14 @@ const REQUIRED_PANELS: [&str; 10] = [
     "Payload size",
     "Process CPU",
     "Process memory (RSS)",
+    // Row "Catch-up (change log and API)".
+    "Change log: oldest event age",
+    "Change log: bytes on disk",
 ];
 
 /// Bridge series the dashboard must query: the metrics of docs/metrics.md that operators watch (all but the
 /// outbox-read timing, a diagnostic) and the process metrics.
-const REQUIRED_SERIES: [&str; 14] = [
+const REQUIRED_SERIES: [&str; 17] = [
     "delta_bridge_events_published_total",
     "delta_bridge_publish_failures_total",
     "delta_bridge_end_to_end_latency_seconds_bucket",
@@ -41,14 +44,16 @@ const REQUIRED_SERIES: [&str; 14] = [
     "delta_bridge_devices_issued_total",
     "delta_bridge_devices_revoked_total",
     "delta_bridge_payload_bytes_bucket",
+    "delta_bridge_change_log_oldest_age_seconds",
+    "delta_bridge_change_log_bytes",
+    "delta_bridge_change_log_reclaim_age_seconds",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
 ];
 
-/// EMQX metric names read in EMQX's apps/emqx_prometheus/src/emqx_prometheus.erl (emqx/emqx): defined,
-/// unchanged, in a 2023 version (before 5.8), a late-2024 development version (after 5.8, before 5.9) and a
-/// 2025 version, and each one in the file at tag v5.8.9. Not `emqx_packets_publish_dropped`: 5.9.0 removed
-/// it. The dashboard's EMQX row and the EMQX alerts may use only these.
+/// EMQX metric names read in EMQX's source (emqx/emqx, apps/emqx_prometheus and apps/emqx/src/emqx_metrics.erl):
+/// each one defined at tags v5.7.2 and v5.8.9, the versions the EMQX files are written for. Not
+/// `emqx_packets_publish_dropped`: 5.9.0 removed it. The dashboard's EMQX row and the EMQX alerts may use only these.
 const EMQX_VERIFIED: [&str; 12] = [
     "emqx_connections_count",
     "emqx_live_connections_count",

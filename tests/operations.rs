@@ -355,7 +355,7 @@ async fn migrate_is_idempotent_on_a_database_with_data_and_sigterm_exits_0() {
         .await
         .expect("q")
         .get(0);
-    assert_eq!(triggers, 10, "capture triggers installed once");
+    assert_eq!(triggers, common::CAPTURE_TRIGGERS, "capture triggers installed once");
     let products: i64 = db
         .query_one("SELECT count(*) FROM products", &[])
         .await

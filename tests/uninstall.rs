@@ -97,7 +97,7 @@ async fn uninstall_refuses_while_a_replica_leads_removes_capture_and_a_reinstall
     eprintln!("uninstall while a replica leads: {out}");
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("leader lock") && out.contains("leading"), "{out}");
-    assert_eq!(capture_triggers(&db).await, 10);
+    assert_eq!(capture_triggers(&db).await, common::CAPTURE_TRIGGERS);
 
     // Stopped: uninstall removes every capture trigger, and changes are no longer captured.
     assert_eq!(a.terminate(), Some(0), "{}", env.log("a"));
@@ -126,7 +126,7 @@ async fn uninstall_refuses_while_a_replica_leads_removes_capture_and_a_reinstall
     let (code, out) = cli(&env, "reattach", &["migrate"], WAIT).await;
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("attached capture triggers on public.products"), "{out}");
-    assert_eq!(capture_triggers(&db).await, 10);
+    assert_eq!(capture_triggers(&db).await, common::CAPTURE_TRIGGERS);
     db.execute("UPDATE products SET stock = 14 WHERE id = 3", &[])
         .await
         .expect("update");
@@ -226,7 +226,11 @@ async fn a_binary_refuses_a_schema_newer_than_it_knows() {
             "{tag}: {out}"
         );
     }
-    assert_eq!(capture_triggers(&db).await, 9, "nothing attached");
+    assert_eq!(
+        capture_triggers(&db).await,
+        common::CAPTURE_TRIGGERS - 1,
+        "nothing attached"
+    );
     // The way back that docs/deployment.md describes: uninstall --drop-schema, then install this version.
     let (code, out) = cli(&env, "drop", &["uninstall", "--drop-schema"], WAIT).await;
     assert_eq!(code, Some(0), "{out}");
@@ -236,5 +240,5 @@ async fn a_binary_refuses_a_schema_newer_than_it_knows() {
         out.contains(&format!("applied migrations {:?}", common::migrations())),
         "{out}"
     );
-    assert_eq!(capture_triggers(&db).await, 10);
+    assert_eq!(capture_triggers(&db).await, common::CAPTURE_TRIGGERS);
 }

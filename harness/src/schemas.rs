@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use serde_json::Value;
 
 /// (event_type, schema text), exactly the files under docs/schemas.
-const SCHEMAS: [(&str, &str); 5] = [
+const SCHEMAS: [(&str, &str); 8] = [
     (
         "stock_updated",
         include_str!("../../docs/schemas/stock_updated.schema.json"),
@@ -29,6 +29,18 @@ const SCHEMAS: [(&str, &str); 5] = [
     (
         "transaction_updated",
         include_str!("../../docs/schemas/transaction_updated.schema.json"),
+    ),
+    (
+        "product_deleted",
+        include_str!("../../docs/schemas/product_deleted.schema.json"),
+    ),
+    (
+        "inventory_deleted",
+        include_str!("../../docs/schemas/inventory_deleted.schema.json"),
+    ),
+    (
+        "transaction_deleted",
+        include_str!("../../docs/schemas/transaction_deleted.schema.json"),
     ),
 ];
 

@@ -40,7 +40,7 @@ pub(crate) struct Captured {
     pub captured_at: DateTime<Utc>,
     /// stock | product | quantity | sale
     pub kind: String,
-    /// INSERT | UPDATE
+    /// INSERT | UPDATE | DELETE (a deleted row: `old_row` only, no `new_row`)
     pub op: String,
     pub merchant_code: Option<String>,
     pub branch_code: Option<String>,
@@ -169,6 +169,27 @@ struct SaleData {
 }
 
 #[derive(Serialize)]
+struct ProductDeletedData {
+    product_id: i64,
+    product_name: String,
+    updated_by: String,
+}
+
+#[derive(Serialize)]
+struct InventoryDeletedData {
+    inventory_id: i64,
+    product_id: i64,
+    updated_by: String,
+}
+
+#[derive(Serialize)]
+struct SaleDeletedData {
+    transaction_id: i64,
+    transaction_code: String,
+    offline_id: Option<String>,
+}
+
+#[derive(Serialize)]
 struct ItemData {
     product_id: i64,
     quantity: i64,
@@ -187,9 +208,18 @@ pub(crate) fn convert(
     install_id: &str,
     branch_seq: i64,
 ) -> Result<Option<Event>, ConvertError> {
-    let new = match &c.new_row {
-        Some(v @ Value::Object(_)) => v,
-        _ => return err("captured row has no new row"),
+    // A delete's event is built from the row as it was; every other change's from the row as committed.
+    let deleted = c.op == "DELETE";
+    let new = if deleted {
+        match &c.old_row {
+            Some(v @ Value::Object(_)) => v,
+            _ => return err("deleted row captured without its old row"),
+        }
+    } else {
+        match &c.new_row {
+            Some(v @ Value::Object(_)) => v,
+            _ => return err("captured row has no new row"),
+        }
     };
     // The contract's seq is a positive integer and its timestamp has a four-digit year; the outbox's
     // sequence and clock give both, a row put there by hand may not.
@@ -205,6 +235,10 @@ pub(crate) fn convert(
         return err(format!("captured_at {} is outside the years 0000-9999", c.captured_at));
     }
     let (stream, event_type) = match c.kind.as_str() {
+        "product" if deleted => (Stream::Product, "product_deleted"),
+        "quantity" if deleted => (Stream::Inventory, "inventory_deleted"),
+        "sale" if deleted => (Stream::Transaction, "transaction_deleted"),
+        "stock" if deleted => return err("a stock change cannot be a delete (a deleted product is kind product)"),
         "stock" => (Stream::Product, "stock_updated"),
         "product" => (Stream::Product, "product_updated"),
         "quantity" => (Stream::Inventory, "quantity_updated"),
@@ -235,6 +269,21 @@ pub(crate) fn convert(
         branch_seq,
     };
     let payload = match c.kind.as_str() {
+        "product" if deleted => head.encode(ProductDeletedData {
+            product_id: int(new, "id")?,
+            product_name: text(new, "name")?,
+            updated_by: ctx.updated_by(new)?,
+        })?,
+        "quantity" if deleted => head.encode(InventoryDeletedData {
+            inventory_id: int(new, "id")?,
+            product_id: int(new, "product_id")?,
+            updated_by: ctx.updated_by(new)?,
+        })?,
+        "sale" if deleted => head.encode(SaleDeletedData {
+            transaction_id: int(new, "id")?,
+            transaction_code: text(new, "transaction_code")?,
+            offline_id: opt_text(new, "offline_id")?.map(uuid).transpose()?,
+        })?,
         "stock" => {
             let old = old_row(c)?;
             let (old_stock, new_stock) = (int(old, "stock")?, int(new, "stock")?);
@@ -798,5 +847,95 @@ mod tests {
         c.branch_code = Some("é/".repeat(1000));
         let why = convert(&c, "dev", "i", 3).unwrap_err().0;
         assert!(why.len() < 400 && why.contains("branch code"), "{why}");
+    }
+
+    /// A deleted row as the DELETE captures write it: the row as it was in old_row, no new row.
+    fn deleted(kind: &str, old: Value, ctx: Value) -> Captured {
+        let mut c = captured(kind, "DELETE", Some(old), Value::Null, ctx);
+        c.new_row = None;
+        c
+    }
+
+    #[test]
+    fn deletes_of_the_three_tables() {
+        // products: updated_by from the row, else actor, else the writing role; the product stream.
+        let e = convert(
+            &deleted(
+                "product",
+                product(5, 9.5, json!("hq")),
+                ctx(Some("r"), Some("9"), Some("pos-1"), Some("4")),
+            ),
+            "dev",
+            "i",
+            3,
+        )
+        .expect("ok")
+        .expect("event");
+        assert_eq!(e.stream, Stream::Product);
+        assert_eq!(e.topic, "dev/MCH-MST-001/BRN-MST-OSK00001/product/updates");
+        assert_eq!(
+            payload(&e),
+            r#"{"event_type":"product_deleted","timestamp":"2025-10-14T21:30:00.123Z","event_id":"i-42","seq":42,"branch_seq":3,"data":{"product_id":7,"product_name":"Kopi","updated_by":"hq"}}"#
+        );
+        let c = deleted(
+            "product",
+            product(5, 9.5, Value::Null),
+            ctx(None, None, Some("pos-1"), None),
+        );
+        let d = serde_json::from_slice::<Value>(&convert(&c, "dev", "i", 3).expect("ok").expect("event").payload)
+            .expect("json");
+        assert_eq!(d["data"]["updated_by"], "pos-1");
+
+        // inventory: no product name needed (the product may be gone with it).
+        let inv = json!({"id": 3, "branch_id": 1, "product_id": 7, "quantity": 8, "updated_by": null});
+        let mut c = deleted("quantity", inv, ctx(None, None, None, None));
+        c.product_name = None;
+        let e = convert(&c, "dev", "i", 4).expect("ok").expect("event");
+        assert_eq!(e.stream, Stream::Inventory);
+        assert_eq!(
+            payload(&e),
+            r#"{"event_type":"inventory_deleted","timestamp":"2025-10-14T21:30:00.123Z","event_id":"i-42","seq":42,"branch_seq":4,"data":{"inventory_id":3,"product_id":7,"updated_by":"cashier"}}"#
+        );
+
+        // A sale: id, code and offline id (canonical lower case, or null); no items needed.
+        let row = json!({"id": 5, "branch_id": 1, "transaction_code": "TX-1",
+                         "offline_id": "6F1C2B1E-0000-4000-8000-000000000001", "status": "paid", "grand_total": 1});
+        let e = convert(&deleted("sale", row, ctx(None, None, None, None)), "dev", "i", 5)
+            .expect("ok")
+            .expect("event");
+        assert_eq!(e.stream, Stream::Transaction);
+        assert_eq!(
+            payload(&e),
+            r#"{"event_type":"transaction_deleted","timestamp":"2025-10-14T21:30:00.123Z","event_id":"i-42","seq":42,"branch_seq":5,"data":{"transaction_id":5,"transaction_code":"TX-1","offline_id":"6f1c2b1e-0000-4000-8000-000000000001"}}"#
+        );
+        let row = json!({"id": 6, "branch_id": 1, "transaction_code": "TX-2", "offline_id": null});
+        let d = serde_json::from_slice::<Value>(
+            &convert(&deleted("sale", row, ctx(None, None, None, None)), "dev", "i", 5)
+                .expect("ok")
+                .expect("event")
+                .payload,
+        )
+        .expect("json");
+        assert_eq!(
+            d["data"],
+            json!({"transaction_id": 6, "transaction_code": "TX-2", "offline_id": null})
+        );
+    }
+
+    #[test]
+    fn a_delete_without_its_old_row_or_of_stock_is_refused() {
+        let mut c = deleted("product", product(1, 1.0, Value::Null), ctx(None, None, None, None));
+        c.old_row = None;
+        assert!(convert(&c, "dev", "i", 3).unwrap_err().0.contains("old row"));
+        let c = deleted("stock", product(1, 1.0, Value::Null), ctx(None, None, None, None));
+        assert!(convert(&c, "dev", "i", 3).unwrap_err().0.contains("stock"));
+        let mut c = deleted(
+            "sale",
+            json!({"id": 5, "offline_id": null}),
+            ctx(None, None, None, None),
+        );
+        assert!(convert(&c, "dev", "i", 3).unwrap_err().0.contains("transaction_code"));
+        c.old_row = Some(json!({"id": 5, "transaction_code": "T", "offline_id": "nope"}));
+        assert!(convert(&c, "dev", "i", 3).unwrap_err().0.contains("not a UUID"));
     }
 }

@@ -86,7 +86,7 @@ prop_compose! {
             prop::sample::select(vec!["stock", "product", "quantity", "sale"]).prop_map(String::from),
             ".{0,8}",
         ],
-        op in prop_oneof![Just("INSERT".to_string()), Just("UPDATE".to_string()), ".{0,8}"],
+        op in prop_oneof![Just("INSERT".to_string()), Just("UPDATE".to_string()), Just("DELETE".to_string()), ".{0,8}"],
         merchant_code in prop::option::of(any_text()),
         branch_code in prop::option::of(any_text()),
         product_name in prop::option::of(any_text()),
@@ -179,13 +179,14 @@ prop_compose! {
 }
 
 /// Old and new rows of one kind, as the triggers write them.
-fn rows() -> impl Strategy<Value = (&'static str, &'static str, Option<Value>, Value, Option<Value>)> {
+/// A delete carries the row as it was in old_row and no new row.
+fn rows() -> impl Strategy<Value = (&'static str, &'static str, Option<Value>, Option<Value>, Option<Value>)> {
     prop_oneof![
         (amount(), amount()).prop_flat_map(|(a, b)| (product(a), product(b)).prop_map(|(old, new)| (
             "stock",
             "UPDATE",
             Some(old),
-            new,
+            Some(new),
             None
         ))),
         (amount(), amount(), any::<bool>()).prop_flat_map(|(a, b, insert)| (product(a), product(b)).prop_map(
@@ -193,7 +194,7 @@ fn rows() -> impl Strategy<Value = (&'static str, &'static str, Option<Value>, V
                 "product",
                 if insert { "INSERT" } else { "UPDATE" },
                 (!insert).then_some(old),
-                new,
+                Some(new),
                 None
             )
         )),
@@ -202,7 +203,7 @@ fn rows() -> impl Strategy<Value = (&'static str, &'static str, Option<Value>, V
                 "quantity",
                 if insert { "INSERT" } else { "UPDATE" },
                 (!insert).then_some(old),
-                new,
+                Some(new),
                 None
             )
         )),
@@ -210,9 +211,16 @@ fn rows() -> impl Strategy<Value = (&'static str, &'static str, Option<Value>, V
             "sale",
             if insert { "INSERT" } else { "UPDATE" },
             None,
-            new,
+            Some(new),
             Some(items)
         )),
+        amount()
+            .prop_flat_map(product)
+            .prop_map(|old| ("product", "DELETE", Some(old), None, None)),
+        amount()
+            .prop_flat_map(inventory)
+            .prop_map(|old| ("quantity", "DELETE", Some(old), None, None)),
+        sale().prop_map(|old| ("sale", "DELETE", Some(old), None, None)),
     ]
 }
 
@@ -229,7 +237,7 @@ prop_compose! {
     ) -> Captured {
         Captured {
             id, captured_at, kind: kind.into(), op: op.into(), merchant_code: Some(merchant_code),
-            branch_code: Some(branch_code), product_name: Some(product_name), old_row, new_row: Some(new_row), items,
+            branch_code: Some(branch_code), product_name: Some(product_name), old_row, new_row, items,
             ctx, branch_seq: None,
         }
     }

@@ -279,7 +279,7 @@ mod tests {
     }
 
     /// Every published migration splits: its business-table statements are the ten capture triggers and the
-    /// index of migration 1, and migration 4's fence.
+    /// index of migration 1, migration 4's fence, and the four delete triggers of migration 8.
     #[test]
     fn the_published_migrations_split() {
         let mut triggers = Vec::new();
@@ -299,7 +299,23 @@ mod tests {
                 }
             }
         }
-        assert_eq!(triggers.len(), 10, "{triggers:?}");
-        assert!(triggers.iter().all(|(v, _, _)| *v == 1));
+        assert_eq!(triggers.iter().filter(|(v, _, _)| *v == 1).count(), 10, "{triggers:?}");
+        let deletes: Vec<(&str, &str)> = triggers
+            .iter()
+            .filter(|(v, _, _)| *v != 1)
+            .map(|(v, t, n)| {
+                assert_eq!(*v, 8, "{triggers:?}");
+                (t.as_str(), n.as_str())
+            })
+            .collect();
+        assert_eq!(
+            deletes,
+            [
+                ("products", "delta_bridge_capture_del"),
+                ("inventory", "delta_bridge_capture_del"),
+                ("transactions", "delta_bridge_a_note_del"),
+                ("transactions", "delta_bridge_capture_del")
+            ]
+        );
     }
 }

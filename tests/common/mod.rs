@@ -694,6 +694,11 @@ pub async fn metric_sum(http: &str, name: &str) -> Option<f64> {
     )
 }
 
+/// The capture triggers a complete install attaches (named `delta_bridge_*`): ten from migration 1 (inserts and
+/// updates of products and inventory, the sale notes and captures), four from migration 8 (the deletes of
+/// products, inventory and transactions).
+pub const CAPTURE_TRIGGERS: i64 = 14;
+
 /// The migrations this version ships: `sql/NNN_*.sql`.
 pub fn migrations() -> Vec<i32> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql");
