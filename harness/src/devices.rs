@@ -64,6 +64,9 @@ pub enum Step {
     Gap { last: i64, got: i64 },
     /// No integer `branch_seq`: ignored.
     Unnumbered,
+    /// The event comes from another installation of the bridge's database objects (the part of `event_id`
+    /// before the first `-` changed): numbering started again, so the store needs a snapshot. Nothing applied.
+    Reinstalled,
 }
 
 /// A device's local store of its branch.
@@ -75,6 +78,15 @@ pub struct DeviceState {
     inventory: HashMap<i64, Row<Inventory>>,
     /// Pages of `changes` whose events did not follow each other (must stay 0; says the API skipped numbers).
     pub pages_not_contiguous: u64,
+    /// The installation the numbering belongs to: the part of `event_id` before the first `-`.
+    installation: Option<String>,
+}
+
+fn installation(ev: &Value) -> Option<&str> {
+    ev["event_id"]
+        .as_str()
+        .and_then(|id| id.split_once('-'))
+        .map(|(i, _)| i)
 }
 
 fn price_text(v: &Value) -> Option<String> {
@@ -88,6 +100,11 @@ impl DeviceState {
         let Some(bs) = ev["branch_seq"].as_i64() else {
             return Step::Unnumbered;
         };
+        match (installation(ev), self.installation.as_deref()) {
+            (Some(theirs), Some(ours)) if theirs != ours => return Step::Reinstalled,
+            (Some(theirs), None) => self.installation = Some(theirs.to_string()),
+            _ => {}
+        }
         if bs <= self.last_branch_seq {
             return Step::Duplicate;
         }
@@ -115,6 +132,9 @@ impl DeviceState {
     pub fn apply_changes(&mut self, events: &[Value]) {
         for ev in events {
             let Some(bs) = ev["branch_seq"].as_i64() else { continue };
+            if let Some(i) = installation(ev) {
+                self.installation = Some(i.to_string());
+            }
             if bs <= self.last_branch_seq {
                 continue;
             }
@@ -131,6 +151,8 @@ impl DeviceState {
     pub fn reset_from_snapshot(&mut self, pages: &[Value]) {
         self.products.clear();
         self.inventory.clear();
+        // Learnt again from the next event: the snapshot does not say it.
+        self.installation = None;
         let mut as_of = i64::MAX;
         for page in pages {
             as_of = as_of.min(page["as_of"].as_i64().unwrap_or(0));
@@ -302,7 +324,7 @@ pub async fn branch_rows(db: &tokio_postgres::Client, branch_id: i64) -> anyhow:
 pub enum ApiError {
     #[error("410 resync_required: the changes asked for are no longer retained")]
     ResyncRequired,
-    #[error("503: the API is busy")]
+    #[error("429 or 503: the API is busy")]
     Busy,
     #[error("HTTP {status}: {body}")]
     Status { status: u16, body: String },
@@ -408,7 +430,7 @@ impl Api {
         if status == 410 {
             return Err(ApiError::ResyncRequired);
         }
-        if status == 503 {
+        if status == 503 || status == 429 {
             return Err(ApiError::Busy);
         }
         if !(200..300).contains(&status) {
@@ -765,7 +787,17 @@ impl SimDevice {
 
     /// An event from MQTT: applied, skipped, or (a jump) the gap filled through the API first.
     async fn handle(&self, state: &mut DeviceState, ev: &Value) {
-        let Step::Gap { got, .. } = state.offer(ev) else { return };
+        let got = match state.offer(ev) {
+            Step::Gap { got, .. } => got,
+            Step::Reinstalled => {
+                // Numbering started again: a fresh snapshot, then the changes after it.
+                self.snapshot(state).await;
+                self.catch_up(state).await;
+                let _ = state.offer(ev);
+                return;
+            }
+            _ => return,
+        };
         self.stats.gaps_detected.fetch_add(1, Ordering::Relaxed);
         // The change log holds an event before the broker has it, so one round normally fills the gap; a few
         // more cover a numbering that is committed but not yet readable.
@@ -901,6 +933,17 @@ mod tests {
         assert_eq!(s.compare(&p, &i), 1, "stock is 9, the database says 8");
         assert_eq!(s.offer(&stock(8, 10, 1, 8)), Step::Applied);
         assert_eq!(s.compare(&p, &i), 0);
+    }
+
+    #[test]
+    fn another_installation_asks_for_a_snapshot() {
+        let mut s = DeviceState::default();
+        let ev = |id: &str, bs: i64| json!({"event_type": "x", "event_id": id, "branch_seq": bs, "seq": bs});
+        assert_eq!(s.offer(&ev("aa-1", 1)), Step::Applied);
+        assert_eq!(s.offer(&ev("bb-1", 2)), Step::Reinstalled);
+        assert_eq!(s.last_branch_seq, 1);
+        s.reset_from_snapshot(&[snapshot_page(0)]);
+        assert_eq!(s.offer(&ev("bb-1", 1)), Step::Applied);
     }
 
     #[test]
