@@ -321,9 +321,14 @@ async fn tour(args: &DemoArgs, dir: &Path, bridge: &Path, cancel: CancellationTo
     }
     println!("      offline after branch_seq {last}; meanwhile another till sold TX-DEMO-0002..0004");
     let (device, mut device_rx) = demo_device(mqtt_port, user, pass, own, true).await?;
-    // Give the bridge a moment to publish the three sales, so that the catch-up has them all.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let missed = catchup.catch_up(&mut store).await?;
+    // The three sales make nine events; the bridge may still be publishing the last ones, so ask again (as a
+    // device would on the next jump) until all nine are in, for at most ten seconds.
+    let mut missed = catchup.catch_up(&mut store).await?;
+    let until = Instant::now() + Duration::from_secs(10);
+    while store.last_branch_seq < last + 9 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        missed.extend(catchup.catch_up(&mut store).await?);
+    }
     println!(
         "      back online: GET /api/v1/changes?after={last} -> {} missed events:",
         missed.len()
