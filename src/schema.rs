@@ -83,6 +83,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (5, "device_max_expiry", include_str!("../sql/005_device_max_expiry.sql")),
     (6, "branch_seq", include_str!("../sql/006_branch_seq.sql")),
     (7, "change_log", include_str!("../sql/007_change_log.sql")),
+    (9, "row_seq", include_str!("../sql/009_row_seq.sql")),
 ];
 
 /// The newest migration this binary knows.

@@ -35,6 +35,10 @@ pub(crate) const AUTHN_CONNECTIONS: usize = 4;
 /// the deployment sets on EMQX's side, so the bridge, not EMQX, decides when to give up.
 pub(crate) const AUTHN_DEADLINE: Duration = Duration::from_secs(3);
 
+/// How far past its `exp` (or before its `nbf`) a device token is still taken by the catch-up API: clock
+/// skew between the device, the bridge and the database, and no more.
+pub(crate) const TOKEN_LEEWAY_SECS: i64 = 5;
+
 /// What the endpoint answers (HTTP 200 with `{"result": …}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
@@ -117,6 +121,42 @@ impl Provisioner {
             .await
             .map_err(|_| StoreError::Pg(pg::PgError::Timeout(AUTHN_DEADLINE)))??;
         Ok(decide(&self.env, clientid, username, &claims, rec.as_ref()))
+    }
+
+    /// The merchant and branch a device token may read through the catch-up API, or why it may not (HTTP 401;
+    /// the reason is logged, never sent). The same checks as [`Provisioner::authn`] (signed by one of this
+    /// bridge's keys, the device's current `jti`, not revoked, its own branch), plus what EMQX checks itself:
+    /// issuer, audience, and `exp`/`nbf` with at most [`TOKEN_LEEWAY_SECS`] of leeway. The record is read on
+    /// `client` on every call, never cached, so a revocation or a rotation takes effect on the next call.
+    pub(crate) async fn device_scope<C: tokio_postgres::GenericClient>(
+        &self,
+        client: &C,
+        token: &str,
+        now: i64,
+    ) -> Result<Result<(String, String), &'static str>, ProvisionError> {
+        let Some(claims) = self.keys.as_ref().and_then(|k| k.verify(token)) else {
+            return Ok(Err("not a token signed by this bridge"));
+        };
+        if claims.iss != self.credentials.issuer || claims.aud != self.credentials.audience {
+            return Ok(Err("token for another issuer or audience"));
+        }
+        if now >= claims.exp.saturating_add(TOKEN_LEEWAY_SECS) {
+            return Ok(Err("token expired"));
+        }
+        if now.saturating_add(TOKEN_LEEWAY_SECS) < claims.nbf {
+            return Ok(Err("token not valid yet"));
+        }
+        if !acl::is_valid_id(&claims.sub) {
+            return Ok(Err("token for an invalid device id"));
+        }
+        let rec = store::get(client, &claims.sub).await?;
+        match decide(&self.env, &claims.clientid, &claims.username, &claims, rec.as_ref()) {
+            Verdict::Deny(why) => Ok(Err(why)),
+            Verdict::Ignore => match rec {
+                Some(r) => Ok(Ok((r.merchant_code, r.branch_code))),
+                None => Ok(Err("no such device")),
+            },
+        }
     }
 
     async fn read_device(&self, device_id: &str) -> Result<Option<store::DeviceRecord>, ProvisionError> {
