@@ -248,6 +248,11 @@ async fn changes_are_what_mqtt_carried_for_the_callers_branch_only() {
         page,
         json!({"events": [], "next_after": last + 100, "up_to_date": true})
     );
+    let (status, page) = api
+        .get(&format!("/api/v1/changes?after={}", i64::MAX), Some(&token))
+        .await;
+    assert_eq!(status, 200, "the largest after: {page}");
+    assert_eq!(page, json!({"events": [], "next_after": i64::MAX, "up_to_date": true}));
 
     // The other branch's events, through the admin token, are its own: none of this branch's.
     let other_last = last_seq(&db, OTHER_BRANCH).await;

@@ -22,7 +22,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::json;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::config::Config;
@@ -118,6 +117,9 @@ enum CatchupError {
     Unauthorized(&'static str),
     #[error("{0}")]
     NotFound(String),
+    /// The admin check's own answer: 429 (throttled) or 503 (no admin token configured).
+    #[error("refused by the admin check")]
+    Refused(Box<Response>),
     /// Every session busy and too many calls waiting already.
     #[error("too many catch-up calls at once; retry shortly")]
     Busy,
@@ -147,6 +149,14 @@ impl CatchupError {
                 (r, "unauthorized")
             }
             CatchupError::NotFound(m) => (error(StatusCode::NOT_FOUND, m), "not_found"),
+            CatchupError::Refused(r) => {
+                let outcome = if r.status() == StatusCode::TOO_MANY_REQUESTS {
+                    "unauthorized"
+                } else {
+                    "unavailable"
+                };
+                (*r, outcome)
+            }
             CatchupError::Busy => {
                 let mut r = error(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -273,10 +283,10 @@ impl CatchupApi {
                 .map_err(CatchupError::Unauthorized);
         }
         if let Err(r) = authorize(&self.devices, client, headers) {
-            // 429 (throttled) and 503 (no admin token configured) are passed through as they are.
+            // 429 (this address failed too often) and 503 (no admin token configured) pass through as they are.
             return Err(match r.status() {
                 StatusCode::UNAUTHORIZED => CatchupError::Unauthorized("not the admin token"),
-                _ => CatchupError::Busy,
+                _ => CatchupError::Refused(r),
             });
         }
         let (Some(m), Some(b)) = (param(params, "merchant_code"), param(params, "branch_code")) else {
@@ -350,15 +360,8 @@ async fn changes_page(
     .await?;
     lease.keep();
     let (events, last_seq) = match page {
-        Changes::Expired => {
-            return Ok(error_body(
-                StatusCode::GONE,
-                json!({
-                    "error": "resync_required",
-                    "detail": "the events after this branch_seq are no longer retained: take a snapshot (GET /api/v1/snapshot)",
-                }),
-            ))
-        }
+        // Exactly the `Error` shape every error has; what the client does about it is in docs/api.md.
+        Changes::Expired => return Ok(error(StatusCode::GONE, "resync_required")),
         Changes::Page { events, last_seq } => (events, last_seq),
     };
     let next_after = events.last().map_or(after, |(n, _)| *n);
@@ -380,10 +383,6 @@ async fn changes_page(
         body,
     )
         .into_response())
-}
-
-fn error_body(status: StatusCode, body: serde_json::Value) -> Response {
-    (status, Json(body)).into_response()
 }
 
 async fn snapshot(
@@ -450,10 +449,10 @@ mod tests {
 
     #[test]
     fn only_plain_non_negative_integers() {
-        for (v, n) in [("0", 0), ("7", 7), ("0012", 12), ("99999999999999999999", i64::MAX)] {
+        for (v, n) in [("0", 0), ("7", 7), ("0012", 12), ("9223372036854775807", i64::MAX)] {
             assert_eq!(non_negative("after", v).ok(), Some(n), "{v}");
         }
-        for bad in ["", "-1", "+1", "1.0", "1e3", " 1", "0x10", "abc"] {
+        for bad in ["", "-1", "+1", "1.0", "1e3", " 1", "0x10", "abc", "9223372036854775808"] {
             assert!(non_negative("after", bad).is_err(), "{bad:?}");
         }
     }

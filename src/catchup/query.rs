@@ -60,8 +60,9 @@ pub(crate) async fn changes(
                            WHERE merchant_code = $1 AND branch_code = $2), 0),
                 (SELECT logged_at >= now() - make_interval(secs => $4::float8 / 1000)
                    FROM delta_bridge.change_log
-                  WHERE merchant_code = $1 AND branch_code = $2 AND branch_seq = $3::bigint + 1)",
-        &[&merchant, &branch, &after, &keep_ms],
+                  WHERE merchant_code = $1 AND branch_code = $2 AND branch_seq = $3)",
+        // Added here, saturating: `after` may be the largest bigint (then nothing follows it).
+        &[&merchant, &branch, &after.saturating_add(1), &keep_ms],
     ))
     .await?;
     let last_seq: i64 = row.try_get(0)?;
