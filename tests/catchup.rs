@@ -37,18 +37,26 @@ fn ec_key(path: &Path) -> Vec<u8> {
     out.stdout
 }
 
-/// The bridge with a signing key, the admin token, no broker-side provisioning, and `extra` TOML.
+/// The bridge's configuration: a signing key (made once per test directory), the admin token, no broker-side
+/// provisioning, and `extra` TOML; `name` is the replica's MQTT client id prefix.
+fn config(env: &Env, name: &str, extra: &str) -> Config {
+    let key = env.dir.join("device-signing-key.pem");
+    if !key.exists() {
+        ec_key(&key);
+    }
+    let toml = env
+        .config_toml(&format!(
+            "{extra}[credentials]\nsigning_key_file = \"{}\"\nmin_ttl = \"1s\"\n[broker]\nkind = \"none\"\n",
+            key.display()
+        ))
+        .replace("client_id = \"bridge-", &format!("client_id = \"{name}-"));
+    let secrets = vec![("DELTA_BRIDGE__HTTP__ADMIN_TOKEN".to_string(), ADMIN_TOKEN.to_string())];
+    Config::parse(&toml, Path::new("test.toml"), &secrets).expect("config")
+}
+
 async fn start(tag: &str, extra: &str) -> (Env, InProcessBridge) {
     let env = Env::start(tag);
-    let key = env.dir.join("device-signing-key.pem");
-    ec_key(&key);
-    let toml = env.config_toml(&format!(
-        "{extra}[credentials]\nsigning_key_file = \"{}\"\nmin_ttl = \"1s\"\n[broker]\nkind = \"none\"\n",
-        key.display()
-    ));
-    let secrets = vec![("DELTA_BRIDGE__HTTP__ADMIN_TOKEN".to_string(), ADMIN_TOKEN.to_string())];
-    let cfg = Config::parse(&toml, Path::new("test.toml"), &secrets).expect("config");
-    let bridge = env.bridge_with(cfg).await;
+    let bridge = env.bridge_with(config(&env, "bridge", extra)).await;
     (env, bridge)
 }
 
@@ -268,6 +276,12 @@ async fn changes_are_what_mqtt_carried_for_the_callers_branch_only() {
     // A device token ignores merchant/branch parameters: still its own branch.
     let forced = api.all_changes(&token, &scope, 0, 1000).await;
     assert_eq!(forced, carried, "a device cannot read another branch");
+    // A standby (not the leader) serves the same events.
+    let standby = env.bridge_with(config(&env, "standby", "")).await;
+    assert_eq!(common::metric(&standby.http, "delta_bridge_leader").await, Some(0.0));
+    let via_standby = Api::new(&standby).all_changes(&token, "", 0, 9).await;
+    assert_eq!(via_standby, carried, "the standby serves the same events");
+    standby.stop().await;
     let n = common::metric(
         &bridge.http,
         "delta_bridge_catchup_requests_total{endpoint=\"changes\",outcome=\"ok\"}",
