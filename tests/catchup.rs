@@ -657,3 +657,64 @@ async fn snapshot_and_changes_equal_the_database_under_concurrent_writes() {
     );
     bridge.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturated_the_endpoints_answer_503_at_once_and_recover() {
+    let (env, bridge) = start("catchup-busy", "").await;
+    let token = Api::new(&bridge).issue("tab-busy", BRANCH, None).await;
+    // A writer holds the products table: every snapshot read waits on it, holding its session.
+    let mut locker = env.client().await;
+    let tx = locker.transaction().await.expect("begin");
+    tx.batch_execute("LOCK TABLE products IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let client = reqwest::Client::new();
+    let calls: Vec<_> = (0..48)
+        .map(|_| {
+            let (client, url, token) = (
+                client.clone(),
+                format!("{}/api/v1/snapshot", bridge.http),
+                token.clone(),
+            );
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let resp = client.get(url).bearer_auth(token).send().await.expect("http");
+                let status = resp.status().as_u16();
+                let retry_after = resp.headers().get("retry-after").is_some();
+                let body: Value = resp.json().await.expect("JSON");
+                (status, retry_after, body, started.elapsed())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tx.rollback().await.expect("release");
+    let mut by_status: BTreeMap<u16, usize> = BTreeMap::new();
+    for c in calls {
+        let (status, retry_after, body, took) = c.await.expect("call");
+        *by_status.entry(status).or_default() += 1;
+        match status {
+            200 => assert!(body["as_of"].is_i64(), "{body}"),
+            503 => {
+                assert!(retry_after && body["error"].is_string(), "{body}");
+                assert!(
+                    took < Duration::from_secs(3),
+                    "a 503 comes within the 2 s wait: {took:?}"
+                );
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    // Four sessions were held by the blocked reads; the rest waited at most 2 s or were refused at once.
+    assert_eq!(by_status.get(&200), Some(&4), "{by_status:?}");
+    assert_eq!(by_status.get(&503), Some(&44), "{by_status:?}");
+    // Released, the endpoints answer again.
+    let (status, _) = Api::new(&bridge).get("/api/v1/snapshot", Some(&token)).await;
+    assert_eq!(status, 200);
+    let n = common::metric(
+        &bridge.http,
+        "delta_bridge_catchup_requests_total{endpoint=\"snapshot\",outcome=\"unavailable\"}",
+    )
+    .await;
+    assert_eq!(n, Some(44.0));
+    bridge.stop().await;
+}
