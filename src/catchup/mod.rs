@@ -187,6 +187,12 @@ pub(crate) fn routes(api: Arc<CatchupApi>) -> Router {
         .with_state(api)
 }
 
+/// Who calls, once the token is checked (the device's record is read later, on the call's session).
+enum Caller {
+    Device(Box<crate::provision::credentials::Claims>),
+    Admin(String, String),
+}
+
 /// The query's parameters in order (a repeated one: its first value).
 type Params = Vec<(String, String)>;
 
@@ -261,25 +267,19 @@ impl CatchupApi {
         })
     }
 
-    /// The merchant and branch the caller may read: a device token's own (from its record), or with the admin
-    /// token the `merchant_code` and `branch_code` parameters (which must name an existing branch). A token with
-    /// the shape of a JWT is taken as a device's, anything else as the admin token (whose failures count
-    /// toward the per-address throttle).
-    async fn scope(
-        &self,
-        lease: &Lease<'_>,
-        client: SocketAddr,
-        headers: &HeaderMap,
-        params: &Params,
-    ) -> Result<(String, String), CatchupError> {
+    /// Who calls, before any database session is taken: a device token's verified claims, or the admin token
+    /// with the `merchant_code` and `branch_code` parameters it requires. A token with the shape of a JWT is
+    /// taken as a device's, anything else as the admin token (whose failures count toward the per-address
+    /// throttle).
+    fn authenticate(&self, client: SocketAddr, headers: &HeaderMap, params: &Params) -> Result<Caller, CatchupError> {
         let token = bearer_token(headers);
         if token.split('.').count() == 3 {
             let now = chrono::Utc::now().timestamp();
             return self
                 .devices
                 .provisioner
-                .device_scope(&lease.session.client, token, now)
-                .await?
+                .device_claims(token, now)
+                .map(|c| Caller::Device(Box::new(c)))
                 .map_err(CatchupError::Unauthorized);
         }
         if let Err(r) = authorize(&self.devices, client, headers) {
@@ -289,13 +289,30 @@ impl CatchupApi {
                 _ => CatchupError::Refused(r),
             });
         }
-        let (Some(m), Some(b)) = (param(params, "merchant_code"), param(params, "branch_code")) else {
-            return Err(CatchupError::BadRequest(
+        match (param(params, "merchant_code"), param(params, "branch_code")) {
+            (Some(m), Some(b)) => Ok(Caller::Admin(m.to_string(), b.to_string())),
+            _ => Err(CatchupError::BadRequest(
                 "with the admin token, merchant_code and branch_code are required".into(),
-            ));
+            )),
+        }
+    }
+
+    /// The merchant and branch the caller may read: a device's own, from its record (never from the request;
+    /// a revoked or rotated-away token is refused here), or the admin's, which must name an existing branch.
+    async fn scope(&self, lease: &Lease<'_>, caller: Caller) -> Result<(String, String), CatchupError> {
+        let (m, b) = match caller {
+            Caller::Device(claims) => {
+                return self
+                    .devices
+                    .provisioner
+                    .device_scope(&lease.session.client, &claims)
+                    .await?
+                    .map_err(CatchupError::Unauthorized)
+            }
+            Caller::Admin(m, b) => (m, b),
         };
-        match store::lookup_branch(&lease.session.client, &self.schema, m, b).await {
-            Ok(Lookup::Found) => Ok((m.to_string(), b.to_string())),
+        match store::lookup_branch(&lease.session.client, &self.schema, &m, &b).await {
+            Ok(Lookup::Found) => Ok((m, b)),
             Ok(_) => Err(CatchupError::NotFound(format!("branch {b} of merchant {m} not found"))),
             Err(store::StoreError::Pg(e)) => Err(CatchupError::Pg(e)),
         }
@@ -347,8 +364,9 @@ async fn changes_page(
         param(params, "after").ok_or_else(|| CatchupError::BadRequest("after is required".into()))?,
     )?;
     let limit = limit(params, 0)?;
+    let caller = api.authenticate(client, headers, params)?;
     let mut lease = api.lease().await?;
-    let (merchant, branch) = api.scope(&lease, client, headers, params).await?;
+    let (merchant, branch) = api.scope(&lease, caller).await?;
     let page = query::changes(
         &mut lease.session.client,
         &merchant,
@@ -409,8 +427,9 @@ async fn snapshot_page(
         }
     };
     let limit = limit(params, 1)?;
+    let caller = api.authenticate(client, headers, params)?;
     let mut lease = api.lease().await?;
-    let (merchant, branch) = api.scope(&lease, client, headers, params).await?;
+    let (merchant, branch) = api.scope(&lease, caller).await?;
     let page = query::snapshot(
         &mut lease.session.client,
         &api.schema,

@@ -123,34 +123,43 @@ impl Provisioner {
         Ok(decide(&self.env, clientid, username, &claims, rec.as_ref()))
     }
 
-    /// The merchant and branch a device token may read through the catch-up API, or why it may not (HTTP 401;
-    /// the reason is logged, never sent). The same checks as [`Provisioner::authn`] (signed by one of this
-    /// bridge's keys, the device's current `jti`, not revoked, its own branch), plus what EMQX checks itself:
-    /// issuer, audience, and `exp`/`nbf` with at most [`TOKEN_LEEWAY_SECS`] of leeway. The record is read on
-    /// `client` on every call, never cached, so a revocation or a rotation takes effect on the next call.
+    /// The first half of a catch-up call's device check, without the database: the token's claims when it is
+    /// signed by one of this bridge's keys, for this bridge's issuer and audience, within its `exp`/`nbf` with
+    /// at most [`TOKEN_LEEWAY_SECS`] of leeway (what EMQX checks itself), for a valid device id; else why not
+    /// (HTTP 401; logged, never sent). Run before a database session is taken, so that a flood of forged
+    /// tokens costs no session. [`Provisioner::device_scope`] is the second half.
+    pub(crate) fn device_claims(&self, token: &str, now: i64) -> Result<Claims, &'static str> {
+        let claims = self
+            .keys
+            .as_ref()
+            .and_then(|k| k.verify(token))
+            .ok_or("not a token signed by this bridge")?;
+        if claims.iss != self.credentials.issuer || claims.aud != self.credentials.audience {
+            return Err("token for another issuer or audience");
+        }
+        if now >= claims.exp.saturating_add(TOKEN_LEEWAY_SECS) {
+            return Err("token expired");
+        }
+        if now.saturating_add(TOKEN_LEEWAY_SECS) < claims.nbf {
+            return Err("token not valid yet");
+        }
+        if !acl::is_valid_id(&claims.sub) {
+            return Err("token for an invalid device id");
+        }
+        Ok(claims)
+    }
+
+    /// The merchant and branch that `claims` (from [`Provisioner::device_claims`]) may read, from the device's
+    /// record, or why not: the same decision as [`Provisioner::authn`] (the device's current `jti`, not revoked,
+    /// its own branch). The record is read on `client` on every call, never cached, so a revocation or a
+    /// rotation takes effect on the next call.
     pub(crate) async fn device_scope<C: tokio_postgres::GenericClient>(
         &self,
         client: &C,
-        token: &str,
-        now: i64,
+        claims: &Claims,
     ) -> Result<Result<(String, String), &'static str>, ProvisionError> {
-        let Some(claims) = self.keys.as_ref().and_then(|k| k.verify(token)) else {
-            return Ok(Err("not a token signed by this bridge"));
-        };
-        if claims.iss != self.credentials.issuer || claims.aud != self.credentials.audience {
-            return Ok(Err("token for another issuer or audience"));
-        }
-        if now >= claims.exp.saturating_add(TOKEN_LEEWAY_SECS) {
-            return Ok(Err("token expired"));
-        }
-        if now.saturating_add(TOKEN_LEEWAY_SECS) < claims.nbf {
-            return Ok(Err("token not valid yet"));
-        }
-        if !acl::is_valid_id(&claims.sub) {
-            return Ok(Err("token for an invalid device id"));
-        }
         let rec = store::get(client, &claims.sub).await?;
-        match decide(&self.env, &claims.clientid, &claims.username, &claims, rec.as_ref()) {
+        match decide(&self.env, &claims.clientid, &claims.username, claims, rec.as_ref()) {
             Verdict::Deny(why) => Ok(Err(why)),
             Verdict::Ignore => match rec {
                 Some(r) => Ok(Ok((r.merchant_code, r.branch_code))),
