@@ -401,6 +401,7 @@ async fn refused_tokens_and_malformed_parameters() {
         "/api/v1/changes?after=1.5",
         "/api/v1/changes?after=abc",
         "/api/v1/changes?after=%2B1",
+        "/api/v1/changes?after=9223372036854775808",
         "/api/v1/changes?after=0&limit=-1",
         "/api/v1/changes?after=0&limit=1001",
         "/api/v1/changes?after=0&limit=x",

@@ -206,15 +206,14 @@ fn param<'a>(params: &'a Params, name: &str) -> Option<&'a str> {
     params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
-/// A non-negative integer written in decimal digits only (no sign, no space); beyond i64 it saturates, which
-/// for `after` means "beyond the newest".
+/// A non-negative integer written in decimal digits only (no sign, no space), at most 2^63 - 1 (the maximum
+/// the document declares).
 fn non_negative(name: &str, v: &str) -> Result<i64, CatchupError> {
+    let bad = || CatchupError::BadRequest(format!("{name} must be an integer from 0 to 9223372036854775807"));
     if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(CatchupError::BadRequest(format!(
-            "{name} must be a non-negative integer"
-        )));
+        return Err(bad());
     }
-    Ok(v.parse::<i64>().unwrap_or(i64::MAX))
+    v.parse::<i64>().map_err(|_| bad())
 }
 
 fn limit(params: &Params, min: i64) -> Result<i64, CatchupError> {
