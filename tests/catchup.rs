@@ -369,6 +369,15 @@ async fn refused_tokens_and_malformed_parameters() {
     // The admin token: the branch is required, and must exist.
     let (status, body) = api.get(page, Some(ADMIN_TOKEN)).await;
     assert_eq!(status, 400, "{body}");
+    for bad in ["NO%00PE", "a%2Fb", "%2B"] {
+        let (status, body) = api
+            .get(
+                &format!("{page}&merchant_code={MERCHANT}&branch_code={bad}"),
+                Some(ADMIN_TOKEN),
+            )
+            .await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
     let (status, body) = api
         .get(
             &format!("{page}&merchant_code={MERCHANT}&branch_code=NOPE"),

@@ -27,6 +27,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pg;
+use crate::provision::acl::is_valid_id;
 use crate::provision::api::{authorize, bearer_token, error, DeviceApi};
 use crate::provision::store::{self, Lookup};
 use query::{Changes, Cursor, QueryError};
@@ -289,6 +290,11 @@ impl CatchupApi {
             });
         }
         match (param(params, "merchant_code"), param(params, "branch_code")) {
+            // As for issuing: a code outside the id pattern names no branch a device or a topic can have (and
+            // one with a NUL byte could not even be looked up).
+            (Some(m), Some(b)) if !is_valid_id(m) || !is_valid_id(b) => Err(CatchupError::BadRequest(
+                "merchant_code and branch_code must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$".into(),
+            )),
             (Some(m), Some(b)) => Ok(Caller::Admin(m.to_string(), b.to_string())),
             _ => Err(CatchupError::BadRequest(
                 "with the admin token, merchant_code and branch_code are required".into(),
