@@ -28,6 +28,7 @@
 
 pub(crate) mod backoff;
 pub(crate) mod capture;
+pub(crate) mod catchup;
 pub mod config;
 pub(crate) mod convert;
 pub(crate) mod deliver;

@@ -91,6 +91,8 @@ pub(crate) struct Metrics {
     pub devices_revoked: IntCounter,
     /// By `result`: one of [`AUTHN_RESULTS`], the answers to EMQX's HTTP authenticator.
     pub broker_authn: IntCounterVec,
+    /// By `endpoint` and `outcome` ([`crate::catchup::ENDPOINTS`], [`crate::catchup::OUTCOMES`]).
+    pub catchup_requests: IntCounterVec,
     pub outbox_poll_seconds: Histogram,
     /// Duration of one numbering transaction (branch_seq given to a read's new events, committed).
     pub numbering_seconds: Histogram,
@@ -194,6 +196,13 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let catchup_requests = IntCounterVec::new(
+            Opts::new(
+                "delta_bridge_catchup_requests_total",
+                "Calls of the catch-up API (GET /api/v1/changes and /api/v1/snapshot), by endpoint and outcome",
+            ),
+            &["endpoint", "outcome"],
+        )?;
         let outbox_poll_seconds = Histogram::with_opts(
             HistogramOpts::new("delta_bridge_outbox_poll_seconds", "Duration of one outbox read")
                 .buckets(exponential_buckets(0.0001, 4.0, 9)?),
@@ -235,6 +244,7 @@ impl Metrics {
         registry.register(Box::new(devices_issued.clone()))?;
         registry.register(Box::new(devices_revoked.clone()))?;
         registry.register(Box::new(broker_authn.clone()))?;
+        registry.register(Box::new(catchup_requests.clone()))?;
         registry.register(Box::new(outbox_poll_seconds.clone()))?;
         registry.register(Box::new(numbering_seconds.clone()))?;
         registry.register(Box::new(http_connections.clone()))?;
@@ -255,6 +265,11 @@ impl Metrics {
         }
         for r in AUTHN_RESULTS {
             broker_authn.with_label_values(&[r]);
+        }
+        for e in crate::catchup::ENDPOINTS {
+            for o in crate::catchup::OUTCOMES {
+                catchup_requests.with_label_values(&[e, o]);
+            }
         }
         Ok(Metrics {
             registry,
@@ -280,6 +295,7 @@ impl Metrics {
             devices_issued,
             devices_revoked,
             broker_authn,
+            catchup_requests,
             outbox_poll_seconds,
             numbering_seconds,
             http_connections,
@@ -332,6 +348,8 @@ mod tests {
             "delta_bridge_devices_revoked_total 0",
             "delta_bridge_broker_authn_total{result=\"deny\"} 0",
             "delta_bridge_broker_authn_total{result=\"unavailable\"} 0",
+            "delta_bridge_catchup_requests_total{endpoint=\"changes\",outcome=\"resync_required\"} 0",
+            "delta_bridge_catchup_requests_total{endpoint=\"snapshot\",outcome=\"ok\"} 0",
             "delta_bridge_payload_bytes_bucket{stream=\"product\",le=\"64\"} 0",
             "delta_bridge_http_connections 0",
             "delta_bridge_http_connections_refused_total 0",

@@ -84,6 +84,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (6, "branch_seq", include_str!("../sql/006_branch_seq.sql")),
     (7, "change_log", include_str!("../sql/007_change_log.sql")),
     (8, "delete_events", include_str!("../sql/008_delete_events.sql")),
+    (9, "row_seq", include_str!("../sql/009_row_seq.sql")),
 ];
 
 /// The newest migration this binary knows.

@@ -268,16 +268,18 @@ pub async fn start(
         )),
         _ => None,
     };
+    let devices = Arc::new(DeviceApi {
+        admin_token: cfg.http.admin_token.clone(),
+        authn_token: cfg.broker.authn_token.clone(),
+        provisioner: provisioner.clone(),
+        throttle: Default::default(),
+        calls: TaskTracker::new(),
+    });
     let state = AppState {
         health: health.clone(),
         metrics: metrics.clone(),
-        devices: Arc::new(DeviceApi {
-            admin_token: cfg.http.admin_token.clone(),
-            authn_token: cfg.broker.authn_token.clone(),
-            provisioner: provisioner.clone(),
-            throttle: Default::default(),
-            calls: TaskTracker::new(),
-        }),
+        catchup: Arc::new(crate::catchup::CatchupApi::new(&cfg, devices.clone(), metrics.clone())),
+        devices,
     };
     supervisor.spawn(
         &tracker,

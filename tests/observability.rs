@@ -13,7 +13,7 @@ use common::Env;
 use serde_json::Value;
 
 /// Panels the dashboard must have, by title (row "delta-bridge" unless noted).
-const REQUIRED_PANELS: [&str; 12] = [
+const REQUIRED_PANELS: [&str; 13] = [
     "Events published /s by stream",
     "Commit-to-PUBACK latency (p50/p95/p99)",
     "Outbox backlog, oldest row age, dead letters",
@@ -27,11 +27,12 @@ const REQUIRED_PANELS: [&str; 12] = [
     // Row "Catch-up (change log and API)".
     "Change log: oldest event age",
     "Change log: bytes on disk",
+    "Catch-up requests /s by endpoint and outcome",
 ];
 
 /// Bridge series the dashboard must query: the metrics of docs/metrics.md that operators watch (all but the
 /// outbox-read timing, a diagnostic) and the process metrics.
-const REQUIRED_SERIES: [&str; 17] = [
+const REQUIRED_SERIES: [&str; 18] = [
     "delta_bridge_events_published_total",
     "delta_bridge_publish_failures_total",
     "delta_bridge_end_to_end_latency_seconds_bucket",
@@ -47,6 +48,7 @@ const REQUIRED_SERIES: [&str; 17] = [
     "delta_bridge_change_log_oldest_age_seconds",
     "delta_bridge_change_log_bytes",
     "delta_bridge_change_log_reclaim_age_seconds",
+    "delta_bridge_catchup_requests_total",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
 ];

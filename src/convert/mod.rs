@@ -425,6 +425,33 @@ impl Context {
 }
 
 /// Reads an id that the session stored as text (settings are text); `None` when unset.
+/// A products row as the catch-up snapshot shows it: the data object of `product_updated`, with the row's
+/// latest published `seq` (None for a row never published).
+#[derive(Debug, Serialize)]
+pub(crate) struct SnapshotProduct {
+    product_id: i64,
+    product_name: String,
+    price: Number,
+    stock: i64,
+    /// The row's `updated_by` column; an event falls back to the writer's actor or role, which the row does not
+    /// keep, so the snapshot shows null there.
+    updated_by: Option<String>,
+    seq: Option<i64>,
+}
+
+/// `row` is the products row as `row_to_json` renders it, as the capture triggers store it: read with the same
+/// helpers as a `product_updated` event, so that ids, names and prices come out exactly as events carry them.
+pub(crate) fn snapshot_product(row: &Value, seq: Option<i64>) -> Result<SnapshotProduct, ConvertError> {
+    Ok(SnapshotProduct {
+        product_id: int(row, "id")?,
+        product_name: text(row, "name")?,
+        price: number(row, "price")?,
+        stock: int(row, "stock")?,
+        updated_by: opt_text(row, "updated_by")?,
+        seq,
+    })
+}
+
 fn parse_id(v: &Value, key: &str, what: &str) -> Result<Option<i64>, ConvertError> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),

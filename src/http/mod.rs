@@ -1,5 +1,5 @@
-//! The HTTP surface: /healthz, /readyz, /metrics, and the device API's routes (their handlers live with
-//! provisioning). Serves on the listener it is given, so tests can bind port 0, until the cancellation
+//! The HTTP surface: /healthz, /readyz, /metrics, the device API's routes (their handlers live with
+//! provisioning) and the catch-up API's (in `catchup`). Serves on the listener it is given, so tests can bind port 0, until the cancellation
 //! token fires. Never returns a database or broker error text to a client.
 //!
 //! - [`server`]: connections (TLS when configured, header timeout, connection cap, shutdown deadline).
@@ -33,6 +33,7 @@ pub(crate) struct AppState {
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
     pub devices: Arc<DeviceApi>,
+    pub catchup: Arc<crate::catchup::CatchupApi>,
 }
 
 /// Every route, behind the body limits, with every error answer in JSON (the layers wrap the routes and the
@@ -46,6 +47,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .fallback(not_found)
         .with_state(state.clone())
         .merge(crate::provision::api::routes(state.devices))
+        .merge(crate::catchup::routes(state.catchup))
         .layer(middleware::from_fn(limits::bounded_body))
         .layer(middleware::map_response(limits::json_errors))
 }

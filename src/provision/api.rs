@@ -70,12 +70,12 @@ pub(crate) fn routes(api: Arc<DeviceApi>) -> Router {
         .with_state(api)
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
 }
 
 /// The token of an `Authorization: Bearer <token>` header; the scheme in any case (RFC 7235).
-fn bearer_token(headers: &HeaderMap) -> &str {
+pub(crate) fn bearer_token(headers: &HeaderMap) -> &str {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -96,7 +96,7 @@ fn secret_matches(given: &str, expected: &Secret) -> bool {
 /// Checks `Authorization: Bearer <admin_token>` in constant time (hashes of equal length are compared, so
 /// neither the content nor the length of the token leaks through timing), unless the client's address has
 /// failed too often lately: then 429 without comparing.
-fn authorize(api: &DeviceApi, client: SocketAddr, headers: &HeaderMap) -> Result<(), Box<Response>> {
+pub(crate) fn authorize(api: &DeviceApi, client: SocketAddr, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let Some(expected) = &api.admin_token else {
         return Err(Box::new(error(
             StatusCode::SERVICE_UNAVAILABLE,

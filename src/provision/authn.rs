@@ -35,6 +35,10 @@ pub(crate) const AUTHN_CONNECTIONS: usize = 4;
 /// the deployment sets on EMQX's side, so the bridge, not EMQX, decides when to give up.
 pub(crate) const AUTHN_DEADLINE: Duration = Duration::from_secs(3);
 
+/// How far past its `exp` (or before its `nbf`) a device token is still taken by the catch-up API: clock
+/// skew between the device, the bridge and the database, and no more.
+pub(crate) const TOKEN_LEEWAY_SECS: i64 = 5;
+
 /// What the endpoint answers (HTTP 200 with `{"result": …}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
@@ -117,6 +121,51 @@ impl Provisioner {
             .await
             .map_err(|_| StoreError::Pg(pg::PgError::Timeout(AUTHN_DEADLINE)))??;
         Ok(decide(&self.env, clientid, username, &claims, rec.as_ref()))
+    }
+
+    /// The first half of a catch-up call's device check, without the database: the token's claims when it is
+    /// signed by one of this bridge's keys, for this bridge's issuer and audience, within its `exp`/`nbf` with
+    /// at most [`TOKEN_LEEWAY_SECS`] of leeway (what EMQX checks itself), for a valid device id; else why not
+    /// (HTTP 401; logged, never sent). Run before a database session is taken, so that a flood of forged
+    /// tokens costs no session. [`Provisioner::device_scope`] is the second half.
+    pub(crate) fn device_claims(&self, token: &str, now: i64) -> Result<Claims, &'static str> {
+        let claims = self
+            .keys
+            .as_ref()
+            .and_then(|k| k.verify(token))
+            .ok_or("not a token signed by this bridge")?;
+        if claims.iss != self.credentials.issuer || claims.aud != self.credentials.audience {
+            return Err("token for another issuer or audience");
+        }
+        if now >= claims.exp.saturating_add(TOKEN_LEEWAY_SECS) {
+            return Err("token expired");
+        }
+        if now.saturating_add(TOKEN_LEEWAY_SECS) < claims.nbf {
+            return Err("token not valid yet");
+        }
+        if !acl::is_valid_id(&claims.sub) {
+            return Err("token for an invalid device id");
+        }
+        Ok(claims)
+    }
+
+    /// The merchant and branch that `claims` (from [`Provisioner::device_claims`]) may read, from the device's
+    /// record, or why not: the same decision as [`Provisioner::authn`] (the device's current `jti`, not revoked,
+    /// its own branch). The record is read on `client` on every call, never cached, so a revocation or a
+    /// rotation takes effect on the next call.
+    pub(crate) async fn device_scope<C: tokio_postgres::GenericClient>(
+        &self,
+        client: &C,
+        claims: &Claims,
+    ) -> Result<Result<(String, String), &'static str>, ProvisionError> {
+        let rec = store::get(client, &claims.sub).await?;
+        match decide(&self.env, &claims.clientid, &claims.username, claims, rec.as_ref()) {
+            Verdict::Deny(why) => Ok(Err(why)),
+            Verdict::Ignore => match rec {
+                Some(r) => Ok(Ok((r.merchant_code, r.branch_code))),
+                None => Ok(Err("no such device")),
+            },
+        }
     }
 
     async fn read_device(&self, device_id: &str) -> Result<Option<store::DeviceRecord>, ProvisionError> {

@@ -3,6 +3,7 @@
 //! that records what a device would receive. Waits for SUBACK and readiness instead of sleeping.
 #![allow(dead_code)]
 
+pub mod catchup_client;
 pub mod certs;
 pub mod dynsec;
 pub mod netns;

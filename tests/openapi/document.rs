@@ -8,8 +8,10 @@ use delta_harness::schemas::{schema_errors, validate_in};
 use serde_json::Value;
 
 /// Every route the bridge serves, as `METHOD path`.
-pub const ROUTES: [&str; 9] = [
+pub const ROUTES: [&str; 11] = [
     "POST /api/v1/devices",
+    "GET /api/v1/changes",
+    "GET /api/v1/snapshot",
     "GET /api/v1/devices/{device_id}",
     "DELETE /api/v1/devices/{device_id}",
     "POST /api/v1/broker/authn",
