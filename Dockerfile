@@ -51,7 +51,9 @@ RUN touch src/main.rs src/lib.rs load/src/main.rs harness/src/lib.rs \
 
 # ---- prebuilt (only with --build-arg BINARIES=prebuilt) -----------------------------------------------------
 FROM scratch AS prebuilt
-COPY delta-bridge delta-load /out/
+# The whole context, not two named files: Docker's legacy builder (no BuildKit) builds every stage, and a
+# default build's context holds no binaries, so naming them would fail it.
+COPY . /out/
 
 # The stage named by BINARIES; FROM is the one place a build argument can pick a stage.
 FROM ${BINARIES} AS binaries
