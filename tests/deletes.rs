@@ -647,6 +647,21 @@ async fn id_changes_redeleted_sales_and_moves_keep_devices_equal_to_the_database
     );
     assert_eq!(bookkeeping_rows(&db).await, 0);
 
+    // 3. Notes that outlived their transaction (written by hand here) are removed by the leader's upkeep,
+    //    which a new leader runs before numbering its first events.
+    db.batch_execute(
+        "INSERT INTO delta_bridge.row_born VALUES (pg_current_xact_id(), 'products', 1, 1);
+         INSERT INTO delta_bridge.row_gone VALUES (pg_current_xact_id(), 'inventory', 1, 1);
+         INSERT INTO delta_bridge.sale_gone VALUES (pg_current_xact_id(), 1, '{}');",
+    )
+    .await
+    .expect("leftovers");
+    assert_eq!(bookkeeping_rows(&db).await, 3);
+    bridge.stop().await;
+    let bridge = env.bridge().await;
+    step(&db, &sub, &mut marker, "SELECT 1").await;
+    assert_eq!(bookkeeping_rows(&db).await, 0, "leftover notes removed");
+
     let all = sub.snapshot();
     assert_eq!(
         common::by_event_id(&all).len(),
