@@ -189,6 +189,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enab
 DECLARE
     x xid8; sale bigint; c json; m text; b text; r record;
     moved boolean := false;
+    gone boolean := false;        -- deleted later in this transaction, and not there at commit
     left_only boolean := false;   -- moved, then deleted: only the branch it left is told here
 BEGIN
     IF TG_LEVEL <> 'ROW' OR TG_OP NOT IN ('INSERT', 'UPDATE', 'DELETE') THEN
@@ -220,8 +221,12 @@ BEGIN
     ELSE
         r := NEW;
         moved := TG_OP = 'UPDATE' AND NEW.branch_id IS DISTINCT FROM OLD.branch_id;
-        IF EXISTS (SELECT 1 FROM delta_bridge.row_gone g WHERE g.xact = x AND g.tbl = 'products' AND g.row_id = NEW.id)
-           AND NOT EXISTS (SELECT 1 FROM @schema@.products p WHERE p.id = NEW.id) THEN
+        -- Two statements, not one: the row lookup is not even planned unless a delete is noted (planned with
+        -- enable_seqscan off on a table without an index on id, its cost alone would make it JIT-compiled).
+        IF EXISTS (SELECT 1 FROM delta_bridge.row_gone g WHERE g.xact = x AND g.tbl = 'products' AND g.row_id = NEW.id) THEN
+            gone := NOT EXISTS (SELECT 1 FROM @schema@.products p WHERE p.id = NEW.id);
+        END IF;
+        IF gone THEN
             -- Deleted later in this transaction: its DELETE capture decides, knowing whether it was born here.
             IF TG_OP = 'INSERT' THEN
                 INSERT INTO delta_bridge.row_born AS rb (xact, tbl, row_id, n) VALUES (x, 'products', NEW.id, 1)
@@ -299,6 +304,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enab
 DECLARE
     x xid8; sale bigint; c json; m text; b text; pname text; r record;
     moved boolean := false;
+    gone boolean := false;
     left_only boolean := false;
 BEGIN
     IF TG_LEVEL <> 'ROW' OR TG_OP NOT IN ('INSERT', 'UPDATE', 'DELETE') THEN
@@ -328,8 +334,12 @@ BEGIN
     ELSE
         r := NEW;
         moved := TG_OP = 'UPDATE' AND NEW.branch_id IS DISTINCT FROM OLD.branch_id;
-        IF EXISTS (SELECT 1 FROM delta_bridge.row_gone g WHERE g.xact = x AND g.tbl = 'inventory' AND g.row_id = NEW.id)
-           AND NOT EXISTS (SELECT 1 FROM @schema@.inventory i WHERE i.id = NEW.id) THEN
+        -- Two statements, not one: the row lookup is not even planned unless a delete is noted (planned with
+        -- enable_seqscan off on a table without an index on id, its cost alone would make it JIT-compiled).
+        IF EXISTS (SELECT 1 FROM delta_bridge.row_gone g WHERE g.xact = x AND g.tbl = 'inventory' AND g.row_id = NEW.id) THEN
+            gone := NOT EXISTS (SELECT 1 FROM @schema@.inventory i WHERE i.id = NEW.id);
+        END IF;
+        IF gone THEN
             IF TG_OP = 'INSERT' THEN
                 INSERT INTO delta_bridge.row_born AS rb (xact, tbl, row_id, n) VALUES (x, 'inventory', NEW.id, 1)
                     ON CONFLICT (xact, tbl, row_id) DO UPDATE SET n = rb.n + 1;
