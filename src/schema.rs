@@ -85,6 +85,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (7, "change_log", include_str!("../sql/007_change_log.sql")),
     (8, "delete_events", include_str!("../sql/008_delete_events.sql")),
     (9, "row_seq", include_str!("../sql/009_row_seq.sql")),
+    (10, "capture_fixes", include_str!("../sql/010_capture_fixes.sql")),
 ];
 
 /// The newest migration this binary knows.

@@ -14,6 +14,9 @@ const WAIT: Duration = Duration::from_secs(20);
 const TOPIC_PRODUCT: &str = "dev/MCH-MST-001/BRN-MST-OSK00001/product/updates";
 const TOPIC_INVENTORY: &str = "dev/MCH-MST-001/BRN-MST-OSK00001/inventory/updates";
 const TOPIC_TRANSACTION: &str = "dev/MCH-MST-001/BRN-MST-OSK00001/transaction/updates";
+/// Branch 2 of the same merchant: where the moved rows go.
+const TOPIC_PRODUCT_2: &str = "dev/MCH-MST-001/BRN-MST-OSK00002/product/updates";
+const TOPIC_INVENTORY_2: &str = "dev/MCH-MST-001/BRN-MST-OSK00002/inventory/updates";
 /// The marker row: product 20 of branch 1, whose stock each marker sets to a new value.
 const MARKER: i64 = 20;
 
@@ -80,7 +83,8 @@ fn check_envelope(m: &Received, event_type: &str, data_keys: &[&str]) {
 async fn bookkeeping_rows(db: &tokio_postgres::Client) -> i64 {
     db.query_one(
         "SELECT (SELECT count(*) FROM delta_bridge.row_born) + (SELECT count(*) FROM delta_bridge.sale_gone)
-              + (SELECT count(*) FROM delta_bridge.sale_notes) + (SELECT count(*) FROM delta_bridge.sale_dirty)",
+              + (SELECT count(*) FROM delta_bridge.sale_notes) + (SELECT count(*) FROM delta_bridge.sale_dirty)
+              + (SELECT count(*) FROM delta_bridge.row_gone)",
         &[],
     )
     .await
@@ -406,6 +410,258 @@ async fn deletes_publish_once_and_rows_born_in_the_transaction_publish_nothing()
 
     // No per-transaction bookkeeping outlives its transaction.
     assert_eq!(bookkeeping_rows(&db).await, 0);
+    let all = sub.snapshot();
+    assert_eq!(
+        common::by_event_id(&all).len(),
+        all.len(),
+        "no duplicates without faults"
+    );
+    sub.stop().await;
+    bridge.stop().await;
+}
+
+/// `(event_type, topic, data)` of each message, in order.
+fn events(msgs: &[Received]) -> Vec<(String, String, Value)> {
+    msgs.iter()
+        .map(|m| {
+            (
+                m.payload["event_type"].as_str().unwrap_or_default().to_string(),
+                m.topic.clone(),
+                m.payload["data"].clone(),
+            )
+        })
+        .collect()
+}
+
+/// Only a delete noted in the same transaction makes an INSERT or UPDATE capture look for its row: a row whose
+/// id changes later still publishes what happened before; a sale that existed before, deleted, inserted again,
+/// flushed and deleted again publishes its delete with the row devices knew; rows that move to another branch
+/// leave the old branch's devices with a delete. After each, no per-transaction bookkeeping is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn id_changes_redeleted_sales_and_moves_keep_devices_equal_to_the_database() {
+    let env = Env::start("deletes-fixes");
+    let bridge = env.bridge().await;
+    let sub = Subscriber::start(&env.mqtt.url(), "device-deletes-fixes", "dev/#").await;
+    let db = env.client().await;
+    let mut marker = 0;
+    let new_product = |id: i64| {
+        format!("INSERT INTO products (id, branch_id, name, price, stock) VALUES ({id}, 1, 'New {id}', 1, 1)")
+    };
+
+    // 1. A stock change, then the id changes: the stock change is told (the id change is not, a known limit).
+    step(&db, &sub, &mut marker, &new_product(950)).await;
+    let got = step(
+        &db,
+        &sub,
+        &mut marker,
+        "BEGIN; UPDATE products SET stock = 77 WHERE id = 950; UPDATE products SET id = 1950 WHERE id = 950; COMMIT;",
+    )
+    .await;
+    let got = events(&got);
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(
+        (got[0].0.as_str(), &got[0].2["product_id"], &got[0].2["new_stock"]),
+        ("stock_updated", &json!(950), &json!(77))
+    );
+    assert_eq!(bookkeeping_rows(&db).await, 0);
+    // An insert whose id changes in the same transaction is told (product_updated), and leaves no note behind.
+    let got = step(
+        &db,
+        &sub,
+        &mut marker,
+        &format!(
+            "BEGIN; {}; UPDATE products SET id = 1951 WHERE id = 951; COMMIT;",
+            new_product(951)
+        ),
+    )
+    .await;
+    let got = events(&got);
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(
+        (got[0].0.as_str(), &got[0].2["product_id"]),
+        ("product_updated", &json!(951))
+    );
+    assert_eq!(bookkeeping_rows(&db).await, 0);
+    // Born twice and deleted twice under one id: still nothing; deleted, born again and kept: delete, then the new row.
+    let got = step(
+        &db,
+        &sub,
+        &mut marker,
+        &format!(
+            "BEGIN; {p}; DELETE FROM products WHERE id = 952; {p}; UPDATE products SET stock = 9 WHERE id = 952;
+             DELETE FROM products WHERE id = 952; COMMIT;",
+            p = new_product(952)
+        ),
+    )
+    .await;
+    assert!(got.is_empty(), "{:#?}", shown(&got));
+    let got = step(
+        &db,
+        &sub,
+        &mut marker,
+        &format!(
+            "BEGIN; DELETE FROM products WHERE id = 1950; {}; COMMIT;",
+            new_product(1950)
+        ),
+    )
+    .await;
+    let types: Vec<String> = events(&got).into_iter().map(|e| e.0).collect();
+    assert_eq!(types, ["product_deleted", "product_updated"], "{:#?}", shown(&got));
+    assert_eq!(bookkeeping_rows(&db).await, 0);
+
+    // 2. A sale that existed, deleted, inserted again under its id (another code), flushed, deleted again: one
+    //    transaction_deleted, with the code devices know.
+    step(
+        &db,
+        &sub,
+        &mut marker,
+        "INSERT INTO transactions (id, branch_id, transaction_code, status, grand_total) VALUES (30001, 1, 'TX-RE-A', 'paid', 1)",
+    )
+    .await;
+    let got = step(
+        &db,
+        &sub,
+        &mut marker,
+        "BEGIN;
+         DELETE FROM transactions WHERE id = 30001;
+         INSERT INTO transactions (id, branch_id, transaction_code, status, grand_total) VALUES (30001, 1, 'TX-RE-B', 'paid', 1);
+         SET CONSTRAINTS ALL IMMEDIATE;
+         DELETE FROM transactions WHERE id = 30001;
+         COMMIT;",
+    )
+    .await;
+    assert_eq!(got.len(), 1, "{:#?}", shown(&got));
+    assert_eq!(got[0].topic, TOPIC_TRANSACTION);
+    assert_eq!(got[0].payload["event_type"], "transaction_deleted");
+    assert_eq!(
+        (
+            &got[0].payload["data"]["transaction_id"],
+            &got[0].payload["data"]["transaction_code"]
+        ),
+        (&json!(30001), &json!("TX-RE-A"))
+    );
+    assert_eq!(bookkeeping_rows(&db).await, 0);
+
+    // 5. Moves. A product to branch 2: deleted for branch 1, the whole product for branch 2.
+    let got = events(
+        &step(
+            &db,
+            &sub,
+            &mut marker,
+            "UPDATE products SET branch_id = 2 WHERE id = 11",
+        )
+        .await,
+    );
+    assert_eq!(got.len(), 2, "{got:#?}");
+    assert_eq!(
+        (got[0].0.as_str(), got[0].1.as_str(), &got[0].2["product_id"]),
+        ("product_deleted", TOPIC_PRODUCT, &json!(11))
+    );
+    assert_eq!(
+        (got[1].0.as_str(), got[1].1.as_str()),
+        ("product_updated", TOPIC_PRODUCT_2)
+    );
+    assert_eq!((&got[1].2["product_id"], &got[1].2["stock"]), (&json!(11), &json!(100)));
+    // With its stock changed in the same statement: the same two events, and no stock_updated.
+    let got = events(
+        &step(
+            &db,
+            &sub,
+            &mut marker,
+            "UPDATE products SET branch_id = 2, stock = 5 WHERE id = 12",
+        )
+        .await,
+    );
+    let seen: Vec<(&str, &str)> = got.iter().map(|e| (e.0.as_str(), e.1.as_str())).collect();
+    assert_eq!(
+        seen,
+        [("product_deleted", TOPIC_PRODUCT), ("product_updated", TOPIC_PRODUCT_2)]
+    );
+    assert_eq!(got[1].2["stock"], 5);
+    // Moved, then deleted in the same transaction: both branches hear the delete.
+    let got = events(
+        &step(
+            &db,
+            &sub,
+            &mut marker,
+            "BEGIN; UPDATE products SET branch_id = 2 WHERE id = 13; DELETE FROM inventory WHERE product_id = 13;
+             DELETE FROM products WHERE id = 13; COMMIT;",
+        )
+        .await,
+    );
+    let seen: Vec<(&str, &str)> = got.iter().map(|e| (e.0.as_str(), e.1.as_str())).collect();
+    assert_eq!(
+        seen,
+        [
+            ("product_deleted", TOPIC_PRODUCT),
+            ("inventory_deleted", TOPIC_INVENTORY),
+            ("product_deleted", TOPIC_PRODUCT_2)
+        ]
+    );
+    // An inventory row to branch 2: deleted for branch 1, new (old_quantity 0) for branch 2.
+    let got = events(
+        &step(
+            &db,
+            &sub,
+            &mut marker,
+            "UPDATE inventory SET branch_id = 2 WHERE id = 14",
+        )
+        .await,
+    );
+    assert_eq!(got.len(), 2, "{got:#?}");
+    assert_eq!(
+        (got[0].0.as_str(), got[0].1.as_str(), &got[0].2["inventory_id"]),
+        ("inventory_deleted", TOPIC_INVENTORY, &json!(14))
+    );
+    assert_eq!(
+        (got[1].0.as_str(), got[1].1.as_str()),
+        ("quantity_updated", TOPIC_INVENTORY_2)
+    );
+    assert_eq!(
+        (&got[1].2["old_quantity"], &got[1].2["new_quantity"], &got[1].2["delta"]),
+        (&json!(0), &json!(50), &json!(50))
+    );
+    // Its product changed, quantity the same: quantity_updated names the new product.
+    let got = events(
+        &step(
+            &db,
+            &sub,
+            &mut marker,
+            "UPDATE inventory SET product_id = 16 WHERE id = 15",
+        )
+        .await,
+    );
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(
+        (got[0].0.as_str(), got[0].1.as_str()),
+        ("quantity_updated", TOPIC_INVENTORY)
+    );
+    assert_eq!(
+        (
+            &got[0].2["inventory_id"],
+            &got[0].2["product_id"],
+            &got[0].2["product_name"],
+            &got[0].2["delta"]
+        ),
+        (&json!(15), &json!(16), &json!("Product 1-16"), &json!(0))
+    );
+    assert_eq!(bookkeeping_rows(&db).await, 0);
+
+    // 3. Notes that outlived their transaction (written by hand here) are removed by the leader's upkeep,
+    //    which a new leader runs before numbering its first events.
+    db.batch_execute(
+        "INSERT INTO delta_bridge.row_born VALUES (pg_current_xact_id(), 'products', 1, 1);
+         INSERT INTO delta_bridge.row_gone VALUES (pg_current_xact_id(), 'inventory', 1, 1);
+         INSERT INTO delta_bridge.sale_gone VALUES (pg_current_xact_id(), 1, '{}');",
+    )
+    .await
+    .expect("leftovers");
+    assert_eq!(bookkeeping_rows(&db).await, 3);
+    bridge.stop().await;
+    let bridge = env.bridge().await;
+    step(&db, &sub, &mut marker, "SELECT 1").await;
+    assert_eq!(bookkeeping_rows(&db).await, 0, "leftover notes removed");
+
     let all = sub.snapshot();
     assert_eq!(
         common::by_event_id(&all).len(),

@@ -33,7 +33,7 @@ const BUSINESS_TABLES: [&str; 6] = [
 
 /// Tables of the bridge that legitimately keep rows between transactions. Any other table in the bridge's
 /// schema holds per-transaction bookkeeping and must be empty once the writes are over.
-const PERSISTENT_TABLES: [&str; 10] = [
+const PERSISTENT_TABLES: [&str; 11] = [
     "outbox",
     "dead_letter",
     "meta",
@@ -46,6 +46,8 @@ const PERSISTENT_TABLES: [&str; 10] = [
     // partitions' rows are counted through the partitioned table).
     "branch_counter",
     "change_log",
+    // Each products and inventory row's latest published seq, for the catch-up snapshot (migration 9).
+    "row_seq",
     "change_log_partitions",
 ];
 

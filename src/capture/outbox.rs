@@ -11,6 +11,21 @@ use super::change_log;
 use crate::convert::{Captured, ConvertError};
 use crate::pg::{timed, PgError};
 
+/// The per-transaction notes of capture (sql/008_delete_events.sql, sql/010_capture_fixes.sql): each is
+/// removed by the transaction that wrote it, so any row of a transaction that has ended (below the oldest
+/// running one) is a leftover of a path that missed it, e.g. a writer that made one capture trigger immediate.
+/// They would only grow the tables: removed here, one statement.
+const SWEEP_NOTES: &str = "WITH h AS (SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()) AS x),
+      a AS (DELETE FROM delta_bridge.row_born  WHERE xact < (SELECT x FROM h) RETURNING 1),
+      b AS (DELETE FROM delta_bridge.row_gone  WHERE xact < (SELECT x FROM h) RETURNING 1),
+      c AS (DELETE FROM delta_bridge.sale_gone WHERE xact < (SELECT x FROM h) RETURNING 1)
+    SELECT (SELECT count(*) FROM a) + (SELECT count(*) FROM b) + (SELECT count(*) FROM c)";
+
+/// Removes the capture notes of ended transactions; returns how many there were (normally none).
+pub(crate) async fn sweep_notes(client: &Client) -> Result<i64, PgError> {
+    Ok(timed(client.query_one(SWEEP_NOTES, &[])).await?.try_get(0)?)
+}
+
 const COLUMNS: &str =
     "id, captured_at, kind, op, merchant_code, branch_code, product_name, old_row, new_row, items, ctx, branch_seq";
 const COLUMN_COUNT: usize = 12;

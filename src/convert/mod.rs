@@ -322,7 +322,9 @@ pub(crate) fn convert(
                 Some(old) => int(old, "quantity")?,
                 None => 0,
             };
-            if c.old_row.is_some() && old_quantity == new_quantity {
+            // An unchanged quantity is news only when the row now stands for another product.
+            let same_product = c.old_row.as_ref().map(|old| old.get("product_id")) == Some(new.get("product_id"));
+            if same_product && old_quantity == new_quantity {
                 return Ok(None);
             }
             let Some(product_name) = c.product_name.clone() else {

@@ -234,6 +234,14 @@ impl Pipeline {
         }
         self.log_covered = Some(now + done.covered_for);
         self.log_maintained = Some(now);
+        // With the same rhythm, and never in the way: a failure only leaves the leftovers for the next time.
+        match outbox::sweep_notes(client).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(rows = n, "removed capture notes that outlived their transactions"),
+            Err(e) => {
+                tracing::error!(error = %e, "removing leftover capture notes failed; tried again at the next change log upkeep")
+            }
+        }
         Ok(())
     }
 

@@ -279,7 +279,8 @@ mod tests {
     }
 
     /// Every published migration splits: its business-table statements are the ten capture triggers and the
-    /// index of migration 1, migration 4's fence, and the four delete triggers of migration 8.
+    /// index of migration 1, migration 4's fence, the four delete triggers of migration 8, and migration 10's delete
+    /// notes and move triggers.
     #[test]
     fn the_published_migrations_split() {
         let mut triggers = Vec::new();
@@ -300,21 +301,22 @@ mod tests {
             }
         }
         assert_eq!(triggers.iter().filter(|(v, _, _)| *v == 1).count(), 10, "{triggers:?}");
-        let deletes: Vec<(&str, &str)> = triggers
+        let deletes: Vec<(i32, &str, &str)> = triggers
             .iter()
             .filter(|(v, _, _)| *v != 1)
-            .map(|(v, t, n)| {
-                assert_eq!(*v, 8, "{triggers:?}");
-                (t.as_str(), n.as_str())
-            })
+            .map(|(v, t, n)| (*v, t.as_str(), n.as_str()))
             .collect();
         assert_eq!(
             deletes,
             [
-                ("products", "delta_bridge_capture_del"),
-                ("inventory", "delta_bridge_capture_del"),
-                ("transactions", "delta_bridge_a_note_del"),
-                ("transactions", "delta_bridge_capture_del")
+                (8, "products", "delta_bridge_capture_del"),
+                (8, "inventory", "delta_bridge_capture_del"),
+                (8, "transactions", "delta_bridge_a_note_del"),
+                (8, "transactions", "delta_bridge_capture_del"),
+                (10, "products", "delta_bridge_a_note_del"),
+                (10, "inventory", "delta_bridge_a_note_del"),
+                (10, "products", "delta_bridge_capture_move"),
+                (10, "inventory", "delta_bridge_capture_move")
             ]
         );
     }

@@ -697,8 +697,9 @@ pub async fn metric_sum(http: &str, name: &str) -> Option<f64> {
 
 /// The capture triggers a complete install attaches (named `delta_bridge_*`): ten from migration 1 (inserts and
 /// updates of products and inventory, the sale notes and captures), four from migration 8 (the deletes of
-/// products, inventory and transactions).
-pub const CAPTURE_TRIGGERS: i64 = 14;
+/// products, inventory and transactions), four from migration 10 (the delete notes and the moves of products
+/// and inventory).
+pub const CAPTURE_TRIGGERS: i64 = 18;
 
 /// The migrations this version ships: `sql/NNN_*.sql`.
 pub fn migrations() -> Vec<i32> {
