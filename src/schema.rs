@@ -85,6 +85,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (7, "change_log", include_str!("../sql/007_change_log.sql")),
     (8, "delete_events", include_str!("../sql/008_delete_events.sql")),
     (9, "row_seq", include_str!("../sql/009_row_seq.sql")),
+    (11, "row_seq_ids", include_str!("../sql/011_row_seq_ids.sql")),
 ];
 
 /// The newest migration this binary knows.
