@@ -9,12 +9,14 @@
 --   products and inventory row gets the greatest seq of its events still in the log (event type and id read
 --   from the payload; a payload that does not parse is skipped). An entry already greater stays.
 
-CREATE FUNCTION delta_bridge.row_id_of(p_id text) RETURNS bigint
+CREATE OR REPLACE FUNCTION delta_bridge.row_id_of(p_id text) RETURNS bigint
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE WHEN p_id ~ '^-?[0-9]{1,40}$'
                  AND p_id::numeric BETWEEN -9223372036854775808 AND 9223372036854775807
                 THEN p_id::numeric::bigint END
 $$;
+
+REVOKE ALL ON FUNCTION delta_bridge.row_id_of(text) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION delta_bridge.number_events(p_ids bigint[]) RETURNS TABLE (id bigint, branch_seq bigint, fresh boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -71,7 +73,7 @@ END $$;
 REVOKE ALL ON FUNCTION delta_bridge.number_events(bigint[]) FROM PUBLIC;
 
 -- A payload as JSON, or null when it is not (only for the backfill below, then dropped).
-CREATE FUNCTION delta_bridge.backfill_payload(p bytea) RETURNS jsonb
+CREATE OR REPLACE FUNCTION delta_bridge.backfill_payload(p bytea) RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     RETURN convert_from(p, 'UTF8')::jsonb;

@@ -40,6 +40,10 @@ fn ec_key(path: &Path) -> Vec<u8> {
 /// The bridge's configuration: a signing key (made once per test directory), the admin token, no broker-side
 /// provisioning, and `extra` TOML; `name` is the replica's MQTT client id prefix.
 fn config(env: &Env, name: &str, extra: &str) -> Config {
+    config_with_admin(env, name, extra, ADMIN_TOKEN)
+}
+
+fn config_with_admin(env: &Env, name: &str, extra: &str, admin_token: &str) -> Config {
     let key = env.dir.join("device-signing-key.pem");
     if !key.exists() {
         ec_key(&key);
@@ -50,7 +54,7 @@ fn config(env: &Env, name: &str, extra: &str) -> Config {
             key.display()
         ))
         .replace("client_id = \"bridge-", &format!("client_id = \"{name}-"));
-    let secrets = vec![("DELTA_BRIDGE__HTTP__ADMIN_TOKEN".to_string(), ADMIN_TOKEN.to_string())];
+    let secrets = vec![("DELTA_BRIDGE__HTTP__ADMIN_TOKEN".to_string(), admin_token.to_string())];
     Config::parse(&toml, Path::new("test.toml"), &secrets).expect("config")
 }
 
@@ -423,7 +427,8 @@ async fn refused_tokens_and_malformed_parameters() {
         "/api/v1/changes?after=0&limit=x",
         "/api/v1/snapshot?cursor=",
         "/api/v1/snapshot?cursor=garbage",
-        "/api/v1/snapshot?cursor=p.-1",
+        "/api/v1/snapshot?cursor=p.--1",
+        "/api/v1/snapshot?cursor=p.1.2",
         "/api/v1/snapshot?limit=0",
         "/api/v1/snapshot?limit=1001",
     ] {
@@ -497,6 +502,67 @@ async fn past_the_retention_the_answer_is_resync_required() {
     bridge.stop().await;
 }
 
+/// The process ids of the endpoints' open database sessions.
+async fn catchup_sessions(db: &tokio_postgres::Client) -> Vec<i32> {
+    db.query(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'delta-bridge-catchup' ORDER BY pid",
+        &[],
+    )
+    .await
+    .expect("pg_stat_activity")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_calls_keep_their_database_session() {
+    let (env, bridge) = start("catchup-lease", "").await;
+    let api = Api::new(&bridge);
+    let db = env.client().await;
+    let token = api.issue("tab-lease", BRANCH, None).await;
+    assert_eq!(api.get("/api/v1/changes?after=0", Some(&token)).await.0, 200);
+    let before = catchup_sessions(&db).await;
+    assert_eq!(before.len(), 1, "one session, kept after the call");
+    api.revoke("tab-lease").await;
+    for _ in 0..10 {
+        assert_eq!(api.get("/api/v1/changes?after=0", Some(&token)).await.0, 401, "revoked");
+        let scope = format!("&merchant_code={MERCHANT}&branch_code=NO-SUCH-BRANCH");
+        let (status, _) = api
+            .get(&format!("/api/v1/snapshot?limit=1{scope}"), Some(ADMIN_TOKEN))
+            .await;
+        assert_eq!(status, 404, "unknown branch");
+    }
+    assert_eq!(
+        catchup_sessions(&db).await,
+        before,
+        "refused calls (read from the database) reuse the same session"
+    );
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_token_with_two_dots_is_still_the_admins() {
+    let env = Env::start("catchup-dots");
+    let admin = "admin.token-with.two-dots-0123456789";
+    let bridge = env.bridge_with(config_with_admin(&env, "bridge", "", admin)).await;
+    let api = Api::new(&bridge);
+    let scope = format!("&merchant_code={MERCHANT}&branch_code={BRANCH}");
+    let (status, body) = api.get(&format!("/api/v1/changes?after=0{scope}"), Some(admin)).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = api.get(&format!("/api/v1/snapshot?limit=5{scope}"), Some(admin)).await;
+    assert_eq!(status, 200, "{body}");
+    // Not the admin token, JWT-shaped: still checked as a device token and refused.
+    let (status, _) = api
+        .get(
+            &format!("/api/v1/changes?after=0{scope}"),
+            Some("admin.token-with.two-dots-x"),
+        )
+        .await;
+    assert_eq!(status, 401);
+    bridge.stop().await;
+}
+
 /// Each products and inventory row's greatest `seq` among the branch's events in the change log (read from the
 /// payloads, as a device would), to hold the snapshot's `seq` against.
 async fn logged_seqs(db: &tokio_postgres::Client) -> (BTreeMap<i64, i64>, BTreeMap<i64, i64>) {
@@ -557,6 +623,13 @@ async fn snapshot_shows_only_its_columns_and_each_rows_latest_seq() {
     db.execute("DELETE FROM products WHERE id = $1", &[&gone])
         .await
         .expect("delete");
+    // A negative id: the bridge publishes it like any other, so the snapshot shows its seq.
+    db.execute(
+        "INSERT INTO products (id, branch_id, name, price, stock) VALUES (-5, 1, 'Minus', 1.00, 1)",
+        &[],
+    )
+    .await
+    .expect("negative id");
     common::wait_outbox_empty(&db, WAIT).await;
     // A column the snapshot does not show, nested 200 deep in every row (a default: no row is rewritten, no
     // event captured): reading whole rows would fail on it.
@@ -600,7 +673,27 @@ async fn snapshot_shows_only_its_columns_and_each_rows_latest_seq() {
         "rows never published show null"
     );
     assert!(client.products[&kept].seq.is_some() && client.inventory[&inv].seq.is_some());
+    assert!(client.products[&-5].seq.is_some(), "a negative id has its seq");
     bridge.stop().await;
+
+    // As on an install that numbered its events before row_seq existed: migration 11's backfill from the
+    // change log gives back exactly what numbering kept.
+    let row_seq = || async {
+        db.query("SELECT tbl, row_id, seq FROM delta_bridge.row_seq ORDER BY 1, 2", &[])
+            .await
+            .expect("row_seq")
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1), r.get::<_, i64>(2)))
+            .collect::<Vec<_>>()
+    };
+    let kept_seqs = row_seq().await;
+    db.batch_execute("DELETE FROM delta_bridge.row_seq; DELETE FROM delta_bridge.schema_migrations WHERE version = 11")
+        .await
+        .expect("as before");
+    delta_bridge::service::migrate_once(&config(&env, "bridge", ""))
+        .await
+        .expect("migration 11 again");
+    assert_eq!(row_seq().await, kept_seqs);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

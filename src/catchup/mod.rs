@@ -455,7 +455,7 @@ async fn snapshot_page(
     params: &Params,
 ) -> Result<Response, CatchupError> {
     let cursor = match param(params, "cursor") {
-        None => Cursor::Products(0),
+        None => Cursor::Products(Cursor::START),
         Some(c) => {
             Cursor::parse(c).ok_or_else(|| CatchupError::BadRequest("cursor is not one this API gave out".into()))?
         }

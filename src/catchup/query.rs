@@ -139,6 +139,9 @@ pub(crate) enum Cursor {
 }
 
 impl Cursor {
+    /// Before every row id: ids may be negative. (A row whose id is the smallest bigint itself is not shown.)
+    pub(crate) const START: i64 = i64::MIN;
+
     /// The cursor's text: opaque to clients (docs/api.md), `p.<id>` or `i.<id>` here.
     pub(crate) fn render(self) -> String {
         match self {
@@ -150,7 +153,9 @@ impl Cursor {
     /// None for anything [`Cursor::render`] cannot have produced.
     pub(crate) fn parse(s: &str) -> Option<Cursor> {
         let (tag, id) = s.split_once('.')?;
-        if id.is_empty() || id.len() > 18 || !id.bytes().all(|b| b.is_ascii_digit()) {
+        // Row ids may be negative (the bridge publishes them like any other), so a cursor may be too.
+        let digits = id.strip_prefix('-').unwrap_or(id);
+        if digits.is_empty() || digits.len() > 19 || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
         let id: i64 = id.parse().ok()?;
@@ -265,7 +270,7 @@ pub(crate) async fn snapshot(
             room -= i64::try_from(rows.len()).unwrap_or(room);
             if room > 0 {
                 next = None;
-                Some(0)
+                Some(Cursor::START)
             } else {
                 None
             }
@@ -322,6 +327,8 @@ mod tests {
         for c in [
             Cursor::Products(0),
             Cursor::Products(42),
+            Cursor::Products(-7),
+            Cursor::Products(Cursor::START),
             Cursor::Inventory(i64::MAX / 10),
         ] {
             assert_eq!(Cursor::parse(&c.render()), Some(c));
@@ -331,7 +338,9 @@ mod tests {
             "p",
             "p.",
             "x.1",
-            "p.-1",
+            "p.-",
+            "p.--1",
+            "p.-99999999999999999999",
             "p.+1",
             "p.1.2",
             "i.abc",
