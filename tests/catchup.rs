@@ -730,6 +730,25 @@ async fn a_page_of_changes_keeps_to_its_byte_budget() {
         .map(|e| e["branch_seq"].as_i64().expect("branch_seq"))
         .collect();
     assert_eq!(seqs, (before + 1..=last).collect::<Vec<_>>());
+
+    // An event lost from the log: a page that would step over it is a 410, never a silent gap.
+    db.execute(
+        "DELETE FROM delta_bridge.change_log WHERE merchant_code = $1 AND branch_code = $2 AND branch_seq = $3",
+        &[&MERCHANT, &BRANCH, &(before + 10)],
+    )
+    .await
+    .expect("lose one");
+    for (after, limit, want) in [
+        (before, 5, 200),
+        (before, 20, 410),
+        (before + 3, 1000, 410),
+        (before + 10, 5, 200),
+    ] {
+        let (status, body) = api
+            .get(&format!("/api/v1/changes?after={after}&limit={limit}"), Some(&token))
+            .await;
+        assert_eq!(status, want, "after {after} limit {limit}: {body}");
+    }
     bridge.stop().await;
 }
 
