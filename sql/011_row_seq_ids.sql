@@ -8,6 +8,11 @@
 -- * An install that numbered events before migration 9 has them in the change log but not in row_seq: each
 --   products and inventory row gets the greatest seq of its events still in the log (event type and id read
 --   from the payload; a payload that does not parse is skipped). An entry already greater stays.
+-- * row_seq also keeps the `updated_by` its row's latest event carried (the row's column, else the writer's
+--   actor, else its role, as the converter resolves it), so that the snapshot can show what the events show
+--   for a row whose column is unset.
+
+ALTER TABLE delta_bridge.row_seq ADD COLUMN IF NOT EXISTS updated_by text;
 
 CREATE OR REPLACE FUNCTION delta_bridge.row_id_of(p_id text) RETURNS bigint
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -51,17 +56,22 @@ BEGIN
              WHERE o.id = r.id AND o.branch_seq IS NULL             -- never a second number
             RETURNING o.id, o.branch_seq),
          row_seqs AS (
-            -- The rows of this read's products and inventory events, each with its latest seq (the outbox id).
-            -- A row id that is not a whole number in the bigint range is left out, never an error.
-            INSERT INTO delta_bridge.row_seq AS t (tbl, row_id, seq)
-            SELECT x.tbl, x.row_id, max(x.id)
+            -- The rows of this read's products and inventory events, each with its latest seq (the outbox id)
+            -- and the updated_by that event carries. A row id that is not a whole number in the bigint range
+            -- is left out, never an error.
+            INSERT INTO delta_bridge.row_seq AS t (tbl, row_id, seq, updated_by)
+            SELECT DISTINCT ON (x.tbl, x.row_id) x.tbl, x.row_id, x.id, x.updated_by
               FROM (SELECT g.id, CASE WHEN g.kind IN ('product', 'stock') THEN 'products' ELSE 'inventory' END AS tbl,
-                           delta_bridge.row_id_of(g.r ->> 'id') AS row_id
-                      FROM given g JOIN stored s ON s.id = g.id
+                           delta_bridge.row_id_of(g.r ->> 'id') AS row_id,
+                           coalesce(g.r ->> 'updated_by', nullif(o.ctx ->> 'actor', ''), o.ctx ->> 'db_user', '')
+                               AS updated_by
+                      FROM given g JOIN stored s ON s.id = g.id JOIN delta_bridge.outbox o ON o.id = g.id
                      WHERE g.kind IN ('product', 'stock', 'quantity')) x
              WHERE x.row_id IS NOT NULL
-             GROUP BY x.tbl, x.row_id
-            ON CONFLICT (tbl, row_id) DO UPDATE SET seq = greatest(t.seq, EXCLUDED.seq))
+             ORDER BY x.tbl, x.row_id, x.id DESC
+            ON CONFLICT (tbl, row_id) DO UPDATE
+               SET seq = greatest(t.seq, EXCLUDED.seq),
+                   updated_by = CASE WHEN EXCLUDED.seq >= t.seq THEN EXCLUDED.updated_by ELSE t.updated_by END)
     SELECT s.id, s.branch_seq, true FROM stored s
     UNION ALL
     -- Rows numbered earlier keep their number (this snapshot does not see the update above).
@@ -81,19 +91,22 @@ EXCEPTION WHEN OTHERS THEN
     RETURN NULL;
 END $$;
 
-INSERT INTO delta_bridge.row_seq AS t (tbl, row_id, seq)
-SELECT x.tbl, x.row_id, max(x.seq)
+INSERT INTO delta_bridge.row_seq AS t (tbl, row_id, seq, updated_by)
+SELECT DISTINCT ON (x.tbl, x.row_id) x.tbl, x.row_id, x.seq, x.updated_by
   FROM (SELECT l.seq,
                CASE WHEN j ->> 'event_type' IN ('product_updated', 'stock_updated', 'product_deleted') THEN 'products'
                     ELSE 'inventory' END AS tbl,
                delta_bridge.row_id_of(CASE WHEN j ->> 'event_type' IN ('quantity_updated', 'inventory_deleted')
                                            THEN j -> 'data' ->> 'inventory_id'
-                                           ELSE j -> 'data' ->> 'product_id' END) AS row_id
+                                           ELSE j -> 'data' ->> 'product_id' END) AS row_id,
+               j -> 'data' ->> 'updated_by' AS updated_by
           FROM delta_bridge.change_log l, delta_bridge.backfill_payload(l.payload) AS j
          WHERE j ->> 'event_type' IN ('product_updated', 'stock_updated', 'product_deleted',
                                      'quantity_updated', 'inventory_deleted')) x
  WHERE x.row_id IS NOT NULL
- GROUP BY x.tbl, x.row_id
-ON CONFLICT (tbl, row_id) DO UPDATE SET seq = greatest(t.seq, EXCLUDED.seq);
+ ORDER BY x.tbl, x.row_id, x.seq DESC
+ON CONFLICT (tbl, row_id) DO UPDATE
+   SET seq = greatest(t.seq, EXCLUDED.seq),
+       updated_by = CASE WHEN EXCLUDED.seq >= t.seq THEN EXCLUDED.updated_by ELSE t.updated_by END;
 
 DROP FUNCTION delta_bridge.backfill_payload(bytea);

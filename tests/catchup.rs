@@ -564,9 +564,11 @@ async fn an_admin_token_with_two_dots_is_still_the_admins() {
 }
 
 /// Each products and inventory row's greatest `seq` among the branch's events in the change log (read from the
-/// payloads, as a device would), to hold the snapshot's `seq` against.
-async fn logged_seqs(db: &tokio_postgres::Client) -> (BTreeMap<i64, i64>, BTreeMap<i64, i64>) {
-    let (mut products, mut inventory) = (BTreeMap::new(), BTreeMap::new());
+/// payloads, as a device would), with the `updated_by` that event carried, to hold the snapshot against.
+type Logged = BTreeMap<i64, (i64, Option<String>)>;
+
+async fn logged_seqs(db: &tokio_postgres::Client) -> (Logged, Logged) {
+    let (mut products, mut inventory) = (Logged::new(), Logged::new());
     for r in db
         .query(
             "SELECT payload FROM delta_bridge.change_log WHERE merchant_code = $1 AND branch_code = $2",
@@ -583,8 +585,11 @@ async fn logged_seqs(db: &tokio_postgres::Client) -> (BTreeMap<i64, i64>, BTreeM
             _ => continue,
         };
         let id = e["data"][key].as_i64().expect("row id");
-        let at = map.entry(id).or_insert(seq);
-        *at = (*at).max(seq);
+        let by = e["data"]["updated_by"].as_str().map(str::to_string);
+        let at = map.entry(id).or_insert((seq, by.clone()));
+        if seq > at.0 {
+            *at = (seq, by);
+        }
     }
     (products, inventory)
 }
@@ -652,21 +657,28 @@ async fn snapshot_shows_only_its_columns_and_each_rows_latest_seq() {
         !client.products.contains_key(&gone),
         "a deleted product is not in the snapshot"
     );
-    assert_eq!(
-        client.products[&kept].updated_by, None,
-        "the row's own updated_by, unset"
-    );
+
     assert_eq!(client.products[&kept].price, json!(3.5));
-    assert_eq!(client.inventory[&inv].updated_by, None);
     assert_eq!(client.inventory.len(), inventory.len());
 
     let (p_seqs, i_seqs) = logged_seqs(&db).await;
     assert!(p_seqs.contains_key(&gone), "the delete was logged");
     for (id, p) in &client.products {
-        assert_eq!(p.seq, p_seqs.get(id).copied(), "seq of products row {id}");
+        assert_eq!(p.seq, p_seqs.get(id).map(|l| l.0), "seq of products row {id}");
+        // The row's column, else (unset) what its latest event carried.
+        let by = products[id]
+            .updated_by
+            .clone()
+            .or_else(|| p_seqs.get(id).and_then(|l| l.1.clone()));
+        assert_eq!(p.updated_by, by, "updated_by of products row {id}");
     }
     for (id, i) in &client.inventory {
-        assert_eq!(i.seq, i_seqs.get(id).copied(), "seq of inventory row {id}");
+        assert_eq!(i.seq, i_seqs.get(id).map(|l| l.0), "seq of inventory row {id}");
+        let by = inventory[id]
+            .updated_by
+            .clone()
+            .or_else(|| i_seqs.get(id).and_then(|l| l.1.clone()));
+        assert_eq!(i.updated_by, by, "updated_by of inventory row {id}");
     }
     assert!(
         client.products.values().any(|p| p.seq.is_none()),
@@ -674,6 +686,10 @@ async fn snapshot_shows_only_its_columns_and_each_rows_latest_seq() {
     );
     assert!(client.products[&kept].seq.is_some() && client.inventory[&inv].seq.is_some());
     assert!(client.products[&-5].seq.is_some(), "a negative id has its seq");
+    assert!(
+        client.products[&kept].updated_by.is_some() && client.inventory[&inv].updated_by.is_some(),
+        "rows without updated_by show their events' writer"
+    );
     bridge.stop().await;
 
     // As on an install that numbered its events before row_seq existed: migration 11's backfill from the

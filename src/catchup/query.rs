@@ -249,7 +249,7 @@ pub(crate) async fn snapshot(
                 &format!(
                     "SELECT p.id::bigint,
                             json_build_object('id', p.id, 'name', p.name, 'price', p.price, 'stock', p.stock,
-                                              'updated_by', p.updated_by),
+                                              'updated_by', coalesce(p.updated_by, rs.updated_by)),
                             rs.seq
                        FROM {s}.products p
                        LEFT JOIN delta_bridge.row_seq rs ON rs.tbl = 'products' AND rs.row_id = p.id
@@ -280,7 +280,7 @@ pub(crate) async fn snapshot(
     if let Some(after) = inventory_after.filter(|_| room > 0) {
         let rows = timed(tx.query(
             &format!(
-                "SELECT i.id::bigint, i.product_id::bigint, pr.name, i.quantity::bigint, i.updated_by, rs.seq
+                "SELECT i.id::bigint, i.product_id::bigint, pr.name, i.quantity::bigint, coalesce(i.updated_by, rs.updated_by), rs.seq
                    FROM {s}.inventory i
                    JOIN {s}.products pr ON pr.id = i.product_id
                    LEFT JOIN delta_bridge.row_seq rs ON rs.tbl = 'inventory' AND rs.row_id = i.id
