@@ -86,6 +86,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (8, "delete_events", include_str!("../sql/008_delete_events.sql")),
     (9, "row_seq", include_str!("../sql/009_row_seq.sql")),
     (10, "capture_fixes", include_str!("../sql/010_capture_fixes.sql")),
+    (11, "row_seq_ids", include_str!("../sql/011_row_seq_ids.sql")),
 ];
 
 /// The newest migration this binary knows.

@@ -40,6 +40,10 @@ fn ec_key(path: &Path) -> Vec<u8> {
 /// The bridge's configuration: a signing key (made once per test directory), the admin token, no broker-side
 /// provisioning, and `extra` TOML; `name` is the replica's MQTT client id prefix.
 fn config(env: &Env, name: &str, extra: &str) -> Config {
+    config_with_admin(env, name, extra, ADMIN_TOKEN)
+}
+
+fn config_with_admin(env: &Env, name: &str, extra: &str, admin_token: &str) -> Config {
     let key = env.dir.join("device-signing-key.pem");
     if !key.exists() {
         ec_key(&key);
@@ -50,7 +54,7 @@ fn config(env: &Env, name: &str, extra: &str) -> Config {
             key.display()
         ))
         .replace("client_id = \"bridge-", &format!("client_id = \"{name}-"));
-    let secrets = vec![("DELTA_BRIDGE__HTTP__ADMIN_TOKEN".to_string(), ADMIN_TOKEN.to_string())];
+    let secrets = vec![("DELTA_BRIDGE__HTTP__ADMIN_TOKEN".to_string(), admin_token.to_string())];
     Config::parse(&toml, Path::new("test.toml"), &secrets).expect("config")
 }
 
@@ -136,8 +140,15 @@ impl Api {
                     .map_or(after, |e| e["branch_seq"].as_i64().expect("branch_seq"))
             );
             let done = page["up_to_date"].as_bool().expect("up_to_date");
-            if !done {
-                assert_eq!(got.len(), limit as usize, "a short page that is not up to date: {page}");
+            let bytes: usize = got.iter().map(|e| e.to_string().len()).sum();
+            // A page holds at most 4 MiB of payload past its first event.
+            let first = got.first().map_or(0, |e| e.to_string().len());
+            assert!(bytes <= (4 << 20) + first, "page of {bytes} bytes");
+            if !done && got.len() < limit as usize {
+                assert!(
+                    bytes > 3 << 20,
+                    "a short page that is not up to date nor cut by size: {page}"
+                );
             }
             events.extend(got);
             after = next;
@@ -416,7 +427,8 @@ async fn refused_tokens_and_malformed_parameters() {
         "/api/v1/changes?after=0&limit=x",
         "/api/v1/snapshot?cursor=",
         "/api/v1/snapshot?cursor=garbage",
-        "/api/v1/snapshot?cursor=p.-1",
+        "/api/v1/snapshot?cursor=p.--1",
+        "/api/v1/snapshot?cursor=p.1.2",
         "/api/v1/snapshot?limit=0",
         "/api/v1/snapshot?limit=1001",
     ] {
@@ -457,6 +469,11 @@ async fn past_the_retention_the_answer_is_resync_required() {
     let (status, body) = api.get("/api/v1/changes?after=0", Some(&token)).await;
     assert_eq!(status, 410, "{body}");
     assert_eq!(body["error"], "resync_required");
+    let (status, body) = api.get("/api/v1/changes?after=0&limit=0", Some(&token)).await;
+    assert_eq!(
+        status, 410,
+        "limit=0 with an expired after is a 410 like any other limit: {body}"
+    );
     let (status, body) = api
         .get(&format!("/api/v1/changes?after={}", last - 1), Some(&token))
         .await;
@@ -485,6 +502,272 @@ async fn past_the_retention_the_answer_is_resync_required() {
     bridge.stop().await;
 }
 
+/// The process ids of the endpoints' open database sessions.
+async fn catchup_sessions(db: &tokio_postgres::Client) -> Vec<i32> {
+    db.query(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'delta-bridge-catchup' ORDER BY pid",
+        &[],
+    )
+    .await
+    .expect("pg_stat_activity")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_calls_keep_their_database_session() {
+    let (env, bridge) = start("catchup-lease", "").await;
+    let api = Api::new(&bridge);
+    let db = env.client().await;
+    let token = api.issue("tab-lease", BRANCH, None).await;
+    assert_eq!(api.get("/api/v1/changes?after=0", Some(&token)).await.0, 200);
+    let before = catchup_sessions(&db).await;
+    assert_eq!(before.len(), 1, "one session, kept after the call");
+    api.revoke("tab-lease").await;
+    for _ in 0..10 {
+        assert_eq!(api.get("/api/v1/changes?after=0", Some(&token)).await.0, 401, "revoked");
+        let scope = format!("&merchant_code={MERCHANT}&branch_code=NO-SUCH-BRANCH");
+        let (status, _) = api
+            .get(&format!("/api/v1/snapshot?limit=1{scope}"), Some(ADMIN_TOKEN))
+            .await;
+        assert_eq!(status, 404, "unknown branch");
+    }
+    assert_eq!(
+        catchup_sessions(&db).await,
+        before,
+        "refused calls (read from the database) reuse the same session"
+    );
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_token_with_two_dots_is_still_the_admins() {
+    let env = Env::start("catchup-dots");
+    let admin = "admin.token-with.two-dots-0123456789";
+    let bridge = env.bridge_with(config_with_admin(&env, "bridge", "", admin)).await;
+    let api = Api::new(&bridge);
+    let scope = format!("&merchant_code={MERCHANT}&branch_code={BRANCH}");
+    let (status, body) = api.get(&format!("/api/v1/changes?after=0{scope}"), Some(admin)).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = api.get(&format!("/api/v1/snapshot?limit=5{scope}"), Some(admin)).await;
+    assert_eq!(status, 200, "{body}");
+    // Not the admin token, JWT-shaped: still checked as a device token and refused.
+    let (status, _) = api
+        .get(
+            &format!("/api/v1/changes?after=0{scope}"),
+            Some("admin.token-with.two-dots-x"),
+        )
+        .await;
+    assert_eq!(status, 401);
+    bridge.stop().await;
+}
+
+/// Each products and inventory row's greatest `seq` among the branch's events in the change log (read from the
+/// payloads, as a device would), with the `updated_by` that event carried, to hold the snapshot against.
+type Logged = BTreeMap<i64, (i64, Option<String>)>;
+
+async fn logged_seqs(db: &tokio_postgres::Client) -> (Logged, Logged) {
+    let (mut products, mut inventory) = (Logged::new(), Logged::new());
+    for r in db
+        .query(
+            "SELECT payload FROM delta_bridge.change_log WHERE merchant_code = $1 AND branch_code = $2",
+            &[&MERCHANT, &BRANCH],
+        )
+        .await
+        .expect("change log")
+    {
+        let e: Value = serde_json::from_slice(r.get::<_, &[u8]>(0)).expect("payload");
+        let seq = e["seq"].as_i64().expect("seq");
+        let (map, key) = match e["event_type"].as_str().expect("event_type") {
+            "product_updated" | "stock_updated" | "product_deleted" => (&mut products, "product_id"),
+            "quantity_updated" | "inventory_deleted" => (&mut inventory, "inventory_id"),
+            _ => continue,
+        };
+        let id = e["data"][key].as_i64().expect("row id");
+        let by = e["data"]["updated_by"].as_str().map(str::to_string);
+        let at = map.entry(id).or_insert((seq, by.clone()));
+        if seq > at.0 {
+            *at = (seq, by);
+        }
+    }
+    (products, inventory)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_shows_only_its_columns_and_each_rows_latest_seq() {
+    let (env, bridge) = start("catchup-rows", "").await;
+    let api = Api::new(&bridge);
+    let db = env.client().await;
+    write_some(&db, 2).await;
+    // An insert and a delete of products, an inventory row inserted, all without updated_by.
+    let kept: i64 = db
+        .query_one(
+            "INSERT INTO products (branch_id, name, price, stock) VALUES (1, 'Teh', 3.50, 10) RETURNING id",
+            &[],
+        )
+        .await
+        .expect("insert")
+        .get(0);
+    let gone: i64 = db
+        .query_one(
+            "INSERT INTO products (branch_id, name, price, stock) VALUES (1, 'Susu', 4.00, 5) RETURNING id",
+            &[],
+        )
+        .await
+        .expect("insert")
+        .get(0);
+    let inv: i64 = db
+        .query_one(
+            "INSERT INTO inventory (branch_id, product_id, quantity) VALUES (1, $1, 7) RETURNING id",
+            &[&kept],
+        )
+        .await
+        .expect("insert")
+        .get(0);
+    db.execute("DELETE FROM products WHERE id = $1", &[&gone])
+        .await
+        .expect("delete");
+    // A negative id: the bridge publishes it like any other, so the snapshot shows its seq.
+    db.execute(
+        "INSERT INTO products (id, branch_id, name, price, stock) VALUES (-5, 1, 'Minus', 1.00, 1)",
+        &[],
+    )
+    .await
+    .expect("negative id");
+    common::wait_outbox_empty(&db, WAIT).await;
+    // A column the snapshot does not show, nested 200 deep in every row (a default: no row is rewritten, no
+    // event captured): reading whole rows would fail on it.
+    let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    db.batch_execute(&format!(
+        "ALTER TABLE products ADD COLUMN extra jsonb NOT NULL DEFAULT '{deep}'"
+    ))
+    .await
+    .expect("extra column");
+    let token = api.issue("tab-rows", BRANCH, None).await;
+    let mut client = ReferenceClient::new(&bridge.http, &token, "");
+    client
+        .snapshot(7, || {})
+        .await
+        .expect("snapshot despite the deep column");
+    let (products, inventory) = database_state(&db).await;
+    assert_eq!(client.products.len(), products.len());
+    assert!(client.products.contains_key(&kept));
+    assert!(
+        !client.products.contains_key(&gone),
+        "a deleted product is not in the snapshot"
+    );
+
+    assert_eq!(client.products[&kept].price, json!(3.5));
+    assert_eq!(client.inventory.len(), inventory.len());
+
+    let (p_seqs, i_seqs) = logged_seqs(&db).await;
+    assert!(p_seqs.contains_key(&gone), "the delete was logged");
+    for (id, p) in &client.products {
+        assert_eq!(p.seq, p_seqs.get(id).map(|l| l.0), "seq of products row {id}");
+        // The row's column, else (unset) what its latest event carried.
+        let by = products[id]
+            .updated_by
+            .clone()
+            .or_else(|| p_seqs.get(id).and_then(|l| l.1.clone()));
+        assert_eq!(p.updated_by, by, "updated_by of products row {id}");
+    }
+    for (id, i) in &client.inventory {
+        assert_eq!(i.seq, i_seqs.get(id).map(|l| l.0), "seq of inventory row {id}");
+        let by = inventory[id]
+            .updated_by
+            .clone()
+            .or_else(|| i_seqs.get(id).and_then(|l| l.1.clone()));
+        assert_eq!(i.updated_by, by, "updated_by of inventory row {id}");
+    }
+    assert!(
+        client.products.values().any(|p| p.seq.is_none()),
+        "rows never published show null"
+    );
+    assert!(client.products[&kept].seq.is_some() && client.inventory[&inv].seq.is_some());
+    assert!(client.products[&-5].seq.is_some(), "a negative id has its seq");
+    assert!(
+        client.products[&kept].updated_by.is_some() && client.inventory[&inv].updated_by.is_some(),
+        "rows without updated_by show their events' writer"
+    );
+    bridge.stop().await;
+
+    // As on an install that numbered its events before row_seq existed: migration 11's backfill from the
+    // change log gives back exactly what numbering kept.
+    let row_seq = || async {
+        db.query("SELECT tbl, row_id, seq FROM delta_bridge.row_seq ORDER BY 1, 2", &[])
+            .await
+            .expect("row_seq")
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1), r.get::<_, i64>(2)))
+            .collect::<Vec<_>>()
+    };
+    let kept_seqs = row_seq().await;
+    db.batch_execute("DELETE FROM delta_bridge.row_seq; DELETE FROM delta_bridge.schema_migrations WHERE version = 11")
+        .await
+        .expect("as before");
+    delta_bridge::service::migrate_once(&config(&env, "bridge", ""))
+        .await
+        .expect("migration 11 again");
+    assert_eq!(row_seq().await, kept_seqs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_changes_keeps_to_its_byte_budget() {
+    let (env, bridge) = start("catchup-bytes", "").await;
+    let api = Api::new(&bridge);
+    let db = env.client().await;
+    let token = api.issue("tab-bytes", BRANCH, None).await;
+    let before = last_seq(&db, BRANCH).await;
+    // 120 product events of about 49 KB each: about 5.7 MB, more than one page's budget.
+    let product = product_ids(&db, 1).await[0];
+    for r in 0..120 {
+        db.execute(
+            "UPDATE products SET name = repeat('x', 49000) || $2::text WHERE id = $1",
+            &[&product, &r.to_string()],
+        )
+        .await
+        .expect("update");
+    }
+    common::wait_outbox_empty(&db, WAIT).await;
+    let last = last_seq(&db, BRANCH).await;
+    assert_eq!(last - before, 120);
+    let (status, page) = api
+        .get(&format!("/api/v1/changes?after={before}&limit=1000"), Some(&token))
+        .await;
+    assert_eq!(status, 200);
+    let n = page["events"].as_array().map_or(0, Vec::len);
+    assert!(n > 0 && n < 120, "the first page is cut by size: {n} events");
+    assert_eq!(page["up_to_date"], false);
+    // Paging still returns every event, in order (all_changes checks each page's size).
+    let events = api.all_changes(&token, "", before, 1000).await;
+    let seqs: Vec<i64> = events
+        .iter()
+        .map(|e| e["branch_seq"].as_i64().expect("branch_seq"))
+        .collect();
+    assert_eq!(seqs, (before + 1..=last).collect::<Vec<_>>());
+
+    // An event lost from the log: a page that would step over it is a 410, never a silent gap.
+    db.execute(
+        "DELETE FROM delta_bridge.change_log WHERE merchant_code = $1 AND branch_code = $2 AND branch_seq = $3",
+        &[&MERCHANT, &BRANCH, &(before + 10)],
+    )
+    .await
+    .expect("lose one");
+    for (after, limit, want) in [
+        (before, 5, 200),
+        (before, 20, 410),
+        (before + 3, 1000, 410),
+        (before + 10, 5, 200),
+    ] {
+        let (status, body) = api
+            .get(&format!("/api/v1/changes?after={after}&limit={limit}"), Some(&token))
+            .await;
+        assert_eq!(status, want, "after {after} limit {limit}: {body}");
+    }
+    bridge.stop().await;
+}
+
 /// The branch's products and inventory as the database holds them, in the reference client's shape (seq
 /// aside).
 async fn database_state(db: &tokio_postgres::Client) -> (BTreeMap<i64, Product>, BTreeMap<i64, Inventory>) {
@@ -493,7 +776,11 @@ async fn database_state(db: &tokio_postgres::Client) -> (BTreeMap<i64, Product>,
     let mut products = BTreeMap::new();
     for r in db
         .query(
-            &format!("SELECT p.id, row_to_json(p) FROM products p WHERE p.branch_id = {branch}"),
+            &format!(
+                "SELECT p.id, json_build_object('name', p.name, 'price', p.price, 'stock', p.stock,
+                                                'updated_by', p.updated_by)
+                   FROM products p WHERE p.branch_id = {branch}"
+            ),
             &[&MERCHANT, &BRANCH],
         )
         .await

@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pg;
 use crate::provision::acl::is_valid_id;
-use crate::provision::api::{authorize, bearer_token, error, DeviceApi};
+use crate::provision::api::{authorize, bearer_token, error, secret_matches, DeviceApi};
 use crate::provision::store::{self, Lookup};
 use query::{Changes, Cursor, QueryError};
 
@@ -43,6 +43,9 @@ const STATEMENT_TIMEOUT_MS: u32 = 5_000;
 /// Page sizes: the default and the largest accepted (a larger `limit` is a 400, not silently cut).
 pub(crate) const DEFAULT_LIMIT: i64 = 500;
 pub(crate) const MAX_LIMIT: i64 = 1_000;
+/// The payload bytes a `/changes` page holds at most (its first event always, however large): a page of
+/// [`MAX_LIMIT`] large events would otherwise be held whole in memory, and sent whole.
+pub(crate) const PAGE_BYTES: usize = 4 << 20;
 
 /// The `endpoint` label of `delta_bridge_catchup_requests_total`.
 pub(crate) const ENDPOINTS: [&str; 2] = ["changes", "snapshot"];
@@ -109,6 +112,20 @@ impl Lease<'_> {
     }
 }
 
+/// Gives the session back after a call that went well or was refused on its merits (a refused token, an unknown
+/// branch, a row that cannot be shown: the session is fine, and dropping it would make every retry of an old
+/// token open a new database connection); drops it after a database error, which may mean it is broken.
+fn keep_unless_broken<T>(lease: Lease<'_>, r: Result<T, CatchupError>) -> Result<T, CatchupError> {
+    match &r {
+        Ok(_)
+        | Err(CatchupError::Unauthorized(_))
+        | Err(CatchupError::NotFound(_))
+        | Err(CatchupError::Query(QueryError::Row(..))) => lease.keep(),
+        Err(_) => drop(lease),
+    }
+    r
+}
+
 /// Why a call fails; each maps to one status and one `outcome`.
 #[derive(Debug, thiserror::Error)]
 enum CatchupError {
@@ -166,8 +183,8 @@ impl CatchupError {
                 r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
                 (r, "unavailable")
             }
-            CatchupError::Query(QueryError::Row(id, why)) => {
-                tracing::error!(endpoint, product_id = id, reason = %why, "snapshot: a products row cannot be shown");
+            CatchupError::Query(QueryError::Row(table, id, why)) => {
+                tracing::error!(endpoint, table, row_id = id, reason = %why, "snapshot: a row cannot be shown");
                 (error(StatusCode::INTERNAL_SERVER_ERROR, "internal error"), "error")
             }
             e => {
@@ -268,12 +285,19 @@ impl CatchupApi {
     }
 
     /// Who calls, before any database session is taken: a device token's verified claims, or the admin token
-    /// with the `merchant_code` and `branch_code` parameters it requires. A token with the shape of a JWT is
-    /// taken as a device's, anything else as the admin token (whose failures count toward the per-address
-    /// throttle).
+    /// with the `merchant_code` and `branch_code` parameters it requires. A token that is not the admin token
+    /// and has the shape of a JWT is taken as a device's, anything else as a try at the admin token (whose
+    /// failures count toward the per-address throttle).
     fn authenticate(&self, client: SocketAddr, headers: &HeaderMap, params: &Params) -> Result<Caller, CatchupError> {
         let token = bearer_token(headers);
-        if token.split('.').count() == 3 {
+        // The admin token first (in constant time), so that one which happens to have two dots is still the
+        // admin's; only a token that is not it and has the shape of a JWT is checked as a device's.
+        let is_admin = self
+            .devices
+            .admin_token
+            .as_ref()
+            .is_some_and(|expected| secret_matches(token, expected));
+        if !is_admin && token.split('.').count() == 3 {
             let now = chrono::Utc::now().timestamp();
             return self
                 .devices
@@ -371,17 +395,22 @@ async fn changes_page(
     let limit = limit(params, 0)?;
     let caller = api.authenticate(client, headers, params)?;
     let mut lease = api.lease().await?;
-    let (merchant, branch) = api.scope(&lease, caller).await?;
-    let page = query::changes(
-        &mut lease.session.client,
-        &merchant,
-        &branch,
-        after,
-        limit,
-        api.retention,
-    )
-    .await?;
-    lease.keep();
+    let page = async {
+        let (merchant, branch) = api.scope(&lease, caller).await?;
+        let page = query::changes(
+            &mut lease.session.client,
+            &merchant,
+            &branch,
+            after,
+            limit,
+            PAGE_BYTES,
+            api.retention,
+        )
+        .await?;
+        Ok(page)
+    }
+    .await;
+    let page = keep_unless_broken(lease, page)?;
     let (events, last_seq) = match page {
         // Exactly the `Error` shape every error has; what the client does about it is in docs/api.md.
         Changes::Expired => return Ok(error(StatusCode::GONE, "resync_required")),
@@ -426,7 +455,7 @@ async fn snapshot_page(
     params: &Params,
 ) -> Result<Response, CatchupError> {
     let cursor = match param(params, "cursor") {
-        None => Cursor::Products(0),
+        None => Cursor::Products(Cursor::START),
         Some(c) => {
             Cursor::parse(c).ok_or_else(|| CatchupError::BadRequest("cursor is not one this API gave out".into()))?
         }
@@ -434,17 +463,21 @@ async fn snapshot_page(
     let limit = limit(params, 1)?;
     let caller = api.authenticate(client, headers, params)?;
     let mut lease = api.lease().await?;
-    let (merchant, branch) = api.scope(&lease, caller).await?;
-    let page = query::snapshot(
-        &mut lease.session.client,
-        &api.schema,
-        &merchant,
-        &branch,
-        cursor,
-        limit,
-    )
-    .await?;
-    lease.keep();
+    let page = async {
+        let (merchant, branch) = api.scope(&lease, caller).await?;
+        let page = query::snapshot(
+            &mut lease.session.client,
+            &api.schema,
+            &merchant,
+            &branch,
+            cursor,
+            limit,
+        )
+        .await?;
+        Ok(page)
+    }
+    .await;
+    let page = keep_unless_broken(lease, page)?;
     // Serialised from structs, not through a `Value` (whose map would sort the keys): the objects keep the
     // events' key order.
     Ok((

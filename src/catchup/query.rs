@@ -15,9 +15,10 @@ use crate::schema::quote_ident;
 pub(crate) enum QueryError {
     #[error(transparent)]
     Pg(#[from] PgError),
-    /// A products row the converter cannot read (as it could not publish it): logged, answered 500.
-    #[error("products row {0} cannot be shown: {1}")]
-    Row(i64, String),
+    /// A products or inventory row that cannot be shown (a value the converter refuses, as it could not publish
+    /// it, or one the driver cannot decode): logged, answered 500. Not a 503: asking again cannot help.
+    #[error("{0} row {1} cannot be shown: {2}")]
+    Row(&'static str, i64, String),
 }
 
 impl From<tokio_postgres::Error> for QueryError {
@@ -44,6 +45,7 @@ pub(crate) async fn changes(
     branch: &str,
     after: i64,
     limit: i64,
+    page_bytes: usize,
     retention: Duration,
 ) -> Result<Changes, QueryError> {
     let keep_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX) as f64;
@@ -67,20 +69,35 @@ pub(crate) async fn changes(
     .await?;
     let last_seq: i64 = row.try_get(0)?;
     let first_kept: Option<bool> = row.try_get(1)?;
-    if after >= last_seq || limit == 0 {
+    if after >= last_seq {
         return Ok(Changes::Page {
             events: Vec::new(),
             last_seq,
         });
     }
+    // Before the `limit=0` shortcut: an expired `after` is a 410 whatever the page size.
     if first_kept != Some(true) {
         return Ok(Changes::Expired);
     }
+    if limit == 0 {
+        return Ok(Changes::Page {
+            events: Vec::new(),
+            last_seq,
+        });
+    }
+    // The running byte sum is taken from the stored sizes (`octet_length` of a bytea does not read it back), so
+    // the payloads past the budget are never fetched; the first event is always in, however large.
+    let budget = i64::try_from(page_bytes).unwrap_or(i64::MAX);
     let rows = timed(tx.query(
-        "SELECT branch_seq, payload FROM delta_bridge.change_log
-          WHERE merchant_code = $1 AND branch_code = $2 AND branch_seq > $3
-          ORDER BY branch_seq LIMIT $4",
-        &[&merchant, &branch, &after, &limit],
+        "SELECT branch_seq, payload
+           FROM (SELECT branch_seq, payload,
+                        sum(octet_length(payload)) OVER (ORDER BY branch_seq) AS upto
+                   FROM delta_bridge.change_log
+                  WHERE merchant_code = $1 AND branch_code = $2 AND branch_seq > $3
+                  ORDER BY branch_seq LIMIT $4) page
+          WHERE branch_seq = $3 + 1 OR upto <= $5
+          ORDER BY branch_seq",
+        &[&merchant, &branch, &after, &limit, &budget],
     ))
     .await?;
     let events = rows
@@ -88,7 +105,30 @@ pub(crate) async fn changes(
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect::<Result<Vec<(i64, Vec<u8>)>, tokio_postgres::Error>>()?;
     timed(tx.commit()).await?;
+    // The log holds every numbered event once, so the page must run after + 1, after + 2, ... A hole (an event
+    // lost from the log) must not be skipped silently: the device could never learn what it missed.
+    if let Some(missing) = first_gap(after, &events) {
+        tracing::error!(
+            merchant,
+            branch,
+            missing,
+            "change log: an event is missing; answering resync_required"
+        );
+        return Ok(Changes::Expired);
+    }
     Ok(Changes::Page { events, last_seq })
+}
+
+/// The first `branch_seq` missing from a page that must run `after + 1, after + 2, ...` without a break.
+fn first_gap(after: i64, events: &[(i64, Vec<u8>)]) -> Option<i64> {
+    let mut want = after;
+    for (n, _) in events {
+        want = want.saturating_add(1);
+        if *n != want {
+            return Some(want);
+        }
+    }
+    None
 }
 
 /// Where a snapshot page starts: products after an id, then inventory after an id.
@@ -99,6 +139,9 @@ pub(crate) enum Cursor {
 }
 
 impl Cursor {
+    /// Before every row id: ids may be negative. (A row whose id is the smallest bigint itself is not shown.)
+    pub(crate) const START: i64 = i64::MIN;
+
     /// The cursor's text: opaque to clients (docs/api.md), `p.<id>` or `i.<id>` here.
     pub(crate) fn render(self) -> String {
         match self {
@@ -110,7 +153,9 @@ impl Cursor {
     /// None for anything [`Cursor::render`] cannot have produced.
     pub(crate) fn parse(s: &str) -> Option<Cursor> {
         let (tag, id) = s.split_once('.')?;
-        if id.is_empty() || id.len() > 18 || !id.bytes().all(|b| b.is_ascii_digit()) {
+        // Row ids may be negative (the bridge publishes them like any other), so a cursor may be too.
+        let digits = id.strip_prefix('-').unwrap_or(id);
+        if digits.is_empty() || digits.len() > 19 || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
         let id: i64 = id.parse().ok()?;
@@ -168,36 +213,64 @@ pub(crate) async fn snapshot(
     ))
     .await?
     .try_get(0)?;
+    // The branch's id once, so that each page reads `products` and `inventory` by `branch_id` and id (an index
+    // on those two columns serves it directly; docs/schema-requirements.md) instead of joining per row.
+    let branch_id: Option<i64> = match timed(tx.query_opt(
+        &format!(
+            "SELECT b.id::bigint FROM {s}.branches b JOIN {s}.merchants m ON m.id = b.merchant_id
+              WHERE m.code = $1 AND b.code = $2"
+        ),
+        &[&merchant, &branch],
+    ))
+    .await?
+    {
+        Some(r) => Some(r.try_get(0)?),
+        None => None,
+    };
     let mut products = Vec::new();
     let mut inventory = Vec::new();
     let mut next = None;
+    let Some(branch_id) = branch_id else {
+        // Gone since the caller's scope was checked: nothing to show.
+        timed(tx.commit()).await?;
+        return Ok(Snapshot {
+            as_of,
+            products,
+            inventory,
+            next,
+        });
+    };
     let mut room = limit;
     let inventory_after = match cursor {
         Cursor::Products(after) => {
+            // Only the columns the snapshot shows, built as the capture triggers render them (so numbers come
+            // out as events carry them): another column of the row (a deep or huge jsonb, say) is never read.
             let rows = timed(tx.query(
                 &format!(
-                    "SELECT p.id, row_to_json(p), rs.seq
+                    "SELECT p.id::bigint,
+                            json_build_object('id', p.id, 'name', p.name, 'price', p.price, 'stock', p.stock,
+                                              'updated_by', coalesce(p.updated_by, rs.updated_by)),
+                            rs.seq
                        FROM {s}.products p
-                       JOIN {s}.branches b ON b.id = p.branch_id
-                       JOIN {s}.merchants m ON m.id = b.merchant_id
                        LEFT JOIN delta_bridge.row_seq rs ON rs.tbl = 'products' AND rs.row_id = p.id
-                      WHERE m.code = $1 AND b.code = $2 AND p.id > $3
-                      ORDER BY p.id LIMIT $4"
+                      WHERE p.branch_id = $1::bigint AND p.id > $2::bigint
+                      ORDER BY p.id LIMIT $3"
                 ),
-                &[&merchant, &branch, &after, &room],
+                &[&branch_id, &after, &room],
             ))
             .await?;
             for r in &rows {
                 let id: i64 = r.try_get(0)?;
-                let row: serde_json::Value = r.try_get(1)?;
+                let shown = |e: &dyn std::fmt::Display| QueryError::Row("products", id, e.to_string());
+                let row: serde_json::Value = r.try_get(1).map_err(|e| shown(&e))?;
                 let seq: Option<i64> = r.try_get(2)?;
-                products.push(convert::snapshot_product(&row, seq).map_err(|e| QueryError::Row(id, e.0))?);
+                products.push(convert::snapshot_product(&row, seq).map_err(|e| shown(&e.0))?);
                 next = Some(Cursor::Products(id));
             }
             room -= i64::try_from(rows.len()).unwrap_or(room);
             if room > 0 {
                 next = None;
-                Some(0)
+                Some(Cursor::START)
             } else {
                 None
             }
@@ -207,27 +280,26 @@ pub(crate) async fn snapshot(
     if let Some(after) = inventory_after.filter(|_| room > 0) {
         let rows = timed(tx.query(
             &format!(
-                "SELECT i.id, i.product_id, pr.name, i.quantity::bigint, i.updated_by, rs.seq
+                "SELECT i.id::bigint, i.product_id::bigint, pr.name, i.quantity::bigint, coalesce(i.updated_by, rs.updated_by), rs.seq
                    FROM {s}.inventory i
-                   JOIN {s}.branches b ON b.id = i.branch_id
-                   JOIN {s}.merchants m ON m.id = b.merchant_id
                    JOIN {s}.products pr ON pr.id = i.product_id
                    LEFT JOIN delta_bridge.row_seq rs ON rs.tbl = 'inventory' AND rs.row_id = i.id
-                  WHERE m.code = $1 AND b.code = $2 AND i.id > $3
-                  ORDER BY i.id LIMIT $4"
+                  WHERE i.branch_id = $1::bigint AND i.id > $2::bigint
+                  ORDER BY i.id LIMIT $3"
             ),
-            &[&merchant, &branch, &after, &room],
+            &[&branch_id, &after, &room],
         ))
         .await?;
         for r in &rows {
             let inventory_id: i64 = r.try_get(0)?;
+            let shown = |e: tokio_postgres::Error| QueryError::Row("inventory", inventory_id, e.to_string());
             inventory.push(SnapshotInventory {
                 inventory_id,
-                product_id: r.try_get(1)?,
-                product_name: r.try_get(2)?,
-                quantity: r.try_get(3)?,
-                updated_by: r.try_get(4)?,
-                seq: r.try_get(5)?,
+                product_id: r.try_get(1).map_err(shown)?,
+                product_name: r.try_get(2).map_err(shown)?,
+                quantity: r.try_get(3).map_err(shown)?,
+                updated_by: r.try_get(4).map_err(shown)?,
+                seq: r.try_get(5).map_err(shown)?,
             });
         }
         next = match rows.last() {
@@ -255,6 +327,8 @@ mod tests {
         for c in [
             Cursor::Products(0),
             Cursor::Products(42),
+            Cursor::Products(-7),
+            Cursor::Products(Cursor::START),
             Cursor::Inventory(i64::MAX / 10),
         ] {
             assert_eq!(Cursor::parse(&c.render()), Some(c));
@@ -264,7 +338,9 @@ mod tests {
             "p",
             "p.",
             "x.1",
-            "p.-1",
+            "p.-",
+            "p.--1",
+            "p.-99999999999999999999",
             "p.+1",
             "p.1.2",
             "i.abc",

@@ -435,8 +435,8 @@ pub(crate) struct SnapshotProduct {
     product_name: String,
     price: Number,
     stock: i64,
-    /// The row's `updated_by` column; an event falls back to the writer's actor or role, which the row does not
-    /// keep, so the snapshot shows null there.
+    /// The row's `updated_by` column, or when unset what its latest published event carried (the writer's actor
+    /// or role, kept in `delta_bridge.row_seq`); null when neither is known.
     updated_by: Option<String>,
     seq: Option<i64>,
 }
