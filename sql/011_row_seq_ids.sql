@@ -5,6 +5,8 @@
 --   bridge publishes like any other) or a 19-digit one got no entry, so its snapshot row showed seq null. Now
 --   any whole number in the bigint range is taken, checked before the cast (never an error: a row id that is
 --   not one, put in the outbox by hand, is still left out). Same signature, leader-lock check and answer.
+--   A row image whose fields cannot be read as text (row_key_of below) gets no entry instead of failing the
+--   numbering.
 -- * An install that numbered events before migration 9 has them in the change log but not in row_seq: each
 --   products and inventory row gets the greatest seq of its events still in the log (event type and id read
 --   from the payload; a payload that does not parse is skipped). An entry already greater stays.
@@ -22,6 +24,22 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 REVOKE ALL ON FUNCTION delta_bridge.row_id_of(text) FROM PUBLIC;
+
+-- The id and updated_by of a captured row image, or nulls when they cannot be read: `->>` parses the whole
+-- object, and fails on what PostgreSQL's json type stores but cannot turn into text (a \u0000 escape in any
+-- field, an escape beyond ASCII in a SQL_ASCII database). Such a row is published (the converter reads it);
+-- it must never make the numbering fail, which would stop publishing for every branch.
+CREATE OR REPLACE FUNCTION delta_bridge.row_key_of(p_row json, OUT row_id bigint, OUT updated_by text)
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    row_id := delta_bridge.row_id_of(p_row ->> 'id');
+    updated_by := p_row ->> 'updated_by';
+EXCEPTION WHEN OTHERS THEN
+    row_id := NULL;
+    updated_by := NULL;
+END $$;
+
+REVOKE ALL ON FUNCTION delta_bridge.row_key_of(json) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION delta_bridge.number_events(p_ids bigint[]) RETURNS TABLE (id bigint, branch_seq bigint, fresh boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -62,10 +80,11 @@ BEGIN
             INSERT INTO delta_bridge.row_seq AS t (tbl, row_id, seq, updated_by)
             SELECT DISTINCT ON (x.tbl, x.row_id) x.tbl, x.row_id, x.id, x.updated_by
               FROM (SELECT g.id, CASE WHEN g.kind IN ('product', 'stock') THEN 'products' ELSE 'inventory' END AS tbl,
-                           delta_bridge.row_id_of(g.r ->> 'id') AS row_id,
-                           coalesce(g.r ->> 'updated_by', nullif(o.ctx ->> 'actor', ''), o.ctx ->> 'db_user', '')
+                           k.row_id,
+                           coalesce(k.updated_by, nullif(o.ctx ->> 'actor', ''), o.ctx ->> 'db_user', '')
                                AS updated_by
                       FROM given g JOIN stored s ON s.id = g.id JOIN delta_bridge.outbox o ON o.id = g.id
+                           CROSS JOIN LATERAL delta_bridge.row_key_of(g.r) k
                      WHERE g.kind IN ('product', 'stock', 'quantity')) x
              WHERE x.row_id IS NOT NULL
              ORDER BY x.tbl, x.row_id, x.id DESC
