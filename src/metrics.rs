@@ -59,6 +59,19 @@ impl FailureReason {
 pub(crate) const LOCK_LEADER: &str = "leader";
 pub(crate) const LOCK_MIGRATE: &str = "migrate";
 
+/// The `endpoint` label of `delta_bridge_catchup_requests_total` (the catch-up routes).
+pub(crate) const CATCHUP_ENDPOINTS: [&str; 2] = ["changes", "snapshot"];
+/// The `outcome` label of `delta_bridge_catchup_requests_total`.
+pub(crate) const CATCHUP_OUTCOMES: [&str; 7] = [
+    "ok",
+    "resync_required",
+    "bad_request",
+    "unauthorized",
+    "not_found",
+    "unavailable",
+    "error",
+];
+
 pub(crate) struct Metrics {
     registry: Registry,
     pub events_published: IntCounterVec,
@@ -91,7 +104,7 @@ pub(crate) struct Metrics {
     pub devices_revoked: IntCounter,
     /// By `result`: one of [`AUTHN_RESULTS`], the answers to EMQX's HTTP authenticator.
     pub broker_authn: IntCounterVec,
-    /// By `endpoint` and `outcome` ([`crate::catchup::ENDPOINTS`], [`crate::catchup::OUTCOMES`]).
+    /// By `endpoint` and `outcome` ([`CATCHUP_ENDPOINTS`], [`CATCHUP_OUTCOMES`]).
     pub catchup_requests: IntCounterVec,
     pub outbox_poll_seconds: Histogram,
     /// Duration of one numbering transaction (branch_seq given to a read's new events, committed).
@@ -266,8 +279,8 @@ impl Metrics {
         for r in AUTHN_RESULTS {
             broker_authn.with_label_values(&[r]);
         }
-        for e in crate::catchup::ENDPOINTS {
-            for o in crate::catchup::OUTCOMES {
+        for e in CATCHUP_ENDPOINTS {
+            for o in CATCHUP_OUTCOMES {
                 catchup_requests.with_label_values(&[e, o]);
             }
         }

@@ -47,19 +47,6 @@ pub(crate) const MAX_LIMIT: i64 = 1_000;
 /// [`MAX_LIMIT`] large events would otherwise be held whole in memory, and sent whole.
 pub(crate) const PAGE_BYTES: usize = 4 << 20;
 
-/// The `endpoint` label of `delta_bridge_catchup_requests_total`.
-pub(crate) const ENDPOINTS: [&str; 2] = ["changes", "snapshot"];
-/// The `outcome` label of `delta_bridge_catchup_requests_total`.
-pub(crate) const OUTCOMES: [&str; 7] = [
-    "ok",
-    "resync_required",
-    "bad_request",
-    "unauthorized",
-    "not_found",
-    "unavailable",
-    "error",
-];
-
 /// What the catch-up routes need: the device API (its admin token, throttle and provisioner, whose token
 /// checks are reused), the sessions, and where to read.
 pub(crate) struct CatchupApi {
