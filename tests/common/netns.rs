@@ -149,8 +149,10 @@ impl Partitionable {
             eprintln!("removing namespace {ns} left by a test process that is gone");
             delete_namespace(&ns);
         }
+        // `replace`, not `add`: tests run in parallel, and the first ones on a machine that never had the
+        // route would race to add it ("File exists" for all but one).
         if ip(&["route", "show", RANGE]).unwrap_or_default().trim().is_empty() {
-            ip(&["route", "add", "blackhole", RANGE, "metric", SAFETY_METRIC])
+            ip(&["route", "replace", "blackhole", RANGE, "metric", SAFETY_METRIC])
                 .map_err(|e| Unavailable(format!("cannot add the safety route: {e}")))?;
         }
 
